@@ -1,0 +1,213 @@
+"""Fused Next-ViT MLP: ``u + fc2(relu(fc1(u)))`` in one kernel (DESIGN.md §1, §3).
+
+``u`` is ``x`` (NCB Mlp, C -> 3C -> C) or the channel concat of ``x`` and ``x2`` (NTB
+concat-MLP, C1 + C2 -> 2C -> C); BatchNorm is already folded into fc1. The concat is
+never materialized: the kernel reads the first C1 channels of a pixel through ``x`` and
+the next C2 through ``x2``. The hidden activation stays on chip.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _common
+from ._registry import register
+
+_OP = "mlp"
+
+
+# ----------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------
+def reference(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor,
+              x2: Optional[Tensor] = None, residual: bool = True) -> Tensor:
+    """Plain PyTorch, in the inputs' dtype (float64 in, float64 math). Weights [O, I] or
+    [O, I, 1, 1]. Returns a channels_last tensor."""
+    u = x if x2 is None else torch.cat([x, x2], dim=1)
+    w1 = fc1_w.reshape(fc1_w.shape[0], -1)[:, :, None, None]
+    w2 = fc2_w.reshape(fc2_w.shape[0], -1)[:, :, None, None]
+    y = F.conv2d(F.relu(F.conv2d(u, w1, fc1_b)), w2, fc2_b)
+    if residual:
+        y = y + u
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _mlp_kernel(
+    x_ptr, x2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+    M, C1, C2, HID, COUT,
+    HAS_X2: tl.constexpr, RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M pixels (rows of the NHWC activations) x BLOCK_N output channels.
+
+    x [M, C1], x2 [M, C2] (a dummy equal to x when not HAS_X2), fc1 weight [HID, C1 + C2],
+    fc2 weight [COUT, HID], out [M, COUT]; all row-major. For each BLOCK_H slice of the
+    hidden layer: h = relu(u @ w1[slice]^T + b1[slice]) in fp32, rounded to the input dtype,
+    then acc += h @ w2[n_block, slice]^T. The K loop over u is split in two loops, one per
+    input pointer, so a K chunk never straddles x and x2 whatever C1 is (masks handle C1 or
+    C2 not a multiple of BLOCK_K).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_hb = tl.arange(0, BLOCK_H)
+    m_mask = offs_m < M
+    n_mask = offs_n < COUT
+    rows = offs_m.to(tl.int64)
+    x_rows = x_ptr + rows[:, None] * C1
+    x2_rows = x2_ptr + rows[:, None] * C2
+    cu = C1 + C2
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for h0 in range(0, HID, BLOCK_H):
+        offs_h = h0 + offs_hb
+        h_mask = offs_h < HID
+        hacc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, C1, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < C1
+            a = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w1_ptr + offs_h[None, :] * cu + ks[:, None],
+                        mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+            hacc = tl.dot(a, w, hacc, input_precision=DOT_PRECISION)
+        if HAS_X2:
+            for k0 in range(0, C2, BLOCK_K):
+                ks = k0 + offs_k
+                k_mask = ks < C2
+                a = tl.load(x2_rows + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w1_ptr + offs_h[None, :] * cu + (C1 + ks)[:, None],
+                            mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+                hacc = tl.dot(a, w, hacc, input_precision=DOT_PRECISION)
+        b1 = tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+        # Masked hidden columns are relu(0 + 0) = 0 and meet zero rows of w2.
+        h = tl.maximum(hacc + b1[None, :], 0.0).to(x_ptr.dtype.element_ty)
+        w2 = tl.load(w2_ptr + offs_n[None, :] * HID + offs_h[:, None],
+                     mask=h_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(h, w2, acc, input_precision=DOT_PRECISION)
+
+    acc += tl.load(b2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if RESIDUAL:
+        # COUT == C1 + C2: channel n of u is x[:, n] for n < C1, else x2[:, n - C1].
+        r = tl.load(x_rows + offs_n[None, :], mask=m_mask[:, None] & (offs_n < C1)[None, :], other=0.0)
+        acc += r.to(tl.float32)
+        if HAS_X2:
+            in_x2 = (offs_n >= C1) & n_mask
+            r2 = tl.load(x2_rows + (offs_n - C1)[None, :], mask=m_mask[:, None] & in_x2[None, :], other=0.0)
+            acc += r2.to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * COUT + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+# Widest output-channel tile. The fp32 accumulator [BLOCK_M, BLOCK_N] lives in registers
+# for the whole hidden loop, next to the [BLOCK_M, BLOCK_H] hidden tile: 64 x 256 fp32 at
+# 8 warps is 64 registers a thread, 64 x 512 would be 128 and 64 x 1024 cannot fit, and
+# BLOCK_M < 64 drops Hopper's wgmma (its M is 64 a warpgroup). So outputs wider than 256
+# are split over programs (grid axis 1) and each N block recomputes fc1 for its rows:
+# fc1 FLOPs x ceil(Cout / 256). Total MLP work against the unfused pair: x1.67 for stage 2's
+# C=384 (Cout padded to 512 too), x1.5 for 512, x2 for 768, x2.5 for 1024; that is the price
+# of keeping h on chip and the first thing to measure on stage 2. Checked offline only (Triton 3.8
+# -> ptxas sm_90a, fp16, channel ints divisible by 16): 64x256 tiles use 175-204 registers
+# with no spills, 64x512 and 128x256 hit 255 and spill. Never timed on a GPU.
+_MAX_BLOCK_N = 256
+
+
+def _config(c1: int, c2: int, hidden: int, c_out: int, dtype: torch.dtype) -> dict:
+    """Compile-time parameters from the shapes (pure Python, enumerable by an AOT tool)."""
+    fp32 = dtype == torch.float32
+    # fp32 (checks only) runs on FMA units: keep its register tiles small.
+    block_n = min(triton.next_power_of_2(c_out), 128 if fp32 else _MAX_BLOCK_N)
+    block_n = max(block_n, 16)
+    block_m = 128 if block_n <= 128 and not fp32 else 64
+    block_h = 32 if fp32 else 64
+    # 64-wide K chunks when both inputs split evenly into them (192, 256, 384, ...),
+    # 32 otherwise (96): less masked work than padding 96 to 128.
+    block_k = 64 if c1 % 64 == 0 and c2 % 64 == 0 and not fp32 else 32
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k,
+                DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=num_warps, num_stages=2)
+
+
+# ----------------------------------------------------------------------------------------
+# Launcher (torch.ops.nextvit.mlp)
+# ----------------------------------------------------------------------------------------
+def _out_shape(x: Tensor, fc2_w: Tensor):
+    b, _, h, w = x.shape
+    return b, fc2_w.shape[0], h, w
+
+
+def _mlp_fake(x: Tensor, x2: Optional[Tensor], fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
+              fc2_b: Tensor, residual: bool) -> Tensor:
+    return _common.fake_output(x, *_out_shape(x, fc2_w))
+
+
+@register(_OP, fake=_mlp_fake)
+def _mlp_triton(x: Tensor, x2: Optional[Tensor], fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
+                fc2_b: Tensor, residual: bool) -> Tensor:
+    """x [B, C1, H, W], x2 [B, C2, H, W] or None, fc1_w [HID, C1 + C2], fc2_w [COUT, HID]."""
+    x = _common.to_channels_last(x)
+    b, c1, h, w = x.shape
+    if x2 is None:
+        x2_arg, c2 = x, 0
+    else:
+        x2_arg = _common.to_channels_last(x2)
+        c2 = x2_arg.shape[1]
+    fc1_w, fc2_w = fc1_w.contiguous(), fc2_w.contiguous()
+    hidden, c_out = fc1_w.shape[0], fc2_w.shape[0]
+    out = _common.new_output(x, *_out_shape(x, fc2_w))
+    m = b * h * w
+    cfg = _config(c1, c2, hidden, c_out, x.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
+    _mlp_kernel[grid](
+        x, x2_arg, fc1_w, fc1_b.contiguous(), fc2_w, fc2_b.contiguous(), out,
+        m, c1, c2, hidden, c_out,
+        HAS_X2=x2 is not None, RESIDUAL=residual, **cfg,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------
+def mlp(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, *,
+        x2: Optional[Tensor] = None, residual: bool = True, impl: str = "auto") -> Tensor:
+    """``u + fc2(relu(fc1(u) + fc1_b)) + fc2_b`` with u = x or cat([x, x2], dim=1).
+
+    x [B, C1, H, W] (any memory format), x2 [B, C2, H, W] or None; fc1_w [HID, C1 + C2]
+    or [HID, C1 + C2, 1, 1]; fc1_b [HID]; fc2_w [COUT, HID] or [COUT, HID, 1, 1] with
+    COUT == C1 + C2 when ``residual``; fc2_b [COUT]. Returns [B, COUT, H, W] channels_last.
+    """
+    _common.check_activation(_OP, "x", x)
+    c_in = x.shape[1]
+    if x2 is not None:
+        _common.check_activation(_OP, "x2", x2)
+        if x2.device != x.device:
+            raise ValueError(f"{_OP}: x2 is on {x2.device} but x is on {x.device}")
+        if x2.dtype != x.dtype:
+            raise ValueError(f"{_OP}: x2 has dtype {x2.dtype} but x has {x.dtype}")
+        if (x2.shape[0], x2.shape[2], x2.shape[3]) != (x.shape[0], x.shape[2], x.shape[3]):
+            raise ValueError(
+                f"{_OP}: x2 has shape {list(x2.shape)}; its batch and spatial size must match "
+                f"x's {list(x.shape)} (only the channel count may differ)"
+            )
+        c_in += x2.shape[1]
+    fc1_w = _common.as_matrix(_OP, "fc1_w", fc1_w, x, None, c_in)
+    hidden = fc1_w.shape[0]
+    fc1_b = _common.check_param(_OP, "fc1_b", fc1_b, x, (hidden,))
+    fc2_w = _common.as_matrix(_OP, "fc2_w", fc2_w, x, c_in if residual else None, hidden)
+    fc2_b = _common.check_param(_OP, "fc2_b", fc2_b, x, (fc2_w.shape[0],))
+    x = _common.to_channels_last(x)
+    if x2 is not None:
+        x2 = _common.to_channels_last(x2)
+    if _common.resolve_impl(_OP, impl, x) == "reference":
+        return reference(x, fc1_w, fc1_b, fc2_w, fc2_b, x2=x2, residual=residual)
+    return _mlp_triton(x, x2, fc1_w, fc1_b, fc2_w, fc2_b, bool(residual))
