@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NORM_EPS = 1e-5
+KERNELS = ("auto", "triton", "reference")
 HEAD_DIM = 32
 STEM_CHS = (64, 32, 64)
 SR_RATIOS = (8, 4, 2, 1)
@@ -289,7 +290,10 @@ class NextViT(nn.Module):
         self.depths = tuple(depths)
         self.sr_ratios = tuple(sr_ratios)
         self.strides = tuple(strides)
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.kernels = kernels
+        self._fused_plan = None
         self.stage_out_channels = [[96] * (depths[0]),
                                    [192] * (depths[1] - 1) + [256],
                                    [384, 384, 384, 384, 512] * (depths[2] // 5),
@@ -398,16 +402,101 @@ class NextViT(nn.Module):
                 stage_id += 1
         return outputs if collect else x
 
+    # ------------------------------------------------------------ fused path
+    def fused_impl(self, x) -> Optional[str]:
+        """The ops ``impl`` the fused graph runs with for ``x``, or None when the
+        module graph runs (training, CPU under "auto", kernels="reference")."""
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.kernels == "reference":
+            return None
+        if self.training:
+            if self.kernels == "triton":
+                raise ValueError("kernels='triton' is inference-only (BatchNorms are folded): call model.eval(), "
+                                 "or use kernels='auto' to train with the PyTorch reference path")
+            return None
+        if self.kernels == "auto" and not x.is_cuda:
+            return None
+        return "triton"
+
+    def fused_plan(self, device, dtype):
+        """The BatchNorm-folded parameters of the fused graph for ``device``/``dtype``,
+        cached and rebuilt when a weight, the device or the dtype changes."""
+        from . import fused
+
+        plan = self._fused_plan
+        if plan is not None and torch.compiler.is_compiling():
+            return plan  # validated by the eager call that built it; dynamo guards on it
+        if (plan is None or plan.device != device or plan.dtype != dtype
+                or plan.key != fused.weights_key(self)):
+            plan = fused.fold(self, device, dtype)
+            self._fused_plan = plan
+        return plan
+
+    def _run_fused(self, x, impl, features):
+        from . import fused
+
+        p = next(self.parameters())
+        if x.dtype != p.dtype or x.device != p.device:
+            raise ValueError(f"input is {x.dtype} on {x.device} but the model is {p.dtype} on {p.device}")
+        return fused.run(self.fused_plan(x.device, x.dtype), x, impl, features=features)
+
+    def cuda_graph(self, example: torch.Tensor, warmup: int = 3):
+        """Captures the fused forward for ``example``'s shape, dtype and device in a
+        CUDA graph and returns a callable that replays it (see ``GraphedForward``)."""
+        return GraphedForward(self, example, warmup)
+
     def forward_features(self, x) -> List[torch.Tensor]:
         """Per-stage feature maps (strides 4, 8, 16, 32; channels 96, 256, 512, 1024)."""
         self.check_input(x)
+        impl = self.fused_impl(x)
+        if impl is not None:
+            return self._run_fused(x, impl, features=True)
         return self._run_features(x, collect=True)
 
     def forward(self, x):
         self.check_input(x)
+        impl = self.fused_impl(x)
+        if impl is not None:
+            return self._run_fused(x, impl, features=False)
         x = self._run_features(x, collect=False)
         x = self.avgpool(self.norm(x)).flatten(1)
         return self.proj_head(x)
+
+
+class GraphedForward:
+    """A NextViT forward captured in a CUDA graph for one input shape.
+
+    ``graphed(x)`` copies ``x`` into the captured input buffer, replays the
+    graph and returns the captured output buffer: the next call overwrites it
+    (``.clone()`` to keep it). The weights are those of the capture: after
+    changing them, capture again.
+    """
+
+    def __init__(self, model: "NextViT", example: torch.Tensor, warmup: int = 3):
+        if not example.is_cuda:
+            raise ValueError("cuda_graph needs a CUDA input")
+        if model.training:
+            raise ValueError("cuda_graph captures inference: call model.eval() first")
+        self.model = model
+        self.static_in = example.detach().clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(warmup):  # builds the folded plan and compiles the kernels
+                model(self.static_in)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.static_out = model(self.static_in)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.static_in.shape or x.dtype != self.static_in.dtype or x.device != self.static_in.device:
+            raise ValueError(f"this graph was captured for {tuple(self.static_in.shape)} {self.static_in.dtype} on "
+                             f"{self.static_in.device}, got {tuple(x.shape)} {x.dtype} on {x.device}")
+        self.static_in.copy_(x)
+        self.graph.replay()
+        return self.static_out
 
 
 def _build(name, **kwargs):

@@ -1,0 +1,194 @@
+"""The fused inference graph of DESIGN.md §3.
+
+``fold(model, device, dtype)`` turns a NextViT (BatchNorms merged or not) into a
+flat list of steps whose parameters have every BatchNorm folded in (in float64,
+then cast once), and ``run(plan, x, impl)`` executes them with the ops of
+``nextvit_kernels.ops`` in channels_last. The same plan drives the Triton path,
+the reference path, ONNX export and the C library.
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import ops
+from .model import NCB, NTB, NextViT
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------ folding
+def _bn_affine(bn) -> Optional[Tuple[Tensor, Tensor]]:
+    """(scale, shift) of an eval BatchNorm in float64, or None for a merged (Identity) one."""
+    if isinstance(bn, nn.Identity):
+        return None
+    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return s, bn.bias.double() - bn.running_mean.double() * s
+
+
+def _conv_then_bn(conv: nn.Conv2d, bn) -> Tuple[Tensor, Tensor]:
+    """BN after a conv: W' = W*s[:, None..], b' = s*b + t."""
+    w = conv.weight.double()
+    b = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
+                                                                      device=w.device)
+    aff = _bn_affine(bn)
+    if aff is None:
+        return w, b
+    s, t = aff
+    return w * s.view(-1, *([1] * (w.dim() - 1))), s * b + t
+
+
+def _affine_then_linear(w: Tensor, b: Tensor, aff) -> Tuple[Tensor, Tensor]:
+    """An affine map x -> s*x + t before a linear map: W' = W*s[None, :], b' = W@t + b."""
+    w = w.double().reshape(w.shape[0], -1)
+    b = b.double()
+    if aff is None:
+        return w, b
+    s, t = aff
+    return w * s[None, :], w @ t + b
+
+
+def _compose(a, b):
+    """Affine a then affine b (either may be None)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a[0] * b[0], b[0] * a[1] + b[1]
+
+
+@dataclass
+class Step:
+    """One fused op call: ``op`` names a function of ``nextvit_kernels.ops``,
+    ``tensors`` are its weight arguments in order, ``kwargs`` its keyword
+    arguments. In an NTB the MHCA branch (projection, MHCA) reads and writes a
+    second tensor, which the concat-MLP then takes as ``x2``."""
+    op: str
+    tensors: List[Tensor]
+    kwargs: dict = field(default_factory=dict)
+    from_branch: bool = False  # input is the branch tensor instead of the main one
+    to_branch: bool = False    # output becomes the branch tensor
+    x2_branch: bool = False    # the branch tensor is passed as x2 (never concatenated)
+    stage_end: int = -1        # index of the stage this step ends, else -1
+
+
+def _patch_embed_steps(pe, stride) -> List[Step]:
+    if isinstance(pe.conv, nn.Identity):
+        return []
+    w, b = _conv_then_bn(pe.conv, pe.norm)
+    return [Step("patch_embed", [w.reshape(w.shape[0], w.shape[1]), b], {"stride": stride})]
+
+
+def _mhca_step(m) -> Step:
+    cw, cb = _conv_then_bn(m.group_conv3x3, m.norm)
+    pw = m.projection.weight.double()
+    return Step("mhca", [cw, cb, pw.reshape(pw.shape[0], pw.shape[1])])
+
+
+def _mlp_step(mlp, pre_norm) -> Step:
+    w1, b1 = _affine_then_linear(mlp.conv1.weight, mlp.conv1.bias, _bn_affine(pre_norm))
+    w2 = mlp.conv2.weight.double()
+    return Step("mlp", [w1, b1, w2.reshape(w2.shape[0], w2.shape[1]), mlp.conv2.bias.double()])
+
+
+def _e_mhsa_step(a, pre_norm) -> Step:
+    pre = _bn_affine(pre_norm)
+    kv_aff = _compose(pre, _bn_affine(a.norm)) if a.sr_ratio > 1 else pre
+    qw, qb = _affine_then_linear(a.q.weight, a.q.bias, pre)
+    kw, kb = _affine_then_linear(a.k.weight, a.k.bias, kv_aff)
+    vw, vb = _affine_then_linear(a.v.weight, a.v.bias, kv_aff)
+    return Step("e_mhsa", [qw, qb, kw, kb, vw, vb, a.proj.weight.double(), a.proj.bias.double()],
+                {"sr_ratio": a.sr_ratio, "head_dim": a.head_dim})
+
+
+@dataclass
+class Plan:
+    device: torch.device
+    dtype: torch.dtype
+    steps: List[Step]
+    head: Tuple[Tensor, Tensor]
+    extra_norms: Optional[List[Tuple[Tensor, Tensor]]] = None
+    key: tuple = ()
+
+    @property
+    def launches(self) -> int:
+        return sum(2 if s.op == "e_mhsa" else 1 for s in self.steps) + 1
+
+
+def weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place."""
+    return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
+
+
+@torch.no_grad()
+def fold(model: NextViT, device=None, dtype=None) -> Plan:
+    if model.training:
+        raise ValueError("the fused graph uses BatchNorm running statistics: call model.eval() first")
+    p = next(model.parameters())
+    device = torch.device(device) if device is not None else p.device
+    dtype = dtype or p.dtype
+    steps: List[Step] = []
+    for conv_bn in model.stem:
+        w, b = _conv_then_bn(conv_bn.conv, conv_bn.norm)
+        steps.append(Step("conv_bn_relu", [w, b], {"stride": conv_bn.conv.stride[0]}))
+    stage_of_end = {idx: s for s, idx in enumerate(model.stage_out_idx)}
+    for idx, blk in enumerate(model.features):
+        stride = blk.patch_embed.stride
+        steps += _patch_embed_steps(blk.patch_embed, stride)
+        if isinstance(blk, NCB):
+            steps.append(_mhca_step(blk.mhca))
+            steps.append(_mlp_step(blk.mlp, blk.norm))
+        elif isinstance(blk, NTB):
+            steps.append(_e_mhsa_step(blk.e_mhsa, blk.norm1))
+            proj = _patch_embed_steps(blk.projection, 1)[0]
+            proj.to_branch = True
+            mhca = _mhca_step(blk.mhca)
+            mhca.from_branch = mhca.to_branch = True
+            mlp = _mlp_step(blk.mlp, blk.norm2)
+            mlp.x2_branch = True
+            steps += [proj, mhca, mlp]
+        else:
+            raise ValueError(f"unknown block type {type(blk).__name__}")
+        steps[-1].stage_end = stage_of_end.get(idx, -1)
+    hw, hb = _affine_then_linear(model.proj_head[0].weight, model.proj_head[0].bias, _bn_affine(model.norm))
+    extra = None
+    if model.extra_norm_list is not None:
+        extra = [_bn_affine(bn) for bn in model.extra_norm_list]
+        extra = [(s.to(device, dtype), t.to(device, dtype)) for s, t in extra]
+
+    def cast(t):
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    for s in steps:
+        s.tensors = [cast(t) for t in s.tensors]
+    return Plan(device, dtype, steps, (cast(hw), cast(hb)), extra, weights_key(model))
+
+
+# ------------------------------------------------------------------ running
+def run(plan: Plan, x: Tensor, impl: str = "auto", features: bool = False, backend=ops):
+    """Executes the plan. Returns logits, or the per-stage feature maps with ``features``.
+
+    ``backend`` provides one function per op with the signatures of
+    ``nextvit_kernels.ops`` (the C library's Python binding provides the same)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    branch = None
+    outs = []
+    for s in plan.steps:
+        kwargs = dict(s.kwargs, impl=impl)
+        if s.x2_branch:
+            kwargs["x2"] = branch
+        y = getattr(backend, s.op)(branch if s.from_branch else x, *s.tensors, **kwargs)
+        if s.to_branch:
+            branch = y
+            continue
+        x = y
+        if features and s.stage_end >= 0:
+            if plan.extra_norms is not None:
+                # Applied in line, as the published detection backbone does.
+                sc, sh = plan.extra_norms[s.stage_end]
+                x = torch.addcmul(sh.view(1, -1, 1, 1), x, sc.view(1, -1, 1, 1))
+            outs.append(x)
+    if features:
+        return outs
+    return backend.head(x, *plan.head, impl=impl)
