@@ -17,7 +17,7 @@ for phase in $PHASES; do
   case $phase in
     e2e)   timeout 230 python -m nextvit_kernels.bench --preset targets --iters 30 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" ;;
     ops)   timeout 150 python bench/ops_bench.py --dtype fp16 --batch 256 --stop-after-s 120 --compile-deadline-s 80 --out "$OUT" 2>&1 | tee "$OUT/ops.log" ;;
-    tests) timeout 170 python -m pytest tests -m gpu -q -p no:cacheprovider -x --timeout 120 -k "not 10000 and not large" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    tests) timeout 170 python -m pytest tests -m gpu -q -p no:cacheprovider --timeout 120 -k "not 10000 and not large" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   esac
   echo "phase $phase: exit ${PIPESTATUS[0]}"
 done

@@ -109,16 +109,25 @@ class Plan:
     steps: List[Step]
     head: Tuple[Tensor, Tensor]
     extra_norms: Optional[List[Tuple[Tensor, Tensor]]] = None
+    source: List[Tensor] = field(default_factory=list)  # the model tensors it was folded from
     key: tuple = ()
+
+    def is_current(self) -> bool:
+        return self.key == weights_key(self.source)
 
     @property
     def launches(self) -> int:
         return sum(2 if s.op == "e_mhsa" else 1 for s in self.steps) + 1
 
 
-def weights_key(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place."""
-    return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
+def model_tensors(model: nn.Module) -> List[Tensor]:
+    return list(model.parameters()) + list(model.buffers())
+
+
+def weights_key(tensors: List[Tensor]) -> tuple:
+    """Changes whenever one of ``tensors`` gets new storage (``.to()``, ``.half()``,
+    ``.data =``) or is modified in place (optimizer steps, ``load_state_dict``)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 @torch.no_grad()
@@ -162,7 +171,8 @@ def fold(model: NextViT, device=None, dtype=None) -> Plan:
 
     for s in steps:
         s.tensors = [cast(t) for t in s.tensors]
-    return Plan(device, dtype, steps, (cast(hw), cast(hb)), extra, weights_key(model))
+    source = model_tensors(model)
+    return Plan(device, dtype, steps, (cast(hw), cast(hb)), extra, source, weights_key(source))
 
 
 # ------------------------------------------------------------------ running

@@ -356,6 +356,7 @@ class NextViT(nn.Module):
         self.eval()
         for m in self.features:
             m.merge_bn()
+        self._fused_plan = None  # modules were replaced: fold again
         return self
 
     @property
@@ -421,14 +422,14 @@ class NextViT(nn.Module):
 
     def fused_plan(self, device, dtype):
         """The BatchNorm-folded parameters of the fused graph for ``device``/``dtype``,
-        cached and rebuilt when a weight, the device or the dtype changes."""
+        cached and rebuilt when a weight, the device or the dtype changes. (A module
+        or Parameter replaced by assignment is not seen: set ``_fused_plan = None``.)"""
         from . import fused
 
         plan = self._fused_plan
         if plan is not None and torch.compiler.is_compiling():
             return plan  # validated by the eager call that built it; dynamo guards on it
-        if (plan is None or plan.device != device or plan.dtype != dtype
-                or plan.key != fused.weights_key(self)):
+        if plan is None or plan.device != device or plan.dtype != dtype or not plan.is_current():
             plan = fused.fold(self, device, dtype)
             self._fused_plan = plan
         return plan
