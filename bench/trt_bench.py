@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""TensorRT benchmark: stock engine (standard ONNX) vs plugin engine (nextvit plugins).
+
+Both graphs come from ``nextvit_kernels.export_onnx`` with a dynamic batch. Each engine is
+built once with one optimization profile per batch size (min = opt = max = that batch), so
+every batch gets its own tactics. Timing: per batch, the engine's enqueue is captured in a
+CUDA graph and replayed (median of CUDA-event timed replays after warm-up); stock and plugin
+engines are timed in the same run, alternating. The logits of the plugin engine are compared
+with the stock engine's (and the first batch with the PyTorch model in float32).
+
+Precision: a strongly typed network (TensorRT 10 and 11; the only mode of 11) takes the
+precision from the ONNX (fp16 / bf16 weights and I/O). ``--weakly-typed`` (TensorRT 10 only)
+builds from the same ONNX with the FP16/BF16 builder flags instead.
+
+Writes bench/results/trt_bench_<variant>_<dtype>_<time>.json with the card, driver, TensorRT,
+torch and nextvit_kernels versions, and prints a ratio table. Exits 2 with a message saying
+what is missing when TensorRT, a GPU or the plugin library is not there.
+
+    python bench/trt_bench.py --plugins build/csrc/trt/libnextvit_trt_plugins.so
+"""
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PLUGIN_PATHS = [
+    ROOT / "build" / "csrc" / "trt" / "libnextvit_trt_plugins.so",
+    ROOT / "build" / "libnextvit_trt_plugins.so",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--variant", default="nextvit_small", choices=["nextvit_small", "nextvit_base", "nextvit_large"])
+    p.add_argument("--checkpoint", default=None, help="weights (any format load_checkpoint reads); default: random")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    p.add_argument("--batches", default="1,8,64,256", help="comma-separated batch sizes")
+    p.add_argument("--plugins", default=os.environ.get("NEXTVIT_TRT_PLUGINS"),
+                   help="path of libnextvit_trt_plugins.so (env NEXTVIT_TRT_PLUGINS; default: build/...)")
+    p.add_argument("--kernels-lib", default=os.environ.get("NEXTVIT_KERNELS_LIB"),
+                   help="libnextvit_kernels.so to preload when it is not on the loader path")
+    p.add_argument("--stock-only", action="store_true", help="skip the plugin engine")
+    p.add_argument("--weakly-typed", action="store_true",
+                   help="TensorRT 10 only: FP16/BF16 builder flags instead of a strongly typed network")
+    p.add_argument("--workspace-gib", type=float, default=8.0)
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level (0-5)")
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--keep-onnx", default=None, help="directory to keep the exported ONNX files in")
+    return p.parse_args(argv)
+
+
+def fail(msg: str, code: int = 2):
+    print(f"trt_bench: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def check_environment(args):
+    """Imports TensorRT and torch, checks the GPU and the plugin library; exits 2 otherwise."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or the PyPI stub failing to fetch its wheel
+        fail(f"TensorRT's Python package is not available ({type(e).__name__}: {e}). Install TensorRT 10 or 11 "
+             "with its Python bindings (e.g. `pip install tensorrt-cu12` or the tar/deb package).")
+    try:
+        import torch
+    except ImportError as e:
+        fail(f"torch is not available ({e})")
+    if not torch.cuda.is_available():
+        fail("no CUDA GPU is visible to torch (torch.cuda.is_available() is False): the benchmark needs one")
+    plugin_path = None
+    if not args.stock_only:
+        candidates = [Path(args.plugins)] if args.plugins else DEFAULT_PLUGIN_PATHS
+        plugin_path = next((c for c in candidates if c.is_file()), None)
+        if plugin_path is None:
+            fail("the plugin library libnextvit_trt_plugins.so was not found (looked at: "
+                 + ", ".join(str(c) for c in candidates) + "). Build it with "
+                 "`cmake -B build -DNEXTVIT_TRT=ON -DTENSORRT_ROOT=... && cmake --build build`, pass --plugins PATH, "
+                 "or run with --stock-only.")
+    return trt, torch, plugin_path
+
+
+def driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except Exception:
+        return None
+
+
+def load_plugins(trt, plugin_path, kernels_lib):
+    import ctypes
+    if kernels_lib:
+        ctypes.CDLL(str(kernels_lib), mode=ctypes.RTLD_GLOBAL)
+    registry = trt.get_plugin_registry()
+    handle = registry.load_library(str(plugin_path))
+    if handle is None:
+        fail(f"TensorRT could not load the plugin library {plugin_path} (see the TensorRT log above)")
+    from nextvit_kernels.onnx_export import PLUGIN_NAMESPACE, PLUGINS
+    try:
+        creators = registry.all_creators if hasattr(registry, "all_creators") else registry.plugin_creator_list
+        found = {getattr(c, "name", None) for c in creators if getattr(c, "plugin_namespace", "") == PLUGIN_NAMESPACE}
+    except Exception as e:  # the creator listing differs between TensorRT versions: only a sanity check
+        print(f"trt_bench: warning: could not list the plugin creators ({e})", file=sys.stderr)
+        return handle
+    missing = sorted({s.name for s in PLUGINS.values()} - found)
+    if missing:
+        fail(f"plugin library {plugin_path} loaded but these creators are missing from the registry: {missing}")
+    return handle
+
+
+def build_engine(trt, logger, onnx_path, batches, shape_chw, args, dtype):
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and not args.weakly_typed
+    if strongly:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    elif hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        fail(f"the ONNX parser rejected {onnx_path}:\n{errs}", code=1)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(args.workspace_gib * (1 << 30)))
+    if hasattr(config, "builder_optimization_level"):
+        config.builder_optimization_level = args.opt_level
+    if not strongly:
+        if not hasattr(trt.BuilderFlag, "FP16"):
+            fail("--weakly-typed needs TensorRT 10 (this TensorRT has no FP16 builder flag)")
+        if dtype == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif dtype == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+    for b in batches:
+        profile = builder.create_optimization_profile()
+        shape = (b,) + tuple(shape_chw)
+        profile.set_shape("input", shape, shape, shape)
+        config.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        fail(f"TensorRT failed to build an engine from {onnx_path} (see the log above)", code=1)
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(blob)
+    return engine, strongly
+
+
+class Runner:
+    """One execution context per profile, its I/O buffers and a CUDA graph of its enqueue."""
+
+    def __init__(self, trt, torch, engine, profile, batch, shape_chw, torch_dtype):
+        self.torch = torch
+        self.ctx = engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.ctx.set_optimization_profile_async(profile, self.stream.cuda_stream)
+        self.x = torch.empty((batch,) + tuple(shape_chw), device="cuda", dtype=torch_dtype)
+        self.ctx.set_input_shape("input", tuple(self.x.shape))
+        out_shape = tuple(self.ctx.get_tensor_shape("logits"))
+        self.y = torch.empty(out_shape, device="cuda", dtype=torch_dtype)
+        self.ctx.set_tensor_address("input", self.x.data_ptr())
+        self.ctx.set_tensor_address("logits", self.y.data_ptr())
+        self.graph = None
+
+    def enqueue(self):
+        if not self.ctx.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("execute_async_v3 failed")
+
+    def run(self, x):
+        self.x.copy_(x)
+        self.torch.cuda.synchronize()
+        self.enqueue()
+        self.stream.synchronize()
+        return self.y.clone()
+
+    def capture(self, warmup):
+        torch = self.torch
+        for _ in range(warmup):  # TensorRT's lazy initialization happens outside the capture
+            self.enqueue()
+        self.stream.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
+            self.enqueue()
+        torch.cuda.synchronize()
+
+    def time_ms(self, iters):
+        torch = self.torch
+        times = []
+        with torch.cuda.stream(self.stream):
+            for _ in range(iters):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record(self.stream)
+                self.graph.replay()
+                b.record(self.stream)
+                b.synchronize()
+                times.append(a.elapsed_time(b))
+        return statistics.median(times)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    trt, torch, plugin_path = check_environment(args)
+    sys.path.insert(0, str(ROOT))
+    import nextvit_kernels as nk
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    logger = trt.Logger(trt.Logger.WARNING)
+    trt.init_libnvinfer_plugins(logger, "")
+    if plugin_path is not None:
+        load_plugins(trt, plugin_path, args.kernels_lib)
+
+    model = getattr(nk, args.variant)().eval()
+    if args.checkpoint:
+        nk.load_checkpoint(model, args.checkpoint)
+    h, w = args.size
+    shape_chw = (3, h, w)
+    opset = 22 if args.dtype == "bf16" else 17
+
+    tmp = Path(args.keep_onnx) if args.keep_onnx else Path(tempfile.mkdtemp(prefix="nextvit_trt_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    kinds = ["stock"] + ([] if args.stock_only else ["plugin"])
+    engines = {}
+    for kind in kinds:
+        path = tmp / f"{args.variant}_{args.dtype}_{kind}.onnx"
+        # the plugin graph's only standard op (Transpose) accepts bf16 at opset 17
+        nk.export_onnx(model, path, input_shape=(1,) + shape_chw, dtype=torch_dtype, plugins=(kind == "plugin"),
+                       dynamic_batch=True, opset=opset if kind == "stock" else 17)
+        print(f"building the {kind} engine from {path} (batches {batches}) ...", flush=True)
+        engines[kind], strongly = build_engine(trt, logger, path, batches, shape_chw, args, args.dtype)
+
+    model = model.cuda()
+    results = []
+    for pi, b in enumerate(batches):
+        x = torch.randn((b,) + shape_chw, device="cuda")
+        x = x * torch.linspace(1, 3, b, device="cuda").view(b, 1, 1, 1)
+        row = {"batch": b}
+        outs = {}
+        runners = {k: Runner(trt, torch, engines[k], pi, b, shape_chw, torch_dtype) for k in kinds}
+        for k, r in runners.items():
+            outs[k] = r.run(x.to(torch_dtype)).float()
+            r.capture(args.warmup)
+        for k in kinds:  # alternate, then take each one's median
+            row[f"{k}_ms"] = runners[k].time_ms(args.iters)
+        for k in kinds:
+            row[f"{k}_ms"] = min(row[f"{k}_ms"], runners[k].time_ms(args.iters))
+            row[f"{k}_img_s"] = b / row[f"{k}_ms"] * 1e3
+        if "plugin" in outs:
+            ref = outs["stock"]
+            row["plugin_vs_stock_rel_err"] = ((outs["plugin"] - ref).abs().max() / ref.abs().max()).item()
+            row["speedup"] = row["stock_ms"] / row["plugin_ms"]
+        if pi == 0:
+            with torch.no_grad():
+                ref32 = model(x)
+            for k in kinds:
+                row[f"{k}_vs_torch_fp32_rel_err"] = ((outs[k] - ref32).abs().max() / ref32.abs().max()).item()
+        results.append(row)
+        del runners
+
+    info = {
+        "variant": args.variant, "dtype": args.dtype, "size": [h, w], "weights": args.checkpoint or "random",
+        "strongly_typed": strongly, "timing": f"CUDA-graph replay, median of {args.iters} (best of 2 rounds)",
+        "card": torch.cuda.get_device_name(), "driver": driver_version(), "cuda_runtime": torch.version.cuda,
+        "tensorrt": trt.__version__, "torch": torch.__version__, "nextvit_kernels": nk.__version__,
+        "plugin_library": str(plugin_path) if plugin_path else None,
+        "time": _dt.datetime.now().isoformat(timespec="seconds"), "results": results,
+    }
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"trt_bench_{args.variant}_{args.dtype}_{_dt.datetime.now():%Y%m%d_%H%M%S}.json"
+    out.write_text(json.dumps(info, indent=2))
+
+    print(f"\n{args.variant} {args.dtype} {h}x{w} on {info['card']} (driver {info['driver']}, "
+          f"TensorRT {info['tensorrt']}, torch {info['torch']})")
+    head = f"{'batch':>6} {'stock ms':>10} {'stock img/s':>12}"
+    if "plugin" in kinds:
+        head += f" {'plugin ms':>10} {'plugin img/s':>13} {'speedup':>8} {'rel err':>9}"
+    print(head)
+    for r in results:
+        line = f"{r['batch']:>6} {r['stock_ms']:>10.3f} {r['stock_img_s']:>12.0f}"
+        if "plugin" in kinds:
+            line += (f" {r['plugin_ms']:>10.3f} {r['plugin_img_s']:>13.0f} {r['speedup']:>7.2f}x "
+                     f"{r['plugin_vs_stock_rel_err']:>9.2e}")
+        print(line)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+/*
+ * nextvit_kernels TensorRT plugins: shared plugin / creator base classes and helpers.
+ */
+#include "nextvitPluginCommon.h"
+
+#include <atomic>
+#include <cstring>
+#include <iostream>
+#include <sstream>
+#include <utility>
+
+namespace nextvit
+{
+namespace plugin
+{
+namespace
+{
+std::atomic<nvinfer1::ILoggerFinder*> gLoggerFinder{nullptr};
+
+void logMessage(nvinfer1::ILogger::Severity severity, std::string const& msg) noexcept
+{
+    try
+    {
+        nvinfer1::ILoggerFinder* finder = gLoggerFinder.load();
+        nvinfer1::ILogger* logger = finder != nullptr ? finder->findLogger() : nullptr;
+        std::string const text = "[nextvit_trt_plugins] " + msg;
+        if (logger != nullptr)
+        {
+            logger->log(severity, text.c_str());
+        }
+        else
+        {
+            std::cerr << text << std::endl;
+        }
+    }
+    catch (...)
+    {
+    }
+}
+} // namespace
+
+void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept
+{
+    gLoggerFinder.store(finder);
+}
+
+void logError(std::string const& msg) noexcept
+{
+    logMessage(nvinfer1::ILogger::Severity::kERROR, msg);
+}
+
+void logWarning(std::string const& msg) noexcept
+{
+    logMessage(nvinfer1::ILogger::Severity::kWARNING, msg);
+}
+
+bool toNvkDtype(nvinfer1::DataType type, nvk_dtype& out) noexcept
+{
+    switch (type)
+    {
+    case nvinfer1::DataType::kFLOAT: out = NVK_F32; return true;
+    case nvinfer1::DataType::kHALF: out = NVK_F16; return true;
+    case nvinfer1::DataType::kBF16: out = NVK_BF16; return true;
+    default: return false;
+    }
+}
+
+int32_t checkNvk(nvk_status status, char const* what, std::string const& layer) noexcept
+{
+    if (status == NVK_OK)
+    {
+        return 0;
+    }
+    char const* detail = nvk_last_error();
+    std::ostringstream os;
+    os << layer << ": " << what << " failed with status " << static_cast<int>(status) << ": "
+       << (detail != nullptr ? detail : "(no message)");
+    logError(os.str());
+    return static_cast<int32_t>(status);
+}
+
+bool readIntFields(nvinfer1::PluginFieldCollection const* fc, std::vector<IntField>& fields,
+    char const* pluginName) noexcept
+{
+    if (fc == nullptr)
+    {
+        return true; // all defaults
+    }
+    if (fc->nbFields > 0 && fc->fields == nullptr)
+    {
+        logError(std::string(pluginName) + ": PluginFieldCollection has fields but a null field array");
+        return false;
+    }
+    for (int32_t i = 0; i < fc->nbFields; ++i)
+    {
+        nvinfer1::PluginField const& f = fc->fields[i];
+        if (f.name == nullptr)
+        {
+            continue;
+        }
+        IntField* target = nullptr;
+        for (auto& field : fields)
+        {
+            if (std::strcmp(field.name, f.name) == 0)
+            {
+                target = &field;
+            }
+        }
+        if (target == nullptr)
+        {
+            logWarning(std::string(pluginName) + ": ignoring unknown field '" + f.name + "'");
+            continue;
+        }
+        if (f.data == nullptr || f.length < 1)
+        {
+            logError(std::string(pluginName) + ": field '" + f.name + "' has no data");
+            return false;
+        }
+        switch (f.type)
+        {
+        case nvinfer1::PluginFieldType::kINT32: target->value = *static_cast<int32_t const*>(f.data); break;
+        case nvinfer1::PluginFieldType::kINT64:
+            target->value = static_cast<int32_t>(*static_cast<int64_t const*>(f.data));
+            break;
+        case nvinfer1::PluginFieldType::kINT16:
+            target->value = static_cast<int32_t>(*static_cast<int16_t const*>(f.data));
+            break;
+        case nvinfer1::PluginFieldType::kINT8:
+            target->value = static_cast<int32_t>(*static_cast<int8_t const*>(f.data));
+            break;
+        default:
+            logError(std::string(pluginName) + ": field '" + f.name + "' must be an integer (kINT32)");
+            return false;
+        }
+    }
+    return true;
+}
+
+std::string dimsToString(nvinfer1::Dims const& d)
+{
+    std::ostringstream os;
+    os << "[";
+    for (int32_t i = 0; i < d.nbDims; ++i)
+    {
+        os << (i ? ", " : "") << d.d[i];
+    }
+    os << "]";
+    return os.str();
+}
+
+// ------------------------------------------------------------------ NextViTPluginBase
+NextViTPluginBase::NextViTPluginBase(std::string layerName, std::vector<IntField> fields)
+    : mLayerName(std::move(layerName))
+    , mFields(std::move(fields))
+{
+}
+
+NextViTPluginBase::NextViTPluginBase(NextViTPluginBase const& other)
+    : nvinfer1::IPluginV3(other)
+    , nvinfer1::IPluginV3OneCore(other)
+    , nvinfer1::IPluginV3OneBuild(other)
+    , nvinfer1::IPluginV3OneRuntime(other)
+    , mLayerName(other.mLayerName)
+    , mFields(other.mFields)
+{
+    // mSerialized / mFCToSerialize / mMetadata point into the object: rebuilt on demand.
+}
+
+nvinfer1::IPluginCapability* NextViTPluginBase::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
+{
+    switch (type)
+    {
+    case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
+    case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
+    case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
+    }
+    return nullptr;
+}
+
+char const* NextViTPluginBase::getPluginVersion() const noexcept
+{
+    return kNEXTVIT_PLUGIN_VERSION;
+}
+
+char const* NextViTPluginBase::getPluginNamespace() const noexcept
+{
+    return kNEXTVIT_PLUGIN_NAMESPACE;
+}
+
+int32_t NextViTPluginBase::getNbOutputs() const noexcept
+{
+    return 1;
+}
+
+int32_t NextViTPluginBase::outputRank() const noexcept
+{
+    return 4;
+}
+
+int32_t NextViTPluginBase::getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
+    nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept
+{
+    if (outputTypes == nullptr || inputTypes == nullptr || nbOutputs != 1 || nbInputs != expectedNbInputs())
+    {
+        logError(mLayerName + ": getOutputDataTypes: expected " + std::to_string(expectedNbInputs())
+            + " inputs and 1 output, got " + std::to_string(nbInputs) + " and " + std::to_string(nbOutputs));
+        return 1;
+    }
+    nvk_dtype dt{};
+    if (!toNvkDtype(inputTypes[0], dt))
+    {
+        logError(mLayerName + ": input type must be FP32, FP16 or BF16");
+        return 1;
+    }
+    outputTypes[0] = inputTypes[0];
+    return 0;
+}
+
+bool NextViTPluginBase::supportsFormatCombination(
+    int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
+{
+    if (inOut == nullptr || pos < 0 || pos >= nbInputs + nbOutputs)
+    {
+        return false;
+    }
+    nvinfer1::PluginTensorDesc const& desc = inOut[pos].desc;
+    // Activations are logically NHWC 4-D tensors stored densely (kLINEAR over the NHWC dims);
+    // weights are dense too. One type for every input and the output.
+    if (desc.format != nvinfer1::TensorFormat::kLINEAR)
+    {
+        return false;
+    }
+    if (pos == 0)
+    {
+        nvk_dtype dt{};
+        return toNvkDtype(desc.type, dt);
+    }
+    return desc.type == inOut[0].desc.type;
+}
+
+bool NextViTPluginBase::validateIO(nvinfer1::Dims const* inDims, int32_t nbInputs, int32_t nbOutputs) const noexcept
+{
+    try
+    {
+        if (nbInputs != expectedNbInputs() || nbOutputs != 1)
+        {
+            logError(mLayerName + ": expected " + std::to_string(expectedNbInputs()) + " inputs and 1 output, got "
+                + std::to_string(nbInputs) + " and " + std::to_string(nbOutputs));
+            return false;
+        }
+        std::string const err = checkInputs(inDims, nbInputs);
+        if (!err.empty())
+        {
+            logError(mLayerName + " (" + getPluginName() + "): " + err);
+            return false;
+        }
+        return true;
+    }
+    catch (...)
+    {
+        return false;
+    }
+}
+
+int32_t NextViTPluginBase::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
+    nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    if (in == nullptr || out == nullptr)
+    {
+        return 1;
+    }
+    std::vector<nvinfer1::Dims> dims;
+    try
+    {
+        for (int32_t i = 0; i < nbInputs; ++i)
+        {
+            dims.push_back(in[i].desc.dims);
+        }
+    }
+    catch (...)
+    {
+        return 1;
+    }
+    return validateIO(dims.data(), nbInputs, nbOutputs) ? 0 : 1;
+}
+
+int32_t NextViTPluginBase::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
+    nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept
+{
+    if (in == nullptr || out == nullptr)
+    {
+        return 1;
+    }
+    std::vector<nvinfer1::Dims> dims;
+    try
+    {
+        for (int32_t i = 0; i < nbInputs; ++i)
+        {
+            dims.push_back(in[i].dims);
+        }
+    }
+    catch (...)
+    {
+        return 1;
+    }
+    if (!validateIO(dims.data(), nbInputs, nbOutputs))
+    {
+        return 1;
+    }
+    if (out[0].dims.nbDims != outputRank())
+    {
+        logError(mLayerName + ": output rank " + std::to_string(out[0].dims.nbDims) + ", expected "
+            + std::to_string(outputRank()));
+        return 1;
+    }
+    return 0;
+}
+
+nvinfer1::IPluginV3* NextViTPluginBase::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
+{
+    // No per-context resources: the C library keeps its loaded kernels process-wide.
+    return clone();
+}
+
+nvinfer1::PluginFieldCollection const* NextViTPluginBase::getFieldsToSerialize() noexcept
+{
+    try
+    {
+        mSerialized.clear();
+        for (auto const& f : mFields)
+        {
+            mSerialized.emplace_back(f.name, &f.value, nvinfer1::PluginFieldType::kINT32, 1);
+        }
+        mFCToSerialize.nbFields = static_cast<int32_t>(mSerialized.size());
+        mFCToSerialize.fields = mSerialized.empty() ? nullptr : mSerialized.data();
+        return &mFCToSerialize;
+    }
+    catch (...)
+    {
+        return nullptr;
+    }
+}
+
+char const* NextViTPluginBase::getMetadataString() noexcept
+{
+    try
+    {
+        std::ostringstream os;
+        for (size_t i = 0; i < mFields.size(); ++i)
+        {
+            os << (i ? " " : "") << mFields[i].name << "=" << mFields[i].value;
+        }
+        mMetadata = os.str();
+        return mMetadata.c_str();
+    }
+    catch (...)
+    {
+        return nullptr;
+    }
+}
+
+int32_t NextViTPluginBase::field(char const* name) const noexcept
+{
+    for (auto const& f : mFields)
+    {
+        if (std::strcmp(f.name, name) == 0)
+        {
+            return f.value;
+        }
+    }
+    return 0;
+}
+
+// ------------------------------------------------------------------ NextViTCreatorBase
+char const* NextViTCreatorBase::getPluginVersion() const noexcept
+{
+    return kNEXTVIT_PLUGIN_VERSION;
+}
+
+char const* NextViTCreatorBase::getPluginNamespace() const noexcept
+{
+    return kNEXTVIT_PLUGIN_NAMESPACE;
+}
+
+nvinfer1::PluginFieldCollection const* NextViTCreatorBase::getFieldNames() noexcept
+{
+    return &mFC;
+}
+
+void NextViTCreatorBase::finalizeFields() noexcept
+{
+    mFC.nbFields = static_cast<int32_t>(mPluginAttributes.size());
+    mFC.fields = mPluginAttributes.empty() ? nullptr : mPluginAttributes.data();
+}
+
+} // namespace plugin
+} // namespace nextvit
