@@ -1,0 +1,44 @@
+/* nextvit_kernels: C API of the fused Next-ViT kernels (ahead-of-time compiled Triton
+ * kernels launched through the CUDA driver API; see csrc/README.md).
+ *
+ * Conventions: activations NHWC contiguous; weights contiguous in the fused Plan's shapes
+ * (conv3x3 [O,I,3,3], 1x1 and linear [O,I], mhca conv_w [C,32,3,3]); all pointers are
+ * device pointers, 16-byte aligned; `stream` is a CUstream / cudaStream_t passed as void*
+ * (NULL: the legacy default stream). Launches never allocate or synchronize (CUDA-graph
+ * capturable once the kernels are loaded: make one eager call per context before capture).
+ * Scratch memory comes from `workspace` (E-MHSA only). The compiled kernels need no
+ * Triton global/profile scratch (checked when the library is generated).
+ * Every function returns NVK_OK or an error code; nvk_last_error() then says why. */
+#ifndef NEXTVIT_KERNELS_H
+#define NEXTVIT_KERNELS_H
+
+#include <stddef.h>
+
+#if defined(_WIN32)
+#define NVK_API __declspec(dllexport)
+#else
+#define NVK_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { NVK_F32 = 0, NVK_F16 = 1, NVK_BF16 = 2 } nvk_dtype;
+typedef enum { NVK_OK = 0, NVK_ERR_INVALID = 1, NVK_ERR_UNSUPPORTED = 2, NVK_ERR_CUDA = 3, NVK_ERR_NO_DRIVER = 4 } nvk_status;
+
+NVK_API const char* nvk_last_error(void);      /* thread-local message of the last failure */
+NVK_API const char* nvk_version(void);
+
+NVK_API nvk_status nvk_conv_bn_relu(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c_in, int c_out, int stride, nvk_dtype dt, void* stream);
+NVK_API nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c_in, int c_out, int stride, nvk_dtype dt, void* stream);
+NVK_API nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const void* proj_w, void* out, int batch, int h, int w_, int c, int c_out, int residual, nvk_dtype dt, void* stream);
+NVK_API nvk_status nvk_mlp(const void* x, const void* x2 /* NULL: no concat */, const void* fc1_w, const void* fc1_b, const void* fc2_w, const void* fc2_b, void* out, int batch, int h, int w_, int c1, int c2, int hidden, int c_out, int residual, nvk_dtype dt, void* stream);
+NVK_API size_t nvk_e_mhsa_workspace_size(int batch, int h, int w_, int c, int sr_ratio, nvk_dtype dt);
+NVK_API nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const void* k_w, const void* k_b, const void* v_w, const void* v_b, const void* proj_w, const void* proj_b, void* out, void* workspace, int batch, int h, int w_, int c, int c_out, int sr_ratio, int head_dim, int residual, nvk_dtype dt, void* stream);
+NVK_API nvk_status nvk_head(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c, int n_classes, nvk_dtype dt, void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* NEXTVIT_KERNELS_H */

@@ -1,0 +1,571 @@
+/* nextvit_kernels C library: shape-class lookup in the AOT tables + CUDA driver API launches.
+ *
+ * libcuda.so.1 is opened with dlopen on first use, so the library loads (and reports
+ * NVK_ERR_NO_DRIVER) on machines without a GPU driver. Modules are loaded once per CUcontext
+ * (all kernels at once, under a mutex), so launches after the first call in a context do no
+ * module loading and are CUDA-graph capturable. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+
+#include "nextvit_kernels.h"
+#include "nvk_table.h"
+
+#ifndef NVK_VERSION_STRING
+#define NVK_VERSION_STRING "0.1.0"
+#endif
+
+/* ------------------------------------------------------------------ driver API subset */
+typedef int CUresult;
+typedef int CUdevice;
+typedef struct CUctx_st* CUcontext;
+typedef struct CUmod_st* CUmodule;
+typedef struct CUfunc_st* CUfunction;
+typedef struct CUstream_st* CUstream;
+typedef unsigned long long CUdeviceptr;
+#define CUDA_SUCCESS 0
+#define CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR 75
+#define CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR 76
+#define CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN 97
+#define CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES 1
+#define CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES 8
+
+typedef struct {
+  CUresult (*cuInit)(unsigned);
+  CUresult (*cuDriverGetVersion)(int*);
+  CUresult (*cuCtxGetCurrent)(CUcontext*);
+  CUresult (*cuCtxSetCurrent)(CUcontext);
+  CUresult (*cuCtxGetDevice)(CUdevice*);
+  CUresult (*cuStreamGetCtx)(CUstream, CUcontext*);
+  CUresult (*cuDeviceGet)(CUdevice*, int);
+  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
+  CUresult (*cuDeviceGetAttribute)(int*, int, CUdevice);
+  CUresult (*cuModuleLoadData)(CUmodule*, const void*);
+  CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);
+  CUresult (*cuFuncSetAttribute)(CUfunction, int, int);
+  CUresult (*cuFuncGetAttribute)(int*, int, CUfunction);
+  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                             unsigned, CUstream, void**, void**);
+  CUresult (*cuGetErrorString)(CUresult, const char**);
+} nvk_driver_t;
+
+static nvk_driver_t g_drv;
+static int g_drv_state = 0; /* 0: not tried, 1: ok, -1: failed */
+static char g_drv_error[512];
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* ------------------------------------------------------------------ errors */
+static __thread char t_error[1024];
+
+const char* nvk_last_error(void) { return t_error; }
+
+static char g_version[512];
+static void init_version(void) {
+  snprintf(g_version, sizeof g_version, "nextvit_kernels " NVK_VERSION_STRING " (%s)", nvk_aot_info);
+}
+
+const char* nvk_version(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, init_version);
+  return g_version;
+}
+
+static nvk_status fail(nvk_status st, const char* fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(t_error, sizeof t_error, fmt, ap);
+  va_end(ap);
+  return st;
+}
+
+static nvk_status cu_fail(CUresult r, const char* what) {
+  const char* s = NULL;
+  if (g_drv.cuGetErrorString) g_drv.cuGetErrorString(r, &s);
+  return fail(NVK_ERR_CUDA, "%s failed: CUDA error %d (%s)", what, (int)r, s ? s : "?");
+}
+
+static void ok(void) { t_error[0] = 0; }
+
+/* ------------------------------------------------------------------ driver loading */
+static int load_driver_locked(void) {
+  if (g_drv_state) return g_drv_state;
+  const char* names[] = {"libcuda.so.1", "libcuda.so"};
+  void* h = NULL;
+  for (size_t i = 0; i < sizeof names / sizeof *names && !h; ++i) h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+  if (!h) {
+    const char* e = dlerror();
+    snprintf(g_drv_error, sizeof g_drv_error,
+             "no CUDA driver: dlopen(libcuda.so.1) failed (%s); a GPU and its driver are needed to launch kernels",
+             e ? e : "not found");
+    g_drv_state = -1;
+    return -1;
+  }
+#define SYM(name, ver)                                                                              \
+  do {                                                                                              \
+    void* p = NULL;                                                                                 \
+    if (*ver) p = dlsym(h, #name ver);                                                              \
+    if (!p) p = dlsym(h, #name);                                                                    \
+    if (!p) {                                                                                       \
+      snprintf(g_drv_error, sizeof g_drv_error, "CUDA driver lacks %s", #name);                     \
+      g_drv_state = -1;                                                                             \
+      return -1;                                                                                    \
+    }                                                                                               \
+    memcpy(&g_drv.name, &p, sizeof p);                                                              \
+  } while (0)
+  SYM(cuInit, "");
+  SYM(cuDriverGetVersion, "");
+  SYM(cuCtxGetCurrent, "");
+  SYM(cuCtxSetCurrent, "");
+  SYM(cuCtxGetDevice, "");
+  SYM(cuStreamGetCtx, "");
+  SYM(cuDeviceGet, "");
+  SYM(cuDevicePrimaryCtxRetain, "");
+  SYM(cuDeviceGetAttribute, "");
+  SYM(cuModuleLoadData, "");
+  SYM(cuModuleGetFunction, "");
+  SYM(cuFuncSetAttribute, "");
+  SYM(cuFuncGetAttribute, "");
+  SYM(cuLaunchKernel, "");
+  SYM(cuGetErrorString, "");
+#undef SYM
+  CUresult r = g_drv.cuInit(0);
+  if (r != CUDA_SUCCESS) {
+    const char* s = NULL;
+    g_drv.cuGetErrorString(r, &s);
+    snprintf(g_drv_error, sizeof g_drv_error, "no usable CUDA device: cuInit failed with error %d (%s)", (int)r,
+             s ? s : "?");
+    g_drv_state = -1;
+    return -1;
+  }
+  g_drv_state = 1;
+  return 1;
+}
+
+/* ------------------------------------------------------------------ per-context modules */
+typedef struct {
+  CUfunction fn;
+  int shared;        /* dynamic shared memory bytes of the chosen image */
+  int shared_ok;     /* the device allows that much */
+  CUresult err;      /* load error for this kernel (0: fine) */
+} nvk_loaded_t;
+
+typedef struct nvk_ctx_s {
+  CUcontext ctx;
+  int cc;
+  int shared_optin;
+  nvk_loaded_t* k;   /* nvk_num_kernels entries */
+  struct nvk_ctx_s* next;
+} nvk_ctx_t;
+
+static nvk_ctx_t* g_ctxs = NULL;
+
+static nvk_status get_context(void* stream, nvk_ctx_t** out) {
+  pthread_mutex_lock(&g_lock);
+  int st = load_driver_locked();
+  pthread_mutex_unlock(&g_lock);
+  if (st < 0) return fail(NVK_ERR_NO_DRIVER, "%s", g_drv_error);
+  CUcontext ctx = NULL;
+  CUresult r = g_drv.cuCtxGetCurrent(&ctx);
+  if (r != CUDA_SUCCESS) return cu_fail(r, "cuCtxGetCurrent");
+  if (!ctx && stream) {
+    r = g_drv.cuStreamGetCtx((CUstream)stream, &ctx);
+    if (r != CUDA_SUCCESS) return cu_fail(r, "cuStreamGetCtx");
+    if (ctx && (r = g_drv.cuCtxSetCurrent(ctx)) != CUDA_SUCCESS) return cu_fail(r, "cuCtxSetCurrent");
+  }
+  if (!ctx) { /* like the runtime API: the primary context of device 0 */
+    CUdevice d;
+    if ((r = g_drv.cuDeviceGet(&d, 0)) != CUDA_SUCCESS) return cu_fail(r, "cuDeviceGet");
+    if ((r = g_drv.cuDevicePrimaryCtxRetain(&ctx, d)) != CUDA_SUCCESS) return cu_fail(r, "cuDevicePrimaryCtxRetain");
+    if ((r = g_drv.cuCtxSetCurrent(ctx)) != CUDA_SUCCESS) return cu_fail(r, "cuCtxSetCurrent");
+  }
+  pthread_mutex_lock(&g_lock);
+  for (nvk_ctx_t* c = g_ctxs; c; c = c->next)
+    if (c->ctx == ctx) {
+      pthread_mutex_unlock(&g_lock);
+      *out = c;
+      return NVK_OK;
+    }
+  /* First use in this context: load every kernel (so later calls can be graph-captured). */
+  nvk_status ret = NVK_OK;
+  nvk_ctx_t* c = (nvk_ctx_t*)calloc(1, sizeof *c);
+  nvk_loaded_t* ks = (nvk_loaded_t*)calloc((size_t)(nvk_num_kernels > 0 ? nvk_num_kernels : 1), sizeof *ks);
+  CUdevice dev;
+  int major = 0, minor = 0, optin = 0;
+  if (!c || !ks) {
+    ret = fail(NVK_ERR_CUDA, "out of host memory");
+    goto done;
+  }
+  if ((r = g_drv.cuCtxGetDevice(&dev)) != CUDA_SUCCESS) { ret = cu_fail(r, "cuCtxGetDevice"); goto done; }
+  g_drv.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev);
+  g_drv.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev);
+  g_drv.cuDeviceGetAttribute(&optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev);
+  c->ctx = ctx;
+  c->cc = major * 10 + minor;
+  c->shared_optin = optin;
+  c->k = ks;
+  if (c->cc < 80) {
+    ret = fail(NVK_ERR_UNSUPPORTED, "GPU compute capability %d.%d: the kernels need sm_80 or newer", major, minor);
+    goto done;
+  }
+  for (int i = 0; i < nvk_num_kernels; ++i) {
+    const nvk_kernel_t* kd = &nvk_kernels[i];
+    const void* image = NULL;
+    unsigned shared = 0;
+    if (c->cc == 90 && kd->cubin90) {
+      image = kd->cubin90;
+      shared = kd->shared90;
+    } else if (major == 8 && kd->cubin80) { /* sm_80 SASS runs on every 8.x */
+      image = kd->cubin80;
+      shared = kd->shared80;
+    } else if (kd->ptx80) { /* driver JIT of the sm_80 PTX (forward compatible) */
+      image = kd->ptx80;
+      shared = kd->shared80;
+    }
+    CUmodule mod = NULL;
+    if (!image) {
+      ks[i].err = -1;
+      continue;
+    }
+    r = g_drv.cuModuleLoadData(&mod, image);
+    if (r == CUDA_SUCCESS) r = g_drv.cuModuleGetFunction(&ks[i].fn, mod, kd->symbol);
+    ks[i].err = r;
+    ks[i].shared = (int)shared;
+    ks[i].shared_ok = 1;
+    if (r == CUDA_SUCCESS && shared > 49152) {
+      int stat = 0;
+      g_drv.cuFuncGetAttribute(&stat, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, ks[i].fn);
+      if ((int)shared + stat > optin ||
+          g_drv.cuFuncSetAttribute(ks[i].fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, (int)shared) !=
+              CUDA_SUCCESS)
+        ks[i].shared_ok = 0;
+    }
+  }
+  c->next = g_ctxs;
+  g_ctxs = c;
+  *out = c;
+  c = NULL;
+  ks = NULL;
+done:
+  pthread_mutex_unlock(&g_lock);
+  free(ks);
+  free(c);
+  return ret;
+}
+
+/* ------------------------------------------------------------------ lookup + launch */
+static const char* op_names[NVK_NUM_OPS] = {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"};
+static const char* dt_names[3] = {"fp32", "fp16", "bf16"};
+
+static const nvk_shape_class_t* lookup(int op, int dt, const int* key, int nkey, long long probe) {
+  for (int i = 0; i < nvk_num_shape_classes; ++i) {
+    const nvk_shape_class_t* s = &nvk_shape_classes[i];
+    if (s->op != op || s->dtype != dt) continue;
+    int same = 1;
+    for (int j = 0; j < nkey; ++j) same &= s->key[j] == key[j];
+    if (!same) continue;
+    if (probe >= 0 && (probe < s->probe_lo || (s->probe_hi >= 0 && probe > s->probe_hi))) continue;
+    return s;
+  }
+  return NULL;
+}
+
+static nvk_status unsupported(int op, int dt, const int* key, int nkey, const char* key_desc) {
+  char buf[256];
+  int n = 0;
+  buf[0] = 0;
+  for (int j = 0; j < nkey && n < (int)sizeof buf - 16; ++j) n += snprintf(buf + n, sizeof buf - n, j ? ", %d" : "%d", key[j]);
+  return fail(NVK_ERR_UNSUPPORTED,
+              "nvk_%s: no kernel was compiled ahead of time for %s with (%s) = (%s); the library holds the "
+              "shapes of the Next-ViT variants it was built for (%s): rebuild it with an AOT output that "
+              "covers this shape",
+              op_names[op], dt_names[dt], key_desc, buf, nvk_aot_info);
+}
+
+/* One runtime argument of the full (unspecialized) list, in the launcher's order. */
+typedef struct {
+  char kind; /* 'p' pointer, 'i' i32, 'f' f32 */
+  union {
+    CUdeviceptr p;
+    int32_t i;
+    float f;
+  } v;
+} nvk_arg_t;
+
+typedef struct {
+  nvk_arg_t a[NVK_MAX_ARGS];
+  int n;
+  int overflow; /* an i32 argument did not fit */
+} nvk_args_t;
+
+static void arg_p(nvk_args_t* A, const void* p) {
+  A->a[A->n].kind = 'p';
+  A->a[A->n++].v.p = (CUdeviceptr)(uintptr_t)p;
+}
+static void arg_i(nvk_args_t* A, long long v) {
+  if (v > INT32_MAX || v < INT32_MIN) A->overflow = 1;
+  A->a[A->n].kind = 'i';
+  A->a[A->n++].v.i = (int32_t)v;
+}
+static void arg_f(nvk_args_t* A, float f) {
+  A->a[A->n].kind = 'f';
+  A->a[A->n++].v.f = f;
+}
+
+static nvk_status launch(nvk_ctx_t* c, int op, int kidx, const nvk_args_t* A, long long gx, long long gy,
+                         long long gz, void* stream) {
+  const nvk_kernel_t* kd = &nvk_kernels[kidx];
+  const nvk_loaded_t* lk = &c->k[kidx];
+  if (A->overflow)
+    return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: an index/size argument exceeds 32 bits (the kernels take i32)",
+                op_names[op]);
+  if (A->n != kd->n_full)
+    return fail(NVK_ERR_INVALID, "nvk_%s: internal error: %d arguments built, the kernel table says %d",
+                op_names[op], A->n, kd->n_full);
+  if (lk->err == -1)
+    return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: kernel %s has no image for compute capability %d", op_names[op],
+                kd->id, c->cc);
+  if (lk->err != CUDA_SUCCESS) return cu_fail(lk->err, "cuModuleLoadData/cuModuleGetFunction");
+  if (!lk->shared_ok)
+    return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: kernel %s needs %d bytes of shared memory, the device allows %d",
+                op_names[op], kd->id, lk->shared, c->shared_optin);
+  if (gx <= 0 || gy <= 0 || gz <= 0) return NVK_OK; /* nothing to do */
+  if (gx > 2147483647LL || gy > 65535 || gz > 65535)
+    return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: grid (%lld, %lld, %lld) exceeds the CUDA limits", op_names[op], gx,
+                gy, gz);
+  void* params[NVK_MAX_ARGS + 4];
+  int np = 0;
+  for (int i = 0; i < A->n; ++i)
+    if (kd->passed_mask >> i & 1) params[np++] = (void*)&A->a[i].v;
+  static const CUdeviceptr null_ptr = 0;
+  for (int i = 0; i < kd->n_hidden; ++i) params[np++] = (void*)&null_ptr; /* global/profile scratch: none */
+  if (np != kd->n_params + kd->n_hidden)
+    return fail(NVK_ERR_INVALID, "nvk_%s: internal error: parameter count mismatch for %s", op_names[op], kd->id);
+  CUresult r = g_drv.cuLaunchKernel(lk->fn, (unsigned)gx, (unsigned)gy, (unsigned)gz, 32u * (unsigned)kd->num_warps,
+                                    1, 1, (unsigned)lk->shared, (CUstream)stream, params, NULL);
+  if (r != CUDA_SUCCESS) return cu_fail(r, "cuLaunchKernel");
+  return NVK_OK;
+}
+
+/* ------------------------------------------------------------------ argument checks */
+#define CHECK(cond, ...)                                \
+  do {                                                  \
+    if (!(cond)) return fail(NVK_ERR_INVALID, __VA_ARGS__); \
+  } while (0)
+
+static nvk_status check_ptr(const char* op, const char* name, const void* p) {
+  if (!p) return fail(NVK_ERR_INVALID, "nvk_%s: %s is NULL", op, name);
+  if ((uintptr_t)p % 16)
+    return fail(NVK_ERR_INVALID, "nvk_%s: %s = %p is not 16-byte aligned (the compiled kernels assume it)", op,
+                name, p);
+  return NVK_OK;
+}
+#define PTR(op, p)                                       \
+  do {                                                   \
+    nvk_status s_ = check_ptr(op, #p, (const void*)(p)); \
+    if (s_) return s_;                                   \
+  } while (0)
+#define POS(op, v) CHECK((v) > 0, "nvk_%s: %s must be positive, got %d", op, #v, (int)(v))
+#define DT(op, dt)                                                                                       \
+  CHECK((int)(dt) >= 0 && (int)(dt) <= 2, "nvk_%s: unknown dtype %d (NVK_F32=0, NVK_F16=1, NVK_BF16=2)", op, \
+        (int)(dt))
+
+static long long cdiv(long long a, long long b) { return (a + b - 1) / b; }
+
+/* ------------------------------------------------------------------ ops */
+nvk_status nvk_conv_bn_relu(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_,
+                            int c_in, int c_out, int stride, nvk_dtype dt, void* stream) {
+  const char* op = "conv_bn_relu";
+  PTR(op, x); PTR(op, w); PTR(op, b); PTR(op, out);
+  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c_in); POS(op, c_out);
+  CHECK(stride == 1 || stride == 2, "nvk_%s: stride must be 1 or 2, got %d", op, stride);
+  DT(op, dt);
+  int key[3] = {c_in, c_out, stride};
+  const nvk_shape_class_t* sc = lookup(NVK_OP_CONV_BN_RELU, dt, key, 3, -1);
+  if (!sc) return unsupported(NVK_OP_CONV_BN_RELU, dt, key, 3, "c_in, c_out, stride");
+  nvk_ctx_t* c;
+  nvk_status st = get_context(stream, &c);
+  if (st) return st;
+  long long ho = (h - 1) / stride + 1, wo = (w_ - 1) / stride + 1, m = (long long)batch * ho * wo;
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, w); arg_p(&A, b); arg_p(&A, out);
+  arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, ho); arg_i(&A, wo); arg_i(&A, c_in); arg_i(&A, c_out);
+  arg_i(&A, (long long)h * w_ * c_in); arg_i(&A, 1); arg_i(&A, (long long)w_ * c_in); arg_i(&A, c_in);
+  arg_i(&A, (long long)c_in * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1);
+  arg_i(&A, 1);
+  arg_i(&A, ho * wo * c_out); arg_i(&A, 1); arg_i(&A, wo * c_out); arg_i(&A, c_out);
+  st = launch(c, NVK_OP_CONV_BN_RELU, sc->kernels[0], &A, cdiv(m, sc->consts[0]) * cdiv(c_out, sc->consts[1]), 1, 1,
+              stream);
+  if (!st) ok();
+  return st;
+}
+
+nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_,
+                           int c_in, int c_out, int stride, nvk_dtype dt, void* stream) {
+  const char* op = "patch_embed";
+  PTR(op, x); PTR(op, w); PTR(op, b); PTR(op, out);
+  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c_in); POS(op, c_out);
+  CHECK(stride == 1 || stride == 2, "nvk_%s: stride must be 1 or 2, got %d", op, stride);
+  DT(op, dt);
+  int key[3] = {c_in, c_out, stride};
+  const nvk_shape_class_t* sc = lookup(NVK_OP_PATCH_EMBED, dt, key, 3, -1);
+  if (!sc) return unsupported(NVK_OP_PATCH_EMBED, dt, key, 3, "c_in, c_out, stride");
+  nvk_ctx_t* c;
+  nvk_status st = get_context(stream, &c);
+  if (st) return st;
+  long long oh = cdiv(h, stride), ow = cdiv(w_, stride), m = (long long)batch * oh * ow;
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, w); arg_p(&A, b); arg_p(&A, out);
+  arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, oh); arg_i(&A, ow); arg_i(&A, c_in); arg_i(&A, c_out);
+  st = launch(c, NVK_OP_PATCH_EMBED, sc->kernels[0], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1,
+              stream);
+  if (!st) ok();
+  return st;
+}
+
+nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const void* proj_w, void* out, int batch,
+                    int h, int w_, int c, int c_out, int residual, nvk_dtype dt, void* stream) {
+  const char* op = "mhca";
+  PTR(op, x); PTR(op, conv_w); PTR(op, conv_b); PTR(op, proj_w); PTR(op, out);
+  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c); POS(op, c_out);
+  CHECK(c % 32 == 0, "nvk_%s: c = %d is not a multiple of the head size 32", op, c);
+  CHECK(residual == 0 || residual == 1, "nvk_%s: residual must be 0 or 1, got %d", op, residual);
+  CHECK(!residual || c_out == c, "nvk_%s: residual needs c_out == c (got c=%d, c_out=%d)", op, c, c_out);
+  DT(op, dt);
+  int key[3] = {c, c_out, residual};
+  const nvk_shape_class_t* sc = lookup(NVK_OP_MHCA, dt, key, 3, -1);
+  if (!sc) return unsupported(NVK_OP_MHCA, dt, key, 3, "c, c_out, residual");
+  nvk_ctx_t* cx;
+  nvk_status st = get_context(stream, &cx);
+  if (st) return st;
+  long long m = (long long)batch * h * w_;
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, conv_w); arg_p(&A, conv_b); arg_p(&A, proj_w); arg_p(&A, out);
+  arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, c); arg_i(&A, c_out);
+  arg_i(&A, (long long)h * w_ * c); arg_i(&A, 1); arg_i(&A, (long long)w_ * c); arg_i(&A, c);
+  arg_i(&A, 32 * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1);
+  arg_i(&A, 1); arg_i(&A, c); arg_i(&A, 1);
+  arg_i(&A, (long long)h * w_ * c_out); arg_i(&A, 1); arg_i(&A, (long long)w_ * c_out); arg_i(&A, c_out);
+  st = launch(cx, NVK_OP_MHCA, sc->kernels[0], &A, cdiv(m, sc->consts[0]) * cdiv(c_out, sc->consts[1]), 1, 1, stream);
+  if (!st) ok();
+  return st;
+}
+
+nvk_status nvk_mlp(const void* x, const void* x2, const void* fc1_w, const void* fc1_b, const void* fc2_w,
+                   const void* fc2_b, void* out, int batch, int h, int w_, int c1, int c2, int hidden, int c_out,
+                   int residual, nvk_dtype dt, void* stream) {
+  const char* op = "mlp";
+  PTR(op, x); PTR(op, fc1_w); PTR(op, fc1_b); PTR(op, fc2_w); PTR(op, fc2_b); PTR(op, out);
+  if (x2) PTR(op, x2);
+  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c1); POS(op, hidden); POS(op, c_out);
+  if (x2) {
+    POS(op, c2);
+  } else {
+    CHECK(c2 == 0, "nvk_%s: x2 is NULL (no concat) but c2 = %d (must be 0)", op, c2);
+  }
+  CHECK(residual == 0 || residual == 1, "nvk_%s: residual must be 0 or 1, got %d", op, residual);
+  CHECK(!residual || c_out == c1 + c2, "nvk_%s: residual needs c_out == c1 + c2 (got %d vs %d)", op, c_out, c1 + c2);
+  DT(op, dt);
+  int key[5] = {c1, c2, hidden, c_out, residual};
+  const nvk_shape_class_t* sc = lookup(NVK_OP_MLP, dt, key, 5, -1);
+  if (!sc) return unsupported(NVK_OP_MLP, dt, key, 5, "c1, c2, hidden, c_out, residual");
+  nvk_ctx_t* cx;
+  nvk_status st = get_context(stream, &cx);
+  if (st) return st;
+  long long m = (long long)batch * h * w_;
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, x2 ? x2 : x); arg_p(&A, fc1_w); arg_p(&A, fc1_b); arg_p(&A, fc2_w); arg_p(&A, fc2_b);
+  arg_p(&A, out);
+  arg_i(&A, m); arg_i(&A, c1); arg_i(&A, c2); arg_i(&A, hidden); arg_i(&A, c_out);
+  st = launch(cx, NVK_OP_MLP, sc->kernels[0], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1, stream);
+  if (!st) ok();
+  return st;
+}
+
+static size_t elem_size(nvk_dtype dt) { return dt == NVK_F32 ? 4 : 2; }
+static size_t align256(size_t v) { return (v + 255) & ~(size_t)255; }
+
+size_t nvk_e_mhsa_workspace_size(int batch, int h, int w_, int c, int sr_ratio, nvk_dtype dt) {
+  if (batch <= 0 || h <= 0 || w_ <= 0 || c <= 0 || sr_ratio <= 0 || (int)dt < 0 || (int)dt > 2) return 0;
+  size_t r = (size_t)sr_ratio * (size_t)sr_ratio;
+  size_t nk = (size_t)h * (size_t)w_ / r;
+  size_t es = elem_size(dt);
+  size_t kv = align256((size_t)batch * nk * 2 * (size_t)c * es);             /* [B, Nk, 2C]: k | v */
+  size_t pooled = r > 1 ? align256((size_t)batch * nk * (size_t)c * es) : 0; /* [B, Nk, C] */
+  return kv + pooled;
+}
+
+nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const void* k_w, const void* k_b,
+                      const void* v_w, const void* v_b, const void* proj_w, const void* proj_b, void* out,
+                      void* workspace, int batch, int h, int w_, int c, int c_out, int sr_ratio, int head_dim,
+                      int residual, nvk_dtype dt, void* stream) {
+  const char* op = "e_mhsa";
+  PTR(op, x); PTR(op, q_w); PTR(op, q_b); PTR(op, k_w); PTR(op, k_b); PTR(op, v_w); PTR(op, v_b);
+  PTR(op, proj_w); PTR(op, proj_b); PTR(op, out); PTR(op, workspace);
+  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c); POS(op, c_out); POS(op, sr_ratio); POS(op, head_dim);
+  CHECK(head_dim >= 16 && head_dim <= 128 && !(head_dim & (head_dim - 1)),
+        "nvk_%s: head_dim must be a power of two in [16, 128], got %d", op, head_dim);
+  CHECK(c % head_dim == 0, "nvk_%s: c = %d is not a multiple of head_dim = %d", op, c, head_dim);
+  CHECK(residual == 0 || residual == 1, "nvk_%s: residual must be 0 or 1, got %d", op, residual);
+  CHECK(!residual || c_out == c, "nvk_%s: residual needs c_out == c (got c=%d, c_out=%d)", op, c, c_out);
+  DT(op, dt);
+  long long n = (long long)h * w_, r = (long long)sr_ratio * sr_ratio, nk = n / r;
+  CHECK(nk >= 1, "nvk_%s: the %dx%d map has %lld tokens, fewer than one pooling window of sr_ratio^2 = %lld", op, h,
+        w_, n, r);
+  int key[5] = {c, c_out, sr_ratio, head_dim, residual};
+  const nvk_shape_class_t* sc = lookup(NVK_OP_E_MHSA, dt, key, 5, nk);
+  if (!sc) {
+    if (lookup(NVK_OP_E_MHSA, dt, key, 5, -1))
+      return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: no kernel compiled for %lld key tokens at (c, c_out, sr_ratio, "
+                  "head_dim, residual) = (%d, %d, %d, %d, %d)", op, nk, c, c_out, sr_ratio, head_dim, residual);
+    return unsupported(NVK_OP_E_MHSA, dt, key, 5, "c, c_out, sr_ratio, head_dim, residual");
+  }
+  nvk_ctx_t* cx;
+  nvk_status st = get_context(stream, &cx);
+  if (st) return st;
+  size_t es = elem_size(dt);
+  char* kv = (char*)workspace;
+  char* pooled = r > 1 ? kv + align256((size_t)batch * (size_t)nk * 2 * (size_t)c * es) : kv;
+  long long rows = (long long)batch * nk;
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, pooled); arg_p(&A, k_w); arg_p(&A, k_b); arg_p(&A, v_w); arg_p(&A, v_b); arg_p(&A, kv);
+  arg_i(&A, n); arg_i(&A, c); arg_i(&A, nk); arg_i(&A, r); arg_i(&A, rows);
+  st = launch(cx, NVK_OP_E_MHSA, sc->kernels[0], &A, cdiv(rows, sc->consts[0]), 1, 1, stream);
+  if (st) return st;
+  nvk_args_t B = {0};
+  arg_p(&B, x); arg_p(&B, kv); arg_p(&B, q_w); arg_p(&B, q_b); arg_p(&B, proj_w); arg_p(&B, proj_b); arg_p(&B, out);
+  arg_i(&B, n); arg_i(&B, c); arg_i(&B, c_out); arg_i(&B, nk); arg_i(&B, c / head_dim);
+  arg_f(&B, (float)pow((double)head_dim, -0.5)); /* what the JIT passes: float(head_dim) ** -0.5 as fp32 */
+  st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &B, cdiv(n, sc->consts[1]), cdiv(c_out, sc->consts[2]), batch,
+              stream);
+  if (!st) ok();
+  return st;
+}
+
+nvk_status nvk_head(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c,
+                    int n_classes, nvk_dtype dt, void* stream) {
+  const char* op = "head";
+  PTR(op, x); PTR(op, w); PTR(op, b); PTR(op, out);
+  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c); POS(op, n_classes);
+  DT(op, dt);
+  long long hw = (long long)h * w_;
+  int key[2] = {c, n_classes};
+  const nvk_shape_class_t* sc = lookup(NVK_OP_HEAD, dt, key, 2, hw);
+  if (!sc) return unsupported(NVK_OP_HEAD, dt, key, 2, "c, n_classes");
+  nvk_ctx_t* cx;
+  nvk_status st = get_context(stream, &cx);
+  if (st) return st;
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, w); arg_p(&A, b); arg_p(&A, out);
+  arg_i(&A, hw); arg_i(&A, c); arg_i(&A, n_classes);
+  arg_i(&A, hw * c); arg_i(&A, 1); arg_i(&A, c);
+  arg_i(&A, c); arg_i(&A, 1); arg_i(&A, n_classes); arg_i(&A, 1);
+  st = launch(cx, NVK_OP_HEAD, sc->kernels[0], &A, batch, cdiv(n_classes, sc->consts[0]), 1, stream);
+  if (!st) ok();
+  return st;
+}

@@ -1,0 +1,245 @@
+"""Python front end of the C library (libnextvit_kernels.so, csrc/).
+
+One function per fused op with the signatures of ``nextvit_kernels.ops`` (torch tensors in,
+channels_last tensor out; ``impl=`` is accepted and ignored), so the whole model runs
+through the C library with ``fused.run(plan, x, backend=clib)``.
+
+The library is reached through the pybind11 module ``nextvit_kernels._C`` when it was built
+(``pip install .`` / CMake), else through ctypes on ``libnextvit_kernels.so`` (found next to
+this file, or at ``$NEXTVIT_CLIB``, a path to the .so or to a build directory).
+"""
+import ctypes
+import os
+from typing import Optional
+
+import torch
+
+from .ops import _common
+
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_STATUS = {0: "OK", 1: "NVK_ERR_INVALID", 2: "NVK_ERR_UNSUPPORTED", 3: "NVK_ERR_CUDA", 4: "NVK_ERR_NO_DRIVER"}
+_lib = None
+_load_error: Optional[str] = None
+
+
+class CLibError(RuntimeError):
+    """A C entry point returned an error; ``status`` is the nvk_status code."""
+
+    def __init__(self, op, status, message):
+        self.status = status
+        super().__init__(f"nvk_{op}: {_STATUS.get(status, status)}: {message}")
+
+
+class _CtypesLib:
+    """Same surface as the pybind11 module, over ctypes."""
+
+    def __init__(self, path):
+        self.path = path
+        lib = ctypes.CDLL(path)
+        vp, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+        sig = {
+            "nvk_conv_bn_relu": [vp] * 4 + [i] * 7 + [vp],
+            "nvk_patch_embed": [vp] * 4 + [i] * 7 + [vp],
+            "nvk_mhca": [vp] * 5 + [i] * 7 + [vp],
+            "nvk_mlp": [vp] * 7 + [i] * 10 + [vp],
+            "nvk_e_mhsa": [vp] * 11 + [i] * 9 + [vp],
+            "nvk_head": [vp] * 4 + [i] * 6 + [vp],
+        }
+        for name, args in sig.items():
+            f = getattr(lib, name)
+            f.argtypes, f.restype = args, ctypes.c_int
+            setattr(self, name[4:], f)
+        lib.nvk_e_mhsa_workspace_size.argtypes, lib.nvk_e_mhsa_workspace_size.restype = [i] * 6, sz
+        self.e_mhsa_workspace_size = lib.nvk_e_mhsa_workspace_size
+        lib.nvk_last_error.restype = lib.nvk_version.restype = ctypes.c_char_p
+        self._lib = lib
+
+    def last_error(self):
+        return self._lib.nvk_last_error().decode()
+
+    def version(self):
+        return self._lib.nvk_version().decode()
+
+
+def _candidates():
+    env = os.environ.get("NEXTVIT_CLIB")
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = []
+    if env:
+        out += [env] if env.endswith(".so") else [os.path.join(env, "libnextvit_kernels.so")]
+    out.append(os.path.join(here, "libnextvit_kernels.so"))
+    return out
+
+
+def load(force_ctypes: bool = False):
+    """Loads the library (once). Raises RuntimeError saying how to build it when missing."""
+    global _lib, _load_error
+    if _lib is not None and not force_ctypes:
+        return _lib
+    errors = []
+    if not force_ctypes and not os.environ.get("NEXTVIT_CLIB"):
+        try:
+            from . import _C  # noqa: F401
+            _lib = _C
+            return _lib
+        except ImportError as e:
+            errors.append(f"nextvit_kernels._C: {e}")
+    for p in _candidates():
+        if os.path.exists(p):
+            try:
+                lib = _CtypesLib(p)
+                if not force_ctypes:
+                    _lib = lib
+                return lib
+            except OSError as e:
+                errors.append(f"{p}: {e}")
+        else:
+            errors.append(f"{p}: not found")
+    _load_error = (
+        "the nextvit_kernels C library is not built. Build it with `pip install .` (needs a CUDA "
+        "toolkit's nvcc, cmake and ninja) or `cmake -S . -B build -G Ninja && cmake --build build`, "
+        "then set NEXTVIT_CLIB=build (the directory holding libnextvit_kernels.so). Tried: "
+        + "; ".join(errors))
+    raise RuntimeError(_load_error)
+
+
+def available() -> bool:
+    """True when the C library can be loaded (it still needs a GPU to launch anything)."""
+    try:
+        load()
+        return True
+    except RuntimeError:
+        return False
+
+
+def version() -> str:
+    return load().version()
+
+
+# --------------------------------------------------------------------------- helpers
+def _check(op, status):
+    if status != 0:
+        raise CLibError(op, status, load().last_error())
+
+
+def _prep(op, x):
+    _common.check_activation(op, "x", x)
+    if not x.is_cuda:
+        raise ValueError(f"{op}: the C library needs CUDA tensors, got {x.device}")
+    return _common.to_channels_last(x)
+
+
+def _w(op, name, t, x, shape):
+    if t.dim() == 4 and len(shape) == 2:
+        t = _common.as_matrix(op, name, t, x, shape[0], shape[1])
+    return _common.check_param(op, name, t, x, shape)
+
+
+def _stream(x):
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+# --------------------------------------------------------------------------- ops
+def conv_bn_relu(x, w, b, *, stride: int, impl: str = "auto"):
+    op = "conv_bn_relu"
+    x = _prep(op, x)
+    bsz, c_in, h, wd = x.shape
+    w = _common.check_param(op, "w", w, x, (None, c_in, 3, 3))
+    c_out = w.shape[0]
+    b = _common.check_param(op, "b", b, x, (c_out,))
+    out = _common.new_output(x, bsz, c_out, (h - 1) // stride + 1, (wd - 1) // stride + 1)
+    _check(op, load().conv_bn_relu(_ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
+                                   _DT[x.dtype], _stream(x)))
+    return out
+
+
+def patch_embed(x, w, b, *, stride: int, impl: str = "auto"):
+    op = "patch_embed"
+    x = _prep(op, x)
+    bsz, c_in, h, wd = x.shape
+    w = _w(op, "w", w, x, (None, c_in))
+    c_out = w.shape[0]
+    b = _common.check_param(op, "b", b, x, (c_out,))
+    out = _common.new_output(x, bsz, c_out, _common.pooled_size(h, stride), _common.pooled_size(wd, stride))
+    _check(op, load().patch_embed(_ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
+                                  _DT[x.dtype], _stream(x)))
+    return out
+
+
+def mhca(x, conv_w, conv_b, proj_w, *, residual: bool = True, impl: str = "auto"):
+    op = "mhca"
+    x = _prep(op, x)
+    bsz, c, h, wd = x.shape
+    conv_w = _common.check_param(op, "conv_w", conv_w, x, (c, 32, 3, 3))
+    conv_b = _common.check_param(op, "conv_b", conv_b, x, (c,))
+    proj_w = _w(op, "proj_w", proj_w, x, (None, c))
+    c_out = proj_w.shape[0]
+    out = _common.new_output(x, bsz, c_out, h, wd)
+    _check(op, load().mhca(_ptr(x), _ptr(conv_w), _ptr(conv_b), _ptr(proj_w), _ptr(out), bsz, h, wd, c, c_out,
+                           int(bool(residual)), _DT[x.dtype], _stream(x)))
+    return out
+
+
+def mlp(x, fc1_w, fc1_b, fc2_w, fc2_b, *, x2=None, residual: bool = True, impl: str = "auto"):
+    op = "mlp"
+    x = _prep(op, x)
+    bsz, c1, h, wd = x.shape
+    c2 = 0
+    if x2 is not None:
+        x2 = _prep(op, x2)
+        if x2.dtype != x.dtype or x2.device != x.device or x2.shape[0] != bsz or tuple(x2.shape[2:]) != (h, wd):
+            raise ValueError(f"{op}: x2 {tuple(x2.shape)} {x2.dtype} does not match x {tuple(x.shape)} {x.dtype}")
+        c2 = x2.shape[1]
+    fc1_w = _w(op, "fc1_w", fc1_w, x, (None, c1 + c2))
+    hidden = fc1_w.shape[0]
+    fc1_b = _common.check_param(op, "fc1_b", fc1_b, x, (hidden,))
+    fc2_w = _w(op, "fc2_w", fc2_w, x, (None, hidden))
+    c_out = fc2_w.shape[0]
+    fc2_b = _common.check_param(op, "fc2_b", fc2_b, x, (c_out,))
+    out = _common.new_output(x, bsz, c_out, h, wd)
+    _check(op, load().mlp(_ptr(x), _ptr(x2), _ptr(fc1_w), _ptr(fc1_b), _ptr(fc2_w), _ptr(fc2_b), _ptr(out), bsz, h,
+                          wd, c1, c2, hidden, c_out, int(bool(residual)), _DT[x.dtype], _stream(x)))
+    return out
+
+
+def e_mhsa(x, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int, head_dim: int = 32,
+           residual: bool = True, impl: str = "auto"):
+    op = "e_mhsa"
+    x = _prep(op, x)
+    bsz, c, h, wd = x.shape
+    q_w, k_w, v_w = (_w(op, n, t, x, (c, c)) for n, t in (("q_w", q_w), ("k_w", k_w), ("v_w", v_w)))
+    q_b, k_b, v_b = (_common.check_param(op, n, t, x, (c,)) for n, t in (("q_b", q_b), ("k_b", k_b), ("v_b", v_b)))
+    proj_w = _w(op, "proj_w", proj_w, x, (None, c))
+    c_out = proj_w.shape[0]
+    proj_b = _common.check_param(op, "proj_b", proj_b, x, (c_out,))
+    lib = load()
+    dt = _DT[x.dtype]
+    ws_size = lib.e_mhsa_workspace_size(bsz, h, wd, c, int(sr_ratio), dt)
+    ws = torch.empty(max(ws_size, 16), dtype=torch.uint8, device=x.device)
+    out = _common.new_output(x, bsz, c_out, h, wd)
+    _check(op, lib.e_mhsa(_ptr(x), _ptr(q_w), _ptr(q_b), _ptr(k_w), _ptr(k_b), _ptr(v_w), _ptr(v_b), _ptr(proj_w),
+                          _ptr(proj_b), _ptr(out), _ptr(ws), bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim),
+                          int(bool(residual)), dt, _stream(x)))
+    return out
+
+
+def head(x, w, b, *, impl: str = "auto"):
+    op = "head"
+    x = _prep(op, x)
+    bsz, c, h, wd = x.shape
+    w = _w(op, "w", w, x, (None, c))
+    n = w.shape[0]
+    b = _common.check_param(op, "b", b, x, (n,))
+    out = torch.empty((bsz, n), device=x.device, dtype=x.dtype)
+    if _common.POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    _check(op, load().head(_ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c, n, _DT[x.dtype], _stream(x)))
+    return out
+
+
+__all__ = ["available", "load", "version", "CLibError", "conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa",
+           "head"]

@@ -1,0 +1,207 @@
+"""AOT compilation of every kernel the fused model uses + the C library build (CPU, no GPU).
+
+The session fixture compiles every kernel variant of the S/B/L plans at 224 and 384 for
+sm_80 and sm_90 once (all three dtypes by default: ~4 minutes cold on a 2-core machine;
+NEXTVIT_AOT_TEST_DTYPES=fp16 cuts it to ~1.5; NEXTVIT_AOT_TEST_DIR=path reuses a finished
+AOT output), then builds the C library from it with CMake + Ninja."""
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nextvit_kernels import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = os.environ.get("NEXTVIT_AOT_TEST_DTYPES", "fp16,bf16,fp32").split(",")
+VARIANTS = ("nextvit_small", "nextvit_base", "nextvit_large")
+RESOLUTIONS = (224, 384)
+EXPORTS = {"nvk_conv_bn_relu", "nvk_patch_embed", "nvk_mhca", "nvk_mlp", "nvk_e_mhsa", "nvk_head",
+           "nvk_e_mhsa_workspace_size", "nvk_last_error", "nvk_version"}
+
+
+@pytest.fixture(scope="session")
+def aot_dir(tmp_path_factory):
+    reuse = os.environ.get("NEXTVIT_AOT_TEST_DIR")
+    if reuse and os.path.exists(os.path.join(reuse, "manifest.json")):
+        return reuse
+    out = str(tmp_path_factory.mktemp("aot"))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "nextvit_kernels.aot", "--arch", "sm_80,sm_90", "--out", out,
+                        "--dtypes", ",".join(DTYPES), "--variants", ",".join(VARIANTS),
+                        "--resolutions", ",".join(map(str, RESOLUTIONS))],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr[-4000:]
+    print(f"AOT compile: {time.time() - t0:.0f}s; {r.stderr.strip().splitlines()[0]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def manifest(aot_dir):
+    with open(os.path.join(aot_dir, "manifest.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def build_dir(aot_dir, tmp_path_factory):
+    missing = [t for t in ("cmake", "ninja") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"{' and '.join(missing)} not found: cannot build the C library "
+                    "(it needs no nvcc: the kernels come from Triton, libcuda is dlopen'ed)")
+    out = str(tmp_path_factory.mktemp("build"))
+    t0 = time.time()
+    aot.build_library(out, aot_dir=aot_dir)
+    print(f"CMake build: {time.time() - t0:.0f}s")
+    return out
+
+
+def test_every_plan_op_has_a_shape_class(manifest):
+    classes = manifest["shape_classes"]
+    assert set(manifest["archs"]) == {"sm_80", "sm_90"}
+    for variant in VARIANTS:
+        for res in RESOLUTIONS:
+            for op, key, probe in aot.plan_keys(variant, res):
+                kt = [key[n] for n in manifest["key_names"][op]]
+                for dt in DTYPES:
+                    hit = [c for c in classes if c["op"] == op and c["dtype"] == dt and c["key_tuple"] == kt
+                           and (probe is None or (c["probe_lo"] <= probe and (c["probe_hi"] < 0 or probe <= c["probe_hi"])))]
+                    assert len(hit) == 1, (variant, res, op, key, probe, dt, len(hit))
+                    consts = hit[0]["consts"]
+                    assert set(consts) == set(manifest["const_names"][op]) and all(v > 0 for v in consts.values())
+
+
+def test_shape_classes_agree_with_config(manifest):
+    """The table's launch constants are what each op's _config returns (the C side only looks them up)."""
+    import importlib
+    for c in manifest["shape_classes"]:
+        dtype = aot.DTYPES[c["dtype"]]
+        k = c["key"]
+        if c["op"] == "mhca":
+            cfg = importlib.import_module("nextvit_kernels.ops.mhca")._config(
+                k["c"], k["c_out"], torch.empty((), dtype=dtype).element_size())
+            assert c["consts"] == dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+        elif c["op"] == "e_mhsa":
+            for nk in {c["probe_lo"], c["probe_hi"] if c["probe_hi"] > 0 else 4 * c["probe_lo"]}:
+                cfg = importlib.import_module("nextvit_kernels.ops.e_mhsa")._config(
+                    nk * k["sr_ratio"] ** 2, k["c"], k["c_out"], nk, k["head_dim"], k["sr_ratio"])
+                assert c["consts"]["BLOCK_CO"] == cfg["attn"]["BLOCK_CO"]
+                assert c["consts"]["KV_BLOCK_NK"] == cfg["kv"]["BLOCK_NK"]
+                kern = next(x for x in manifest["kernels"] if x["id"] == c["kernels"][1])
+                assert kern["constexprs"]["BLOCK_N"] == cfg["attn"]["BLOCK_N"]
+                assert kern["constexprs"]["ONE_TILE"] == cfg["attn"]["ONE_TILE"]
+
+
+def test_kernels_compiled_for_both_archs(manifest, aot_dir):
+    used = {k for c in manifest["shape_classes"] for k in c["kernels"]}
+    assert used == {k["id"] for k in manifest["kernels"]}
+    for k in manifest["kernels"]:
+        assert set(k["archs"]) == {"sm_80", "sm_90"}, k["id"]
+        for arch, info in k["archs"].items():
+            for f in (info["cubin"], info["ptx"]):
+                assert os.path.getsize(os.path.join(aot_dir, f)) > 1000, f
+            with open(os.path.join(aot_dir, info["ptx"])) as fh:
+                ptx = fh.read()
+            assert f".target sm_{arch[3:]}" in ptx
+            assert f".entry {info['symbol']}(" in ptx
+            # Triton 3.x appends hidden scratch pointers; the C library passes NULL, which
+            # is only valid while they need no memory.
+            assert info["n_entry_params"] == len(k["passed_params"]) + len(info["hidden_params"])
+            assert all(h["size"] == 0 for h in info["hidden_params"])
+            assert info["shared"] <= 227 * 1024
+
+
+def test_no_spatial_specialization(manifest):
+    """Spatial integer args stay unspecialized i32 (valid for any runtime shape); pointers and
+    shape-key-fixed ints carry exactly the specialization the C side guarantees."""
+    spatial = {"M", "H", "W", "HO", "WO", "OH", "OW", "N", "NK", "ROWS", "HW"}
+    for k in manifest["kernels"]:
+        attrs = {tuple(a[0]): a[1] for a in k["attrs"]}
+        names = list(k["signature"])
+        for p in k["params"]:
+            idx = (names.index(p["name"]),)
+            if p["name"] in spatial:
+                assert p["passed"] and k["signature"][p["name"]] == "i32" and idx not in attrs, (k["id"], p)
+            if p["type"] == "ptr":
+                assert attrs[idx] == [["tt.divisibility", 16]]
+            if p["name"] in ("sxh", "sxb", "soh", "sob") and p["passed"]:
+                # W*C-type strides: multiple of 16 for every shape iff the key channel count is
+                assert p["div16"] == (idx in attrs)
+        assert k["signature"].get("scale", "fp32") == "fp32"
+
+
+def test_library_builds_and_exports(build_dir):
+    so = os.path.join(build_dir, "libnextvit_kernels.so")
+    assert os.path.exists(so)
+    nm = subprocess.run(["nm", "-D", "--defined-only", so], capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in nm.splitlines() if line.split()[-1].startswith("nvk_")}
+    assert exported == EXPORTS
+    assert not [line for line in nm.splitlines() if "nvk_blob" in line]
+    ldd = subprocess.run(["ldd", so], capture_output=True, text=True).stdout
+    assert "libcuda" not in ldd and "libcudart" not in ldd
+
+
+def _load(build_dir):
+    lib = ctypes.CDLL(os.path.join(build_dir, "libnextvit_kernels.so"))
+    lib.nvk_last_error.restype = lib.nvk_version.restype = ctypes.c_char_p
+    lib.nvk_conv_bn_relu.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    return lib
+
+
+def test_ctypes_load_and_errors_without_gpu(build_dir):
+    lib = _load(build_dir)
+    assert b"nextvit_kernels" in lib.nvk_version()
+    p = 1 << 20  # fake, aligned "device pointers": nothing is launched here
+    # invalid arguments are reported before the driver is touched
+    assert lib.nvk_conv_bn_relu(None, p, p, p, 1, 8, 8, 3, 64, 2, 1, None) == 1
+    assert b"x is NULL" in lib.nvk_last_error()
+    assert lib.nvk_conv_bn_relu(p + 2, p, p, p, 1, 8, 8, 3, 64, 2, 1, None) == 1
+    assert b"aligned" in lib.nvk_last_error()
+    assert lib.nvk_conv_bn_relu(p, p, p, p, 0, 8, 8, 3, 64, 2, 1, None) == 1
+    assert lib.nvk_conv_bn_relu(p, p, p, p, 1, 8, 8, 3, 64, 2, 7, None) == 1
+    assert b"dtype" in lib.nvk_last_error()
+    assert lib.nvk_conv_bn_relu(p, p, p, p, 1, 8, 8, 5, 64, 2, 1, None) == 2
+    assert b"no kernel was compiled" in lib.nvk_last_error()
+    lib.nvk_e_mhsa_workspace_size.restype = ctypes.c_size_t
+    # k|v [2, 49, 768] + pooled [2, 49, 384] fp16, each rounded up to 256 bytes
+    assert lib.nvk_e_mhsa_workspace_size(2, 14, 14, 384, 2, 1) == 150528 + 75264
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the no-driver path cannot be checked here")
+    st = lib.nvk_conv_bn_relu(p, p, p, p, 1, 8, 8, 3, 64, 2, 1, None)
+    assert st == 4, lib.nvk_last_error()
+    assert b"CUDA" in lib.nvk_last_error()
+
+
+def test_python_front_ends(build_dir):
+    """nextvit_kernels._C (pybind11) and clib.py over ctypes, in a fresh interpreter."""
+    code = (
+        "import sys, torch\n"
+        "import _C\n"
+        "assert _C.conv_bn_relu(0, 16, 16, 16, 1, 8, 8, 3, 64, 2, 1, 0) == 1, _C.last_error()\n"
+        "from nextvit_kernels import clib\n"
+        "assert clib.available(), clib._load_error\n"
+        "assert 'nextvit_kernels' in clib.version()\n"
+        "try:\n"
+        "    clib.conv_bn_relu(torch.zeros(1, 3, 8, 8), torch.zeros(64, 3, 3, 3), torch.zeros(64), stride=2)\n"
+        "    raise SystemExit('no error for CPU tensors')\n"
+        "except ValueError as e:\n"
+        "    assert 'CUDA' in str(e)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([build_dir, ROOT]), NEXTVIT_CLIB=build_dir)
+    if not any(f.startswith("_C.") for f in os.listdir(build_dir)):
+        code = code.replace("import _C\n", "").replace(
+            "assert _C.conv_bn_relu(0, 16, 16, 16, 1, 8, 8, 3, 64, 2, 1, 0) == 1, _C.last_error()\n", "")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_clib_missing_message(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, NEXTVIT_CLIB=str(tmp_path))
+    code = ("from nextvit_kernels import clib\n"
+            "assert not clib.available()\n"
+            "try:\n    clib.load()\nexcept RuntimeError as e:\n    assert 'not built' in str(e), e\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]

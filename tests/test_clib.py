@@ -1,0 +1,179 @@
+"""The C library on a GPU: every entry point against the Triton JIT path of the same kernel,
+the whole fused NextViT-S through ``fused.run(plan, x, backend=clib)`` against the PyTorch
+path, and CUDA graph capture.
+
+The library is taken from ``nextvit_kernels._C`` / ``$NEXTVIT_CLIB`` when it is built;
+otherwise (and when cmake + ninja exist) it is built once for the session into a temp dir
+(AOT for nextvit_small at 224 and 384, all dtypes; -j = CPU count).
+
+Why not always bitwise: the embedded cubins come from the Triton of the machine that ran
+the AOT step (3.8 here) while the JIT path uses the GPU machine's Triton (3.6), and the AOT
+kernels do not specialize spatial integers (the JIT does when they are multiples of 16).
+The same tiles and K order are used, so results are bitwise equal or differ by the
+rounding of the final store (a different FMA contraction / epilogue schedule): we check
+|c - jit| <= 2 ulp of the output dtype at |jit| (+ a tiny absolute floor) and report the
+fraction of bitwise-equal elements."""
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+
+from nextvit_kernels import clib, fused, ops
+from _util import randomize_
+
+pytestmark = pytest.mark.gpu
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+@pytest.fixture(scope="session")
+def lib():
+    if clib.available():
+        return clib.load()
+    if shutil.which("cmake") is None or shutil.which("ninja") is None:
+        pytest.skip("the C library is not built and cmake/ninja are missing to build it")
+    from nextvit_kernels import aot
+    build = tempfile.mkdtemp(prefix="nvk_build_")
+    aot.build_library(build, aot_args=["--variants", "nextvit_small", "--resolutions", "224,384",
+                                       "--dtypes", "fp16,bf16,fp32"])
+    os.environ["NEXTVIT_CLIB"] = build
+    clib._lib = None
+    return clib.load()
+
+
+def _small_model():
+    from nextvit_kernels.model import nextvit_small
+    torch.manual_seed(0)
+    net = nextvit_small().eval()
+    randomize_(net)
+    return net
+
+
+@pytest.fixture(scope="module")
+def net():
+    return _small_model()
+
+
+def _close_ulp(c, j, dtype, what):
+    assert c.shape == j.shape, what
+    assert c.dtype == j.dtype, what
+    c64, j64 = c.double(), j.double()
+    assert torch.isfinite(c64).all(), f"{what}: non-finite output (unwritten elements?)"
+    err = (c64 - j64).abs()
+    scale = j64.abs().max().item()
+    limit = 2 * ULP[dtype] * j64.abs() + 2 * ULP[dtype] * 1e-3 * max(scale, 1e-6)
+    bad = err > limit
+    assert not bad.any(), (f"{what}: {int(bad.sum())}/{err.numel()} elements differ by more than 2 ulp; "
+                           f"max err {err.max().item():.3e} at scale {scale:.3e}")
+    return (c == j).float().mean().item()
+
+
+class _CompareBackend:
+    """Runs each plan step through the Triton JIT launcher and the C library, checks they agree
+    and continues with the JIT output (so every step sees the same inputs)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.seen = {}
+        self.bitwise = []
+
+    def __getattr__(self, op):
+        if op.startswith("_"):
+            raise AttributeError(op)
+
+        def f(*args, **kwargs):
+            kw = dict(kwargs)
+            kw.pop("impl", None)
+            j = getattr(ops, op)(*args, impl="triton", **kw)
+            c = getattr(clib, op)(*args, **kw)
+            assert c.is_contiguous(memory_format=torch.channels_last) or c.dim() == 2
+            x = args[0]
+            what = f"{op} {tuple(x.shape)} {kw} {self.dtype}"
+            self.bitwise.append((what, _close_ulp(c, j, self.dtype, what)))
+            self.seen[op] = self.seen.get(op, 0) + 1
+            return j
+        return f
+
+
+@pytest.mark.parametrize("res", [224, 384])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_entry_point_matches_triton_jit(lib, net, dtype, res):
+    """Every step of the fused NextViT-S plan (real shapes, batch 2): C library vs JIT."""
+    if res == 384 and dtype != torch.float16:
+        pytest.skip("384 adds the many-key E-MHSA class; fp16 covers it")
+    plan = fused.fold(net, "cuda", dtype)
+    x = torch.randn(2, 3, res, res, device="cuda").to(dtype)
+    be = _CompareBackend(dtype)
+    fused.run(plan, x, backend=be)
+    torch.cuda.synchronize()
+    assert set(be.seen) == {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"}
+    frac = sum(b for _, b in be.bitwise) / len(be.bitwise)
+    print(f"{dtype} {res}: {len(be.bitwise)} calls, {100 * frac:.2f}% of elements bitwise equal")
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_small_through_clib_matches_pytorch(lib, net, dtype, no_tf32):
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    ref32 = fused.run(fused.fold(net, "cuda", torch.float32), x, impl="reference")
+    plan = fused.fold(net, "cuda", dtype)
+    out = fused.run(plan, x.to(dtype), backend=clib)
+    torch.cuda.synchronize()
+    assert out.shape == (2, 1000) and out.dtype == dtype
+    scale = ref32.abs().max().item()
+    err_c = (out.float() - ref32).abs().max().item() / scale
+    if dtype == torch.float32:
+        assert err_c < 5e-4, err_c
+    else:
+        # eager PyTorch in the same dtype sets the scale of an acceptable error
+        ref_lp = fused.run(plan, x.to(dtype), impl="reference")
+        err_eager = (ref_lp.float() - ref32).abs().max().item() / scale
+        assert err_c <= 3 * err_eager + 1e-3, (err_c, err_eager)
+    # and the C path agrees with the Triton JIT path of the whole model
+    jit = fused.run(plan, x.to(dtype), impl="triton")
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    assert (out.float() - jit.float()).abs().max().item() / scale < tol
+
+
+def test_cuda_graph_capture(lib, net):
+    dtype = torch.float16
+    plan = fused.fold(net, "cuda", dtype)
+    static_x = torch.randn(1, 3, 224, 224, device="cuda", dtype=dtype)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up: loads the modules in this context
+        fused.run(plan, static_x, backend=clib)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = fused.run(plan, static_x, backend=clib)
+    for _ in range(2):
+        static_x.copy_(torch.randn_like(static_x))
+        g.replay()
+        torch.cuda.synchronize()
+        eager = fused.run(plan, static_x, backend=clib)
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager)
+
+
+def test_errors_on_gpu(lib):
+    x = torch.randn(1, 5, 8, 8, device="cuda", dtype=torch.float16)
+    w = torch.randn(64, 5, 3, 3, device="cuda", dtype=torch.float16)
+    with pytest.raises(clib.CLibError, match="NVK_ERR_UNSUPPORTED.*no kernel was compiled"):
+        clib.conv_bn_relu(x, w, torch.zeros(64, device="cuda", dtype=torch.float16), stride=1)
+    # misaligned device pointer
+    buf = torch.randn(1 * 8 * 8 * 3 + 1, device="cuda", dtype=torch.float16)
+    xm = buf[1:].view(1, 8, 8, 3).permute(0, 3, 1, 2)
+    assert xm.is_contiguous(memory_format=torch.channels_last)
+    w3 = torch.randn(64, 3, 3, 3, device="cuda", dtype=torch.float16)
+    with pytest.raises(clib.CLibError, match="NVK_ERR_INVALID.*aligned"):
+        clib.conv_bn_relu(xm, w3, torch.zeros(64, device="cuda", dtype=torch.float16), stride=2)
