@@ -212,22 +212,31 @@ def test_plugin_graph_structure(small, dtype, dynamic):
 
 # ------------------------------------------------------------------ names / fields vs the C++ creators
 _NAME_RE = re.compile(r'constexpr\s+char\s+const\s*\*\s*k\w+_PLUGIN_NAME\s*\{\s*"(\w+)"\s*\}')
-_FIELD_RE = re.compile(r'PluginField\(\s*"(\w+)"\s*,\s*nullptr\s*,\s*PluginFieldType::(k\w+)\s*,\s*1\s*\)')
+# a plugin's field table: static constexpr std::array<IntFieldSpec, N> kFIELDS{{ {"name", default, min, max}, ... }};
+_TABLE_RE = re.compile(r"static\s+constexpr\s+std::array<IntFieldSpec,\s*(\d+)>\s+kFIELDS\s*\{(.*?)\};", re.S)
+_ROW_RE = re.compile(r'\{\s*"(\w+)"\s*,\s*-?\w+\s*,\s*-?\w+\s*,\s*-?\w+\s*\}')
+# the shared creator (common/) advertises every IntFieldSpec as this PluginField
+_FIELD_TYPE_RE = re.compile(r"PluginField\(\s*spec\.name\s*,\s*nullptr\s*,\s*(?:nvinfer1::)?PluginFieldType::(k\w+)\s*,\s*1\s*\)")
 _VERSION_RE = re.compile(r'kNEXTVIT_PLUGIN_VERSION\s*\{\s*"([^"]*)"\s*\}')
-_CTOR_RE = re.compile(r"(\w+PluginCreator)::\1\(\)\s*\{(.*?)finalizeFields\(\)", re.S)
 _NAMESPACE_RE = re.compile(r'kNEXTVIT_PLUGIN_NAMESPACE\s*\{\s*"([^"]*)"\s*\}')
 
 
 def _cpp_creators():
-    """{plugin name: [(field, type), ...]} from csrc/trt/<folder>/<folder>.{h,cpp}."""
+    """{plugin name: [(field, type), ...]} from csrc/trt/<folder>/<folder>.h and the shared creator."""
+    field_types = _FIELD_TYPE_RE.findall((TRT_DIR / "common" / "nextvitPluginCommon.cpp").read_text())
+    assert len(field_types) == 1, field_types
     out = {}
     for folder in sorted(p for p in TRT_DIR.iterdir() if p.is_dir() and p.name.endswith("Plugin")):
-        names = _NAME_RE.findall((folder / f"{folder.name}.h").read_text())
+        header = (folder / f"{folder.name}.h").read_text()
+        names = _NAME_RE.findall(header)
         assert len(names) == 1, folder
-        src = (folder / f"{folder.name}.cpp").read_text()
-        ctor = _CTOR_RE.findall(src)  # the creator's constructor declares the fields
-        assert len(ctor) == 1, folder
-        out[names[0]] = _FIELD_RE.findall(ctor[0][1])
+        tables = _TABLE_RE.findall(header)  # the plugin class's field table, read by its creator
+        assert len(tables) == 1, folder
+        size, body = tables[0]
+        fields = _ROW_RE.findall(body)
+        assert len(fields) == int(size), folder  # every row parsed, none left value-initialized
+        assert re.fullmatch(r"[\s,{}]*", re.sub(r"//[^\n]*", "", _ROW_RE.sub("", body))), folder  # nothing else
+        out[names[0]] = [(f, field_types[0]) for f in fields]
     return out
 
 

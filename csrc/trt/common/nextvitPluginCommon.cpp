@@ -37,48 +37,9 @@ void logMessage(nvinfer1::ILogger::Severity severity, std::string const& msg) no
     {
     }
 }
-} // namespace
 
-void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept
-{
-    gLoggerFinder.store(finder);
-}
-
-void logError(std::string const& msg) noexcept
-{
-    logMessage(nvinfer1::ILogger::Severity::kERROR, msg);
-}
-
-void logWarning(std::string const& msg) noexcept
-{
-    logMessage(nvinfer1::ILogger::Severity::kWARNING, msg);
-}
-
-bool toNvkDtype(nvinfer1::DataType type, nvk_dtype& out) noexcept
-{
-    switch (type)
-    {
-    case nvinfer1::DataType::kFLOAT: out = NVK_F32; return true;
-    case nvinfer1::DataType::kHALF: out = NVK_F16; return true;
-    case nvinfer1::DataType::kBF16: out = NVK_BF16; return true;
-    default: return false;
-    }
-}
-
-int32_t checkNvk(nvk_status status, char const* what, std::string const& layer) noexcept
-{
-    if (status == NVK_OK)
-    {
-        return 0;
-    }
-    char const* detail = nvk_last_error();
-    std::ostringstream os;
-    os << layer << ": " << what << " failed with status " << static_cast<int>(status) << ": "
-       << (detail != nullptr ? detail : "(no message)");
-    logError(os.str());
-    return static_cast<int32_t>(status);
-}
-
+//! Copies the int fields of fc into fields (by name). Unknown names are ignored with a
+//! warning; a known name with a non-integer type or no data is an error (returns false).
 bool readIntFields(nvinfer1::PluginFieldCollection const* fc, std::vector<IntField>& fields,
     char const* pluginName) noexcept
 {
@@ -135,6 +96,47 @@ bool readIntFields(nvinfer1::PluginFieldCollection const* fc, std::vector<IntFie
     }
     return true;
 }
+} // namespace
+
+void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept
+{
+    gLoggerFinder.store(finder);
+}
+
+void logError(std::string const& msg) noexcept
+{
+    logMessage(nvinfer1::ILogger::Severity::kERROR, msg);
+}
+
+void logWarning(std::string const& msg) noexcept
+{
+    logMessage(nvinfer1::ILogger::Severity::kWARNING, msg);
+}
+
+bool toNvkDtype(nvinfer1::DataType type, nvk_dtype& out) noexcept
+{
+    switch (type)
+    {
+    case nvinfer1::DataType::kFLOAT: out = NVK_F32; return true;
+    case nvinfer1::DataType::kHALF: out = NVK_F16; return true;
+    case nvinfer1::DataType::kBF16: out = NVK_BF16; return true;
+    default: return false;
+    }
+}
+
+int32_t checkNvk(nvk_status status, char const* what, std::string const& layer) noexcept
+{
+    if (status == NVK_OK)
+    {
+        return 0;
+    }
+    char const* detail = nvk_last_error();
+    std::ostringstream os;
+    os << layer << ": " << what << " failed with status " << static_cast<int>(status) << ": "
+       << (detail != nullptr ? detail : "(no message)");
+    logError(os.str());
+    return static_cast<int32_t>(status);
+}
 
 std::string dimsToString(nvinfer1::Dims const& d)
 {
@@ -146,6 +148,36 @@ std::string dimsToString(nvinfer1::Dims const& d)
     }
     os << "]";
     return os.str();
+}
+
+bool sameSpatialShape(nvinfer1::DimsExprs const& x, nvinfer1::DimsExprs const& w, nvinfer1::DimsExprs& out) noexcept
+{
+    if (w.nbDims != 2)
+    {
+        return false;
+    }
+    out.nbDims = 4;
+    out.d[0] = x.d[0];
+    out.d[1] = x.d[1];
+    out.d[2] = x.d[2];
+    out.d[3] = w.d[0];
+    return true;
+}
+
+bool stridedShape(nvinfer1::DimsExprs const& x, nvinfer1::DimsExprs const& w, int32_t wRank, int32_t stride,
+    nvinfer1::DimsExprs& out, nvinfer1::IExprBuilder& exprBuilder) noexcept
+{
+    if (w.nbDims != wRank)
+    {
+        return false;
+    }
+    nvinfer1::IDimensionExpr const* s = exprBuilder.constant(stride);
+    out.nbDims = 4;
+    out.d[0] = x.d[0];
+    out.d[1] = exprBuilder.operation(nvinfer1::DimensionOperation::kCEIL_DIV, *x.d[1], *s);
+    out.d[2] = exprBuilder.operation(nvinfer1::DimensionOperation::kCEIL_DIV, *x.d[2], *s);
+    out.d[3] = w.d[0];
+    return true;
 }
 
 // ------------------------------------------------------------------ NextViTPluginBase
@@ -284,6 +316,18 @@ int32_t NextViTPluginBase::configurePlugin(nvinfer1::DynamicPluginTensorDesc con
     return validateIO(dims.data(), nbInputs, nbOutputs) ? 0 : 1;
 }
 
+int32_t NextViTPluginBase::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
+    nvinfer1::DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, nvinfer1::DimsExprs* outputs,
+    int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) noexcept
+{
+    if (inputs == nullptr || outputs == nullptr || nbInputs != expectedNbInputs() || nbOutputs != 1
+        || inputs[0].nbDims != 4)
+    {
+        return 1;
+    }
+    return outputShape(inputs, outputs[0], exprBuilder) ? 0 : 1;
+}
+
 int32_t NextViTPluginBase::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
     nvinfer1::PluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
@@ -314,6 +358,19 @@ int32_t NextViTPluginBase::onShapeChange(nvinfer1::PluginTensorDesc const* in, i
         return 1;
     }
     return 0;
+}
+
+int32_t NextViTPluginBase::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
+    nvinfer1::PluginTensorDesc const* /*outputDesc*/, void const* const* inputs, void* const* outputs, void* workspace,
+    cudaStream_t stream) noexcept
+{
+    nvk_dtype dt{};
+    if (!toNvkDtype(inputDesc[0].type, dt))
+    {
+        logError(mLayerName + ": unsupported data type");
+        return 1;
+    }
+    return launch(inputDesc, inputs, outputs[0], workspace, dt, static_cast<void*>(stream));
 }
 
 nvinfer1::IPluginV3* NextViTPluginBase::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
@@ -372,6 +429,18 @@ int32_t NextViTPluginBase::field(char const* name) const noexcept
 }
 
 // ------------------------------------------------------------------ NextViTCreatorBase
+NextViTCreatorBase::NextViTCreatorBase(IntFieldSpec const* specs, size_t nbSpecs)
+    : mSpecs(specs, specs + nbSpecs)
+{
+    // TensorRT (and the ONNX parser) read the advertised fields: every field is one int32.
+    for (auto const& spec : mSpecs)
+    {
+        mPluginAttributes.emplace_back(nvinfer1::PluginField(spec.name, nullptr, nvinfer1::PluginFieldType::kINT32, 1));
+    }
+    mFC.nbFields = static_cast<int32_t>(mPluginAttributes.size());
+    mFC.fields = mPluginAttributes.empty() ? nullptr : mPluginAttributes.data();
+}
+
 char const* NextViTCreatorBase::getPluginVersion() const noexcept
 {
     return kNEXTVIT_PLUGIN_VERSION;
@@ -387,10 +456,40 @@ nvinfer1::PluginFieldCollection const* NextViTCreatorBase::getFieldNames() noexc
     return &mFC;
 }
 
-void NextViTCreatorBase::finalizeFields() noexcept
+bool NextViTCreatorBase::readFields(nvinfer1::PluginFieldCollection const* fc, std::vector<IntField>& values) const
+    noexcept
 {
-    mFC.nbFields = static_cast<int32_t>(mPluginAttributes.size());
-    mFC.fields = mPluginAttributes.empty() ? nullptr : mPluginAttributes.data();
+    try
+    {
+        values.clear();
+        for (auto const& spec : mSpecs)
+        {
+            values.push_back({spec.name, spec.defaultValue});
+        }
+        if (!readIntFields(fc, values, getPluginName()))
+        {
+            return false;
+        }
+        for (size_t i = 0; i < mSpecs.size(); ++i)
+        {
+            IntFieldSpec const& spec = mSpecs[i];
+            int32_t const v = values[i].value;
+            if (v >= spec.min && v <= spec.max)
+            {
+                continue;
+            }
+            std::string const range = spec.max == kNO_MAX ? ">= " + std::to_string(spec.min)
+                : spec.max == spec.min + 1 ? std::to_string(spec.min) + " or " + std::to_string(spec.max)
+                                           : "in [" + std::to_string(spec.min) + ", " + std::to_string(spec.max) + "]";
+            logError(std::string(getPluginName()) + ": " + spec.name + " must be " + range + ", got " + std::to_string(v));
+            return false;
+        }
+        return true;
+    }
+    catch (...)
+    {
+        return false;
+    }
 }
 
 } // namespace plugin

@@ -1,5 +1,5 @@
 /*
- * NextViTConvBnRelu plugin and creator (see convBnReluPlugin.h).
+ * NextViTConvBnRelu plugin (see convBnReluPlugin.h).
  */
 #include "convBnReluPlugin.h"
 
@@ -9,33 +9,6 @@ namespace nextvit
 {
 namespace plugin
 {
-
-ConvBnReluPlugin::ConvBnReluPlugin(std::string const& layerName, int32_t stride)
-    : NextViTPluginBase(layerName, {{"stride", stride}})
-{
-}
-
-IPluginV3* ConvBnReluPlugin::clone() noexcept
-{
-    try
-    {
-        return new ConvBnReluPlugin(*this);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
-}
-
-char const* ConvBnReluPlugin::getPluginName() const noexcept
-{
-    return kCONV_BN_RELU_PLUGIN_NAME;
-}
-
-int32_t ConvBnReluPlugin::expectedNbInputs() const noexcept
-{
-    return 3;
-}
 
 std::string ConvBnReluPlugin::checkInputs(Dims const* d, int32_t /*nbInputs*/) const
 {
@@ -59,74 +32,19 @@ std::string ConvBnReluPlugin::checkInputs(Dims const* d, int32_t /*nbInputs*/) c
     return {};
 }
 
-int32_t ConvBnReluPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
-    int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& exprBuilder) noexcept
+bool ConvBnReluPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprBuilder& exprBuilder) const noexcept
 {
-    if (inputs == nullptr || outputs == nullptr || nbInputs != 3 || nbOutputs != 1 || inputs[0].nbDims != 4
-        || inputs[1].nbDims != 4)
-    {
-        return 1;
-    }
     // 3x3 conv, padding 1: (n - 1) / stride + 1 == ceil(n / stride)
-    IDimensionExpr const* s = exprBuilder.constant(field("stride"));
-    outputs[0].nbDims = 4;
-    outputs[0].d[0] = inputs[0].d[0];
-    outputs[0].d[1] = exprBuilder.operation(DimensionOperation::kCEIL_DIV, *inputs[0].d[1], *s);
-    outputs[0].d[2] = exprBuilder.operation(DimensionOperation::kCEIL_DIV, *inputs[0].d[2], *s);
-    outputs[0].d[3] = inputs[1].d[0];
-    return 0;
+    return stridedShape(inputs[0], inputs[1], 4, field("stride"), output, exprBuilder);
 }
 
-int32_t ConvBnReluPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
-    void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
+int32_t ConvBnReluPlugin::launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+    void* /*workspace*/, nvk_dtype dt, void* stream) const noexcept
 {
-    nvk_dtype dt{};
-    if (!toNvkDtype(inputDesc[0].type, dt))
-    {
-        logError(mLayerName + ": unsupported data type");
-        return 1;
-    }
     Dims const& x = inputDesc[0].dims;
-    nvk_status const st = nvk_conv_bn_relu(inputs[0], inputs[1], inputs[2], outputs[0], dim(x, 0), dim(x, 1),
-        dim(x, 2), dim(x, 3), dim(inputDesc[1].dims, 0), field("stride"), dt, static_cast<void*>(stream));
+    nvk_status const st = nvk_conv_bn_relu(inputs[0], inputs[1], inputs[2], output, dim(x, 0), dim(x, 1), dim(x, 2),
+        dim(x, 3), dim(inputDesc[1].dims, 0), field("stride"), dt, stream);
     return checkNvk(st, "nvk_conv_bn_relu", mLayerName);
-}
-
-// ------------------------------------------------------------------ creator
-ConvBnReluPluginCreator::ConvBnReluPluginCreator()
-{
-    mPluginAttributes.clear();
-    mPluginAttributes.emplace_back(PluginField("stride", nullptr, PluginFieldType::kINT32, 1));
-    finalizeFields();
-}
-
-char const* ConvBnReluPluginCreator::getPluginName() const noexcept
-{
-    return kCONV_BN_RELU_PLUGIN_NAME;
-}
-
-IPluginV3* ConvBnReluPluginCreator::createPlugin(
-    char const* name, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
-{
-    try
-    {
-        std::vector<IntField> fields{{"stride", 1}};
-        if (!readIntFields(fc, fields, kCONV_BN_RELU_PLUGIN_NAME))
-        {
-            return nullptr;
-        }
-        int32_t const stride = fields[0].value;
-        if (stride != 1 && stride != 2)
-        {
-            logError(std::string(kCONV_BN_RELU_PLUGIN_NAME) + ": stride must be 1 or 2, got " + std::to_string(stride));
-            return nullptr;
-        }
-        return new ConvBnReluPlugin(name != nullptr ? name : "", stride);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
 }
 
 } // namespace plugin

@@ -18,32 +18,30 @@ namespace plugin
 
 constexpr char const* kCONV_BN_RELU_PLUGIN_NAME{"NextViTConvBnRelu"};
 
-class ConvBnReluPlugin final : public NextViTPluginBase
+class ConvBnReluPlugin final : public NextViTPlugin<ConvBnReluPlugin>
 {
 public:
-    ConvBnReluPlugin(std::string const& layerName, int32_t stride);
+    static constexpr char const* kNAME{kCONV_BN_RELU_PLUGIN_NAME};
+    //! {name, default, min, max}
+    static constexpr std::array<IntFieldSpec, 1> kFIELDS{{
+        {"stride", 1, 1, 2},
+    }};
 
-    nvinfer1::IPluginV3* clone() noexcept override;
-    char const* getPluginName() const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    using NextViTPlugin::NextViTPlugin;
 
 protected:
-    int32_t expectedNbInputs() const noexcept override;
+    int32_t expectedNbInputs() const noexcept override
+    {
+        return 3;
+    }
     std::string checkInputs(nvinfer1::Dims const* dims, int32_t nbInputs) const override;
+    bool outputShape(nvinfer1::DimsExprs const* inputs, nvinfer1::DimsExprs& output,
+        nvinfer1::IExprBuilder& exprBuilder) const noexcept override;
+    int32_t launch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+        void* workspace, nvk_dtype dt, void* stream) const noexcept override;
 };
 
-class ConvBnReluPluginCreator final : public NextViTCreatorBase
-{
-public:
-    ConvBnReluPluginCreator();
-    char const* getPluginName() const noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-};
+using ConvBnReluPluginCreator = NextViTPluginCreator<ConvBnReluPlugin>;
 
 } // namespace plugin
 } // namespace nextvit

@@ -1,5 +1,5 @@
 /*
- * NextViTEMHSA plugin and creator (see eMhsaPlugin.h).
+ * NextViTEMHSA plugin (see eMhsaPlugin.h).
  */
 #include "eMhsaPlugin.h"
 
@@ -9,33 +9,6 @@ namespace nextvit
 {
 namespace plugin
 {
-
-EMhsaPlugin::EMhsaPlugin(std::string const& layerName, int32_t srRatio, int32_t headDim, int32_t residual)
-    : NextViTPluginBase(layerName, {{"sr_ratio", srRatio}, {"head_dim", headDim}, {"residual", residual}})
-{
-}
-
-IPluginV3* EMhsaPlugin::clone() noexcept
-{
-    try
-    {
-        return new EMhsaPlugin(*this);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
-}
-
-char const* EMhsaPlugin::getPluginName() const noexcept
-{
-    return kE_MHSA_PLUGIN_NAME;
-}
-
-int32_t EMhsaPlugin::expectedNbInputs() const noexcept
-{
-    return 9;
-}
 
 std::string EMhsaPlugin::checkInputs(Dims const* d, int32_t /*nbInputs*/) const
 {
@@ -85,26 +58,16 @@ std::string EMhsaPlugin::checkInputs(Dims const* d, int32_t /*nbInputs*/) const
     return {};
 }
 
-int32_t EMhsaPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
-    int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& /*exprBuilder*/) noexcept
+bool EMhsaPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprBuilder& /*exprBuilder*/) const noexcept
 {
-    if (inputs == nullptr || outputs == nullptr || nbInputs != 9 || nbOutputs != 1 || inputs[0].nbDims != 4
-        || inputs[7].nbDims != 2)
-    {
-        return 1;
-    }
-    outputs[0].nbDims = 4;
-    outputs[0].d[0] = inputs[0].d[0];
-    outputs[0].d[1] = inputs[0].d[1];
-    outputs[0].d[2] = inputs[0].d[2];
-    outputs[0].d[3] = inputs[7].d[0];
-    return 0;
+    // [B, H, W, Cout], Cout from proj_w
+    return sameSpatialShape(inputs[0], inputs[7], output);
 }
 
 size_t EMhsaPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
-    if (inputs == nullptr || nbInputs != 9 || inputs[0].max.nbDims != 4)
+    if (inputs == nullptr || nbInputs != expectedNbInputs() || inputs[0].max.nbDims != 4)
     {
         return 0;
     }
@@ -118,63 +81,14 @@ size_t EMhsaPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int3
     return nvk_e_mhsa_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), field("sr_ratio"), dt);
 }
 
-int32_t EMhsaPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
-    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
+int32_t EMhsaPlugin::launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+    void* workspace, nvk_dtype dt, void* stream) const noexcept
 {
-    nvk_dtype dt{};
-    if (!toNvkDtype(inputDesc[0].type, dt))
-    {
-        logError(mLayerName + ": unsupported data type");
-        return 1;
-    }
     Dims const& x = inputDesc[0].dims;
     nvk_status const st = nvk_e_mhsa(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5], inputs[6],
-        inputs[7], inputs[8], outputs[0], workspace, dim(x, 0), dim(x, 1), dim(x, 2), dim(x, 3),
-        dim(inputDesc[7].dims, 0), field("sr_ratio"), field("head_dim"), field("residual"), dt,
-        static_cast<void*>(stream));
+        inputs[7], inputs[8], output, workspace, dim(x, 0), dim(x, 1), dim(x, 2), dim(x, 3), dim(inputDesc[7].dims, 0),
+        field("sr_ratio"), field("head_dim"), field("residual"), dt, stream);
     return checkNvk(st, "nvk_e_mhsa", mLayerName);
-}
-
-// ------------------------------------------------------------------ creator
-EMhsaPluginCreator::EMhsaPluginCreator()
-{
-    mPluginAttributes.clear();
-    mPluginAttributes.emplace_back(PluginField("sr_ratio", nullptr, PluginFieldType::kINT32, 1));
-    mPluginAttributes.emplace_back(PluginField("head_dim", nullptr, PluginFieldType::kINT32, 1));
-    mPluginAttributes.emplace_back(PluginField("residual", nullptr, PluginFieldType::kINT32, 1));
-    finalizeFields();
-}
-
-char const* EMhsaPluginCreator::getPluginName() const noexcept
-{
-    return kE_MHSA_PLUGIN_NAME;
-}
-
-IPluginV3* EMhsaPluginCreator::createPlugin(
-    char const* name, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
-{
-    try
-    {
-        std::vector<IntField> fields{{"sr_ratio", 1}, {"head_dim", 32}, {"residual", 1}};
-        if (!readIntFields(fc, fields, kE_MHSA_PLUGIN_NAME))
-        {
-            return nullptr;
-        }
-        int32_t const sr = fields[0].value;
-        int32_t const headDim = fields[1].value;
-        int32_t const residual = fields[2].value;
-        if (sr < 1 || headDim < 1 || (residual != 0 && residual != 1))
-        {
-            logError(std::string(kE_MHSA_PLUGIN_NAME) + ": need sr_ratio >= 1, head_dim >= 1, residual 0/1; got "
-                + std::to_string(sr) + ", " + std::to_string(headDim) + ", " + std::to_string(residual));
-            return nullptr;
-        }
-        return new EMhsaPlugin(name != nullptr ? name : "", sr, headDim, residual);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
 }
 
 } // namespace plugin

@@ -24,34 +24,35 @@ namespace plugin
 
 constexpr char const* kE_MHSA_PLUGIN_NAME{"NextViTEMHSA"};
 
-class EMhsaPlugin final : public NextViTPluginBase
+class EMhsaPlugin final : public NextViTPlugin<EMhsaPlugin>
 {
 public:
-    EMhsaPlugin(std::string const& layerName, int32_t srRatio, int32_t headDim, int32_t residual);
+    static constexpr char const* kNAME{kE_MHSA_PLUGIN_NAME};
+    //! {name, default, min, max}
+    static constexpr std::array<IntFieldSpec, 3> kFIELDS{{
+        {"sr_ratio", 1, 1, kNO_MAX},
+        {"head_dim", 32, 1, kNO_MAX},
+        {"residual", 1, 0, 1},
+    }};
 
-    nvinfer1::IPluginV3* clone() noexcept override;
-    char const* getPluginName() const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
+    using NextViTPlugin::NextViTPlugin;
+
     size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
 
 protected:
-    int32_t expectedNbInputs() const noexcept override;
+    int32_t expectedNbInputs() const noexcept override
+    {
+        return 9;
+    }
     std::string checkInputs(nvinfer1::Dims const* dims, int32_t nbInputs) const override;
+    bool outputShape(nvinfer1::DimsExprs const* inputs, nvinfer1::DimsExprs& output,
+        nvinfer1::IExprBuilder& exprBuilder) const noexcept override;
+    int32_t launch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+        void* workspace, nvk_dtype dt, void* stream) const noexcept override;
 };
 
-class EMhsaPluginCreator final : public NextViTCreatorBase
-{
-public:
-    EMhsaPluginCreator();
-    char const* getPluginName() const noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-};
+using EMhsaPluginCreator = NextViTPluginCreator<EMhsaPlugin>;
 
 } // namespace plugin
 } // namespace nextvit

@@ -1,5 +1,5 @@
 /*
- * NextViTHead plugin and creator (see headPlugin.h).
+ * NextViTHead plugin (see headPlugin.h).
  */
 #include "headPlugin.h"
 
@@ -9,38 +9,6 @@ namespace nextvit
 {
 namespace plugin
 {
-
-HeadPlugin::HeadPlugin(std::string const& layerName)
-    : NextViTPluginBase(layerName, {})
-{
-}
-
-IPluginV3* HeadPlugin::clone() noexcept
-{
-    try
-    {
-        return new HeadPlugin(*this);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
-}
-
-char const* HeadPlugin::getPluginName() const noexcept
-{
-    return kHEAD_PLUGIN_NAME;
-}
-
-int32_t HeadPlugin::expectedNbInputs() const noexcept
-{
-    return 3;
-}
-
-int32_t HeadPlugin::outputRank() const noexcept
-{
-    return 2;
-}
 
 std::string HeadPlugin::checkInputs(Dims const* d, int32_t /*nbInputs*/) const
 {
@@ -58,63 +26,25 @@ std::string HeadPlugin::checkInputs(Dims const* d, int32_t /*nbInputs*/) const
     return {};
 }
 
-int32_t HeadPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
-    int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& /*exprBuilder*/) noexcept
+bool HeadPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprBuilder& /*exprBuilder*/) const noexcept
 {
-    if (inputs == nullptr || outputs == nullptr || nbInputs != 3 || nbOutputs != 1 || inputs[0].nbDims != 4
-        || inputs[1].nbDims != 2)
+    if (inputs[1].nbDims != 2)
     {
-        return 1;
+        return false;
     }
-    outputs[0].nbDims = 2;
-    outputs[0].d[0] = inputs[0].d[0];
-    outputs[0].d[1] = inputs[1].d[0];
-    return 0;
+    output.nbDims = 2;
+    output.d[0] = inputs[0].d[0];
+    output.d[1] = inputs[1].d[0];
+    return true;
 }
 
-int32_t HeadPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
-    void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
+int32_t HeadPlugin::launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+    void* /*workspace*/, nvk_dtype dt, void* stream) const noexcept
 {
-    nvk_dtype dt{};
-    if (!toNvkDtype(inputDesc[0].type, dt))
-    {
-        logError(mLayerName + ": unsupported data type");
-        return 1;
-    }
     Dims const& x = inputDesc[0].dims;
-    nvk_status const st = nvk_head(inputs[0], inputs[1], inputs[2], outputs[0], dim(x, 0), dim(x, 1), dim(x, 2),
-        dim(x, 3), dim(inputDesc[1].dims, 0), dt, static_cast<void*>(stream));
+    nvk_status const st = nvk_head(inputs[0], inputs[1], inputs[2], output, dim(x, 0), dim(x, 1), dim(x, 2), dim(x, 3),
+        dim(inputDesc[1].dims, 0), dt, stream);
     return checkNvk(st, "nvk_head", mLayerName);
-}
-
-// ------------------------------------------------------------------ creator
-HeadPluginCreator::HeadPluginCreator()
-{
-    mPluginAttributes.clear(); // no fields
-    finalizeFields();
-}
-
-char const* HeadPluginCreator::getPluginName() const noexcept
-{
-    return kHEAD_PLUGIN_NAME;
-}
-
-IPluginV3* HeadPluginCreator::createPlugin(
-    char const* name, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
-{
-    try
-    {
-        std::vector<IntField> fields{};
-        if (!readIntFields(fc, fields, kHEAD_PLUGIN_NAME))
-        {
-            return nullptr;
-        }
-        return new HeadPlugin(name != nullptr ? name : "");
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
 }
 
 } // namespace plugin

@@ -18,33 +18,31 @@ namespace plugin
 
 constexpr char const* kHEAD_PLUGIN_NAME{"NextViTHead"};
 
-class HeadPlugin final : public NextViTPluginBase
+class HeadPlugin final : public NextViTPlugin<HeadPlugin>
 {
 public:
-    explicit HeadPlugin(std::string const& layerName);
+    static constexpr char const* kNAME{kHEAD_PLUGIN_NAME};
+    static constexpr std::array<IntFieldSpec, 0> kFIELDS{}; // no fields
 
-    nvinfer1::IPluginV3* clone() noexcept override;
-    char const* getPluginName() const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    using NextViTPlugin::NextViTPlugin;
 
 protected:
-    int32_t expectedNbInputs() const noexcept override;
-    int32_t outputRank() const noexcept override;
+    int32_t expectedNbInputs() const noexcept override
+    {
+        return 3;
+    }
+    int32_t outputRank() const noexcept override
+    {
+        return 2; // logits [B, N]
+    }
     std::string checkInputs(nvinfer1::Dims const* dims, int32_t nbInputs) const override;
+    bool outputShape(nvinfer1::DimsExprs const* inputs, nvinfer1::DimsExprs& output,
+        nvinfer1::IExprBuilder& exprBuilder) const noexcept override;
+    int32_t launch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+        void* workspace, nvk_dtype dt, void* stream) const noexcept override;
 };
 
-class HeadPluginCreator final : public NextViTCreatorBase
-{
-public:
-    HeadPluginCreator();
-    char const* getPluginName() const noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-};
+using HeadPluginCreator = NextViTPluginCreator<HeadPlugin>;
 
 } // namespace plugin
 } // namespace nextvit

@@ -1,5 +1,5 @@
 /*
- * NextViTMHCA plugin and creator (see mhcaPlugin.h).
+ * NextViTMHCA plugin (see mhcaPlugin.h).
  */
 #include "mhcaPlugin.h"
 
@@ -12,33 +12,6 @@ namespace plugin
 namespace
 {
 constexpr int64_t kHEAD_DIM{32};
-}
-
-MhcaPlugin::MhcaPlugin(std::string const& layerName, int32_t residual)
-    : NextViTPluginBase(layerName, {{"residual", residual}})
-{
-}
-
-IPluginV3* MhcaPlugin::clone() noexcept
-{
-    try
-    {
-        return new MhcaPlugin(*this);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
-}
-
-char const* MhcaPlugin::getPluginName() const noexcept
-{
-    return kMHCA_PLUGIN_NAME;
-}
-
-int32_t MhcaPlugin::expectedNbInputs() const noexcept
-{
-    return 4;
 }
 
 std::string MhcaPlugin::checkInputs(Dims const* d, int32_t /*nbInputs*/) const
@@ -70,72 +43,19 @@ std::string MhcaPlugin::checkInputs(Dims const* d, int32_t /*nbInputs*/) const
     return {};
 }
 
-int32_t MhcaPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
-    int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& /*exprBuilder*/) noexcept
+bool MhcaPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprBuilder& /*exprBuilder*/) const noexcept
 {
-    if (inputs == nullptr || outputs == nullptr || nbInputs != 4 || nbOutputs != 1 || inputs[0].nbDims != 4
-        || inputs[3].nbDims != 2)
-    {
-        return 1;
-    }
-    outputs[0].nbDims = 4;
-    outputs[0].d[0] = inputs[0].d[0];
-    outputs[0].d[1] = inputs[0].d[1];
-    outputs[0].d[2] = inputs[0].d[2];
-    outputs[0].d[3] = inputs[3].d[0];
-    return 0;
+    // [B, H, W, Cout], Cout from proj_w
+    return sameSpatialShape(inputs[0], inputs[3], output);
 }
 
-int32_t MhcaPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
-    void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
+int32_t MhcaPlugin::launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+    void* /*workspace*/, nvk_dtype dt, void* stream) const noexcept
 {
-    nvk_dtype dt{};
-    if (!toNvkDtype(inputDesc[0].type, dt))
-    {
-        logError(mLayerName + ": unsupported data type");
-        return 1;
-    }
     Dims const& x = inputDesc[0].dims;
-    nvk_status const st = nvk_mhca(inputs[0], inputs[1], inputs[2], inputs[3], outputs[0], dim(x, 0), dim(x, 1),
-        dim(x, 2), dim(x, 3), dim(inputDesc[3].dims, 0), field("residual"), dt, static_cast<void*>(stream));
+    nvk_status const st = nvk_mhca(inputs[0], inputs[1], inputs[2], inputs[3], output, dim(x, 0), dim(x, 1),
+        dim(x, 2), dim(x, 3), dim(inputDesc[3].dims, 0), field("residual"), dt, stream);
     return checkNvk(st, "nvk_mhca", mLayerName);
-}
-
-// ------------------------------------------------------------------ creator
-MhcaPluginCreator::MhcaPluginCreator()
-{
-    mPluginAttributes.clear();
-    mPluginAttributes.emplace_back(PluginField("residual", nullptr, PluginFieldType::kINT32, 1));
-    finalizeFields();
-}
-
-char const* MhcaPluginCreator::getPluginName() const noexcept
-{
-    return kMHCA_PLUGIN_NAME;
-}
-
-IPluginV3* MhcaPluginCreator::createPlugin(
-    char const* name, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
-{
-    try
-    {
-        std::vector<IntField> fields{{"residual", 1}};
-        if (!readIntFields(fc, fields, kMHCA_PLUGIN_NAME))
-        {
-            return nullptr;
-        }
-        int32_t const residual = fields[0].value;
-        if (residual != 0 && residual != 1)
-        {
-            logError(std::string(kMHCA_PLUGIN_NAME) + ": residual must be 0 or 1, got " + std::to_string(residual));
-            return nullptr;
-        }
-        return new MhcaPlugin(name != nullptr ? name : "", residual);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
 }
 
 } // namespace plugin

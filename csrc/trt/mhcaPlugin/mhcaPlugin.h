@@ -19,32 +19,30 @@ namespace plugin
 
 constexpr char const* kMHCA_PLUGIN_NAME{"NextViTMHCA"};
 
-class MhcaPlugin final : public NextViTPluginBase
+class MhcaPlugin final : public NextViTPlugin<MhcaPlugin>
 {
 public:
-    MhcaPlugin(std::string const& layerName, int32_t residual);
+    static constexpr char const* kNAME{kMHCA_PLUGIN_NAME};
+    //! {name, default, min, max}
+    static constexpr std::array<IntFieldSpec, 1> kFIELDS{{
+        {"residual", 1, 0, 1},
+    }};
 
-    nvinfer1::IPluginV3* clone() noexcept override;
-    char const* getPluginName() const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    using NextViTPlugin::NextViTPlugin;
 
 protected:
-    int32_t expectedNbInputs() const noexcept override;
+    int32_t expectedNbInputs() const noexcept override
+    {
+        return 4;
+    }
     std::string checkInputs(nvinfer1::Dims const* dims, int32_t nbInputs) const override;
+    bool outputShape(nvinfer1::DimsExprs const* inputs, nvinfer1::DimsExprs& output,
+        nvinfer1::IExprBuilder& exprBuilder) const noexcept override;
+    int32_t launch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+        void* workspace, nvk_dtype dt, void* stream) const noexcept override;
 };
 
-class MhcaPluginCreator final : public NextViTCreatorBase
-{
-public:
-    MhcaPluginCreator();
-    char const* getPluginName() const noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-};
+using MhcaPluginCreator = NextViTPluginCreator<MhcaPlugin>;
 
 } // namespace plugin
 } // namespace nextvit

@@ -1,5 +1,5 @@
 /*
- * NextViTMLP plugin and creator (see mlpPlugin.h).
+ * NextViTMLP plugin (see mlpPlugin.h).
  */
 #include "mlpPlugin.h"
 
@@ -9,28 +9,6 @@ namespace nextvit
 {
 namespace plugin
 {
-
-MlpPlugin::MlpPlugin(std::string const& layerName, int32_t residual, int32_t hasX2)
-    : NextViTPluginBase(layerName, {{"residual", residual}, {"has_x2", hasX2}})
-{
-}
-
-IPluginV3* MlpPlugin::clone() noexcept
-{
-    try
-    {
-        return new MlpPlugin(*this);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
-}
-
-char const* MlpPlugin::getPluginName() const noexcept
-{
-    return kMLP_PLUGIN_NAME;
-}
 
 int32_t MlpPlugin::expectedNbInputs() const noexcept
 {
@@ -85,81 +63,23 @@ std::string MlpPlugin::checkInputs(Dims const* d, int32_t /*nbInputs*/) const
     return {};
 }
 
-int32_t MlpPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const* /*shapeInputs*/,
-    int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs, IExprBuilder& /*exprBuilder*/) noexcept
+bool MlpPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprBuilder& /*exprBuilder*/) const noexcept
 {
-    int32_t const o = weightOffset();
-    if (inputs == nullptr || outputs == nullptr || nbInputs != expectedNbInputs() || nbOutputs != 1
-        || inputs[0].nbDims != 4 || inputs[o + 2].nbDims != 2)
-    {
-        return 1;
-    }
-    outputs[0].nbDims = 4;
-    outputs[0].d[0] = inputs[0].d[0];
-    outputs[0].d[1] = inputs[0].d[1];
-    outputs[0].d[2] = inputs[0].d[2];
-    outputs[0].d[3] = inputs[o + 2].d[0];
-    return 0;
+    // [B, H, W, Cout], Cout from fc2_w
+    return sameSpatialShape(inputs[0], inputs[weightOffset() + 2], output);
 }
 
-int32_t MlpPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
-    void const* const* inputs, void* const* outputs, void* /*workspace*/, cudaStream_t stream) noexcept
+int32_t MlpPlugin::launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+    void* /*workspace*/, nvk_dtype dt, void* stream) const noexcept
 {
-    nvk_dtype dt{};
-    if (!toNvkDtype(inputDesc[0].type, dt))
-    {
-        logError(mLayerName + ": unsupported data type");
-        return 1;
-    }
     int32_t const o = weightOffset();
     Dims const& x = inputDesc[0].dims;
     void const* x2 = o == 2 ? inputs[1] : nullptr;
     int32_t const c2 = o == 2 ? dim(inputDesc[1].dims, 3) : 0;
-    nvk_status const st = nvk_mlp(inputs[0], x2, inputs[o], inputs[o + 1], inputs[o + 2], inputs[o + 3], outputs[0],
+    nvk_status const st = nvk_mlp(inputs[0], x2, inputs[o], inputs[o + 1], inputs[o + 2], inputs[o + 3], output,
         dim(x, 0), dim(x, 1), dim(x, 2), dim(x, 3), c2, dim(inputDesc[o].dims, 0), dim(inputDesc[o + 2].dims, 0),
-        field("residual"), dt, static_cast<void*>(stream));
+        field("residual"), dt, stream);
     return checkNvk(st, "nvk_mlp", mLayerName);
-}
-
-// ------------------------------------------------------------------ creator
-MlpPluginCreator::MlpPluginCreator()
-{
-    mPluginAttributes.clear();
-    mPluginAttributes.emplace_back(PluginField("residual", nullptr, PluginFieldType::kINT32, 1));
-    mPluginAttributes.emplace_back(PluginField("has_x2", nullptr, PluginFieldType::kINT32, 1));
-    finalizeFields();
-}
-
-char const* MlpPluginCreator::getPluginName() const noexcept
-{
-    return kMLP_PLUGIN_NAME;
-}
-
-IPluginV3* MlpPluginCreator::createPlugin(
-    char const* name, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
-{
-    try
-    {
-        std::vector<IntField> fields{{"residual", 1}, {"has_x2", 0}};
-        if (!readIntFields(fc, fields, kMLP_PLUGIN_NAME))
-        {
-            return nullptr;
-        }
-        for (auto const& f : fields)
-        {
-            if (f.value != 0 && f.value != 1)
-            {
-                logError(std::string(kMLP_PLUGIN_NAME) + ": " + f.name + " must be 0 or 1, got "
-                    + std::to_string(f.value));
-                return nullptr;
-            }
-        }
-        return new MlpPlugin(name != nullptr ? name : "", fields[0].value, fields[1].value);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
 }
 
 } // namespace plugin

@@ -20,36 +20,32 @@ namespace plugin
 
 constexpr char const* kMLP_PLUGIN_NAME{"NextViTMLP"};
 
-class MlpPlugin final : public NextViTPluginBase
+class MlpPlugin final : public NextViTPlugin<MlpPlugin>
 {
 public:
-    MlpPlugin(std::string const& layerName, int32_t residual, int32_t hasX2);
+    static constexpr char const* kNAME{kMLP_PLUGIN_NAME};
+    //! {name, default, min, max}
+    static constexpr std::array<IntFieldSpec, 2> kFIELDS{{
+        {"residual", 1, 0, 1},
+        {"has_x2", 0, 0, 1},
+    }};
 
-    nvinfer1::IPluginV3* clone() noexcept override;
-    char const* getPluginName() const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
+    using NextViTPlugin::NextViTPlugin;
 
 protected:
     int32_t expectedNbInputs() const noexcept override;
     std::string checkInputs(nvinfer1::Dims const* dims, int32_t nbInputs) const override;
+    bool outputShape(nvinfer1::DimsExprs const* inputs, nvinfer1::DimsExprs& output,
+        nvinfer1::IExprBuilder& exprBuilder) const noexcept override;
+    int32_t launch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
+        void* workspace, nvk_dtype dt, void* stream) const noexcept override;
 
 private:
     //! Index of fc1_w among the inputs (1 without x2, 2 with it).
     int32_t weightOffset() const noexcept;
 };
 
-class MlpPluginCreator final : public NextViTCreatorBase
-{
-public:
-    MlpPluginCreator();
-    char const* getPluginName() const noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-};
+using MlpPluginCreator = NextViTPluginCreator<MlpPlugin>;
 
 } // namespace plugin
 } // namespace nextvit
