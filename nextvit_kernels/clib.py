@@ -64,11 +64,9 @@ class _CtypesLib:
 def _candidates():
     env = os.environ.get("NEXTVIT_CLIB")
     here = os.path.dirname(os.path.abspath(__file__))
-    out = []
-    if env:
-        out += [env] if env.endswith(".so") else [os.path.join(env, "libnextvit_kernels.so")]
-    out.append(os.path.join(here, "libnextvit_kernels.so"))
-    return out
+    if env:  # an explicit choice: nothing else is tried
+        return [env] if env.endswith(".so") else [os.path.join(env, "libnextvit_kernels.so")]
+    return [os.path.join(here, "libnextvit_kernels.so")]
 
 
 def load(force_ctypes: bool = False):
