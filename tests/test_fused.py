@@ -254,3 +254,24 @@ def test_gpu_peak_memory_not_above_eager():
             peaks[k] = torch.cuda.max_memory_allocated() - base
     # The folded plan (one copy of the weights, ~63 MB in fp16) is allocated before `base`.
     assert peaks["auto"] <= peaks["reference"], peaks
+
+
+def test_fold_and_run_trace_in_one_graph():
+    """Dynamo traces the plan lookup/fold and the executor without graph breaks, with or
+    without a cached plan (the GPU test compiles the real kernels)."""
+    m = _model("tiny")
+    x = _inputs(1, 32, 32)
+
+    def f(inp):
+        return fused.run(m.fused_plan(inp.device, inp.dtype), inp, impl="reference")
+
+    with torch.no_grad():
+        ref = m(x)
+        for cached in (True, False):
+            if not cached:
+                m._fused_plan = None
+            torch._dynamo.reset()
+            out = torch.compile(f, fullgraph=True, backend="eager")(x)
+            assert rel_err(out, ref) < 1e-5
+        assert isinstance(m._fused_plan.steps[0].tensors[0], torch.Tensor)
+        assert rel_err(f(x), ref) < 1e-5
