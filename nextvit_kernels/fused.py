@@ -13,49 +13,22 @@ import torch
 from torch import nn
 
 from . import ops
-from .model import NCB, NTB, NextViT
+from .model import NCB, NTB, NextViT, affine_then_linear, bn_scale_shift, compose_affine
 
 Tensor = torch.Tensor
 
 
 # ------------------------------------------------------------------ folding
-def _bn_affine(bn) -> Optional[Tuple[Tensor, Tensor]]:
-    """(scale, shift) of an eval BatchNorm in float64, or None for a merged (Identity) one."""
-    if isinstance(bn, nn.Identity):
-        return None
-    s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    return s, bn.bias.double() - bn.running_mean.double() * s
-
-
 def _conv_then_bn(conv: nn.Conv2d, bn) -> Tuple[Tensor, Tensor]:
-    """BN after a conv: W' = W*s[:, None..], b' = s*b + t."""
+    """BN after a conv: W' = W*s[:, None..], b' = s*b + t (float64)."""
     w = conv.weight.double()
     b = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
                                                                       device=w.device)
-    aff = _bn_affine(bn)
+    aff = bn_scale_shift(bn)
     if aff is None:
         return w, b
     s, t = aff
     return w * s.view(-1, *([1] * (w.dim() - 1))), s * b + t
-
-
-def _affine_then_linear(w: Tensor, b: Tensor, aff) -> Tuple[Tensor, Tensor]:
-    """An affine map x -> s*x + t before a linear map: W' = W*s[None, :], b' = W@t + b."""
-    w = w.double().reshape(w.shape[0], -1)
-    b = b.double()
-    if aff is None:
-        return w, b
-    s, t = aff
-    return w * s[None, :], w @ t + b
-
-
-def _compose(a, b):
-    """Affine a then affine b (either may be None)."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a[0] * b[0], b[0] * a[1] + b[1]
 
 
 @dataclass
@@ -87,17 +60,17 @@ def _mhca_step(m) -> Step:
 
 
 def _mlp_step(mlp, pre_norm) -> Step:
-    w1, b1 = _affine_then_linear(mlp.conv1.weight, mlp.conv1.bias, _bn_affine(pre_norm))
+    w1, b1 = affine_then_linear(mlp.conv1.weight, mlp.conv1.bias, bn_scale_shift(pre_norm))
     w2 = mlp.conv2.weight.double()
     return Step("mlp", [w1, b1, w2.reshape(w2.shape[0], w2.shape[1]), mlp.conv2.bias.double()])
 
 
 def _e_mhsa_step(a, pre_norm) -> Step:
-    pre = _bn_affine(pre_norm)
-    kv_aff = _compose(pre, _bn_affine(a.norm)) if a.sr_ratio > 1 else pre
-    qw, qb = _affine_then_linear(a.q.weight, a.q.bias, pre)
-    kw, kb = _affine_then_linear(a.k.weight, a.k.bias, kv_aff)
-    vw, vb = _affine_then_linear(a.v.weight, a.v.bias, kv_aff)
+    pre = bn_scale_shift(pre_norm)
+    kv_aff = compose_affine(pre, bn_scale_shift(a.norm)) if a.sr_ratio > 1 else pre
+    qw, qb = affine_then_linear(a.q.weight, a.q.bias, pre)
+    kw, kb = affine_then_linear(a.k.weight, a.k.bias, kv_aff)
+    vw, vb = affine_then_linear(a.v.weight, a.v.bias, kv_aff)
     return Step("e_mhsa", [qw, qb, kw, kb, vw, vb, a.proj.weight.double(), a.proj.bias.double()],
                 {"sr_ratio": a.sr_ratio, "head_dim": a.head_dim})
 
@@ -160,10 +133,10 @@ def fold(model: NextViT, device=None, dtype=None) -> Plan:
         else:
             raise ValueError(f"unknown block type {type(blk).__name__}")
         steps[-1].stage_end = stage_of_end.get(idx, -1)
-    hw, hb = _affine_then_linear(model.proj_head[0].weight, model.proj_head[0].bias, _bn_affine(model.norm))
+    hw, hb = affine_then_linear(model.proj_head[0].weight, model.proj_head[0].bias, bn_scale_shift(model.norm))
     extra = None
     if model.extra_norm_list is not None:
-        extra = [_bn_affine(bn) for bn in model.extra_norm_list]
+        extra = [bn_scale_shift(bn) for bn in model.extra_norm_list]
         extra = [(s.to(device, dtype), t.to(device, dtype)) for s, t in extra]
 
     def cast(t):

@@ -51,26 +51,45 @@ def _bn(c):
     return nn.BatchNorm2d(c, eps=NORM_EPS)
 
 
-def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm):
-    """The affine map y = s*x + t of an eval-mode BatchNorm (computed in float64)."""
+def bn_scale_shift(bn):
+    """The affine map y = s*x + t of an eval-mode BatchNorm, in float64; None for a
+    folded one (``nn.Identity``)."""
+    if isinstance(bn, nn.Identity):
+        return None
     s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    t = bn.bias.double() - bn.running_mean.double() * s
-    return s, t
+    return s, bn.bias.double() - bn.running_mean.double() * s
+
+
+def compose_affine(a, b):
+    """The affine map ``a`` then ``b`` (either may be None, the identity)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a[0] * b[0], b[0] * a[1] + b[1]
+
+
+def affine_then_linear(w: torch.Tensor, b: Optional[torch.Tensor], aff):
+    """Folds an affine map x -> s*x + t applied before a linear / 1x1 conv with
+    weight ``w`` and bias ``b`` (None: zero): W' = W*s[None, :], b' = W@t + b.
+    Returns float64 [O, I] and [O]."""
+    w = w.double().reshape(w.shape[0], -1)
+    b = b.double() if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    if aff is None:
+        return w, b
+    s, t = aff
+    return w * s[None, :], w @ t + b
 
 
 @torch.no_grad()
-def merge_pre_bn(layer: nn.Module, s: torch.Tensor, t: torch.Tensor):
-    """Folds an affine map x -> s*x + t applied before a linear / 1x1 conv into it:
-    W' = W*s[None, :], b' = W@t + b."""
-    w = layer.weight.double().reshape(layer.weight.shape[0], -1)
-    b = layer.bias.double() if layer.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    new_b = w @ t + b
-    new_w = (w * s[None, :]).reshape(layer.weight.shape)
-    layer.weight.copy_(new_w.to(layer.weight.dtype))
+def merge_pre_bn(layer: nn.Module, aff):
+    """Folds ``aff`` (see bn_scale_shift) into ``layer``'s weight and bias in place."""
+    w, b = affine_then_linear(layer.weight, layer.bias, aff)
+    layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
     if layer.bias is None:
-        layer.bias = nn.Parameter(new_b.to(layer.weight.dtype))
+        layer.bias = nn.Parameter(b.to(layer.weight.dtype))
     else:
-        layer.bias.copy_(new_b.to(layer.bias.dtype))
+        layer.bias.copy_(b.to(layer.bias.dtype))
 
 
 class ConvBNReLU(nn.Module):
@@ -155,7 +174,7 @@ class NCB(nn.Module):
     @torch.no_grad()
     def merge_bn(self):
         if not self.is_bn_merged:
-            merge_pre_bn(self.mlp.conv1, *bn_scale_shift(self.norm))
+            merge_pre_bn(self.mlp.conv1, bn_scale_shift(self.norm))
             self.norm = nn.Identity()
             self.is_bn_merged = True
 
@@ -197,16 +216,13 @@ class E_MHSA(nn.Module):
         tokens' BatchNorm (after the linear pooling, so the two maps compose)."""
         if self.is_bn_merged:
             return
-        s1, t1 = bn_scale_shift(pre_norm)
-        merge_pre_bn(self.q, s1, t1)
+        pre = bn_scale_shift(pre_norm)
+        kv = compose_affine(pre, bn_scale_shift(self.norm)) if self.sr_ratio > 1 else pre
+        merge_pre_bn(self.q, pre)
+        merge_pre_bn(self.k, kv)
+        merge_pre_bn(self.v, kv)
         if self.sr_ratio > 1:
-            s2, t2 = bn_scale_shift(self.norm)
-            s, t = s1 * s2, s2 * t1 + t2
             self.norm = nn.Identity()
-        else:
-            s, t = s1, t1
-        merge_pre_bn(self.k, s, t)
-        merge_pre_bn(self.v, s, t)
         self.is_bn_merged = True
 
     def forward(self, x):
@@ -253,7 +269,7 @@ class NTB(nn.Module):
         if not self.is_bn_merged:
             self.e_mhsa.merge_bn(self.norm1)
             self.norm1 = nn.Identity()
-            merge_pre_bn(self.mlp.conv1, *bn_scale_shift(self.norm2))
+            merge_pre_bn(self.mlp.conv1, bn_scale_shift(self.norm2))
             self.norm2 = nn.Identity()
             self.is_bn_merged = True
 
