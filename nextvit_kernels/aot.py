@@ -637,7 +637,7 @@ def emit_c(manifest: dict, out: str, path: str) -> None:
     asm.append('        ".text\\n");')
     lines += [f"extern const unsigned char {name}[];" for name, _, _ in blobs]
     lines += [""] + asm + [""]
-    lines.append(f"const nvk_kernel_t nvk_kernels[] = {{\n" + "\n".join(rows) + "\n};")
+    lines.append("const nvk_kernel_t nvk_kernels[] = {\n" + "\n".join(rows) + "\n};")
     lines.append(f"const int nvk_num_kernels = {len(rows)};")
     crow = []
     for c in manifest["shape_classes"]:

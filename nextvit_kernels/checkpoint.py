@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Union
 
 import torch
 
-from .model import NTB, NextViT
+from .model import NextViT
 
 FORMATS = ("official", "timm", "backbone")
 # BatchNorms that merge_bn() folds away; a dict without any of them is merged.

@@ -4,11 +4,9 @@ Module and parameter names are the published ones, so a published state_dict
 loads with plain ``load_state_dict``. The forward here is plain PyTorch (it is
 what training runs and what the fused path is checked against).
 """
-import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 NORM_EPS = 1e-5

@@ -314,7 +314,7 @@ def export_onnx(model, path=None, *, input_shape=(1, 3, 224, 224), dtype=torch.f
 
     x = "input"
     shape = (3, h, w)
-    branch = None
+    branch = branch_shape = None  # the NTB MHCA branch tensor and its (C, H, W)
     if plugins:
         x = b.node("Transpose", [x], "to_nhwc", perm=[0, 2, 3, 1])
         b.value_info.append(helper.make_tensor_value_info(x, odt, [batch, h, w, 3]))

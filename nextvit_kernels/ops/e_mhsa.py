@@ -19,8 +19,6 @@ Two kernels (DESIGN.md §3, NTB row):
    key tokens, softmax, p @ v_h, then acc += o_h @ proj_w[co, head]^T; epilogue
    bias + residual.  Q, scores and the attention output never touch memory.
 """
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 import triton
