@@ -18,9 +18,9 @@ for phase in $PHASES; do
   case $phase in
     # Compiles the kernels the e2e preset uses in 8 processes at once (Triton compiles serially per process).
     warm)  timeout 90 python bench/warm_cache.py --variants s,b,l --dtype fp16 --batch 1,256 -j 8 2>&1 | tee "$OUT/warm.log" ;;
-    e2e)   timeout 200 python -m nextvit_kernels.bench --preset targets --iters 30 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" ;;
-    ops)   timeout 120 python bench/ops_bench.py --dtype fp16 --batch 256 --stop-after-s 100 --compile-deadline-s 60 --out "$OUT" 2>&1 | tee "$OUT/ops.log" ;;
-    tests) timeout 150 python -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 120 -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    e2e)   timeout 240 python -m nextvit_kernels.bench --preset targets --iters 30 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" ;;
+    ops)   timeout 100 python bench/ops_bench.py --dtype fp16 --batch 256 --stop-after-s 80 --compile-deadline-s 50 --out "$OUT" 2>&1 | tee "$OUT/ops.log" ;;
+    tests) timeout 130 python -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 120 -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   esac
   echo "phase $phase: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 done

@@ -251,15 +251,19 @@ def slug(s):
     return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()
 
 
-def write_results(rows, info, out_dir, tag):
+def results_base(out_dir, tag):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
-    base = out_dir / f"e2e-{slug(tag)}-{stamp}"
+    return out_dir / f"e2e-{slug(tag)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M')}"
+
+
+def write_results(rows, info, base, final=True):
+    """Rewritten after every row, so a run cut off by a time limit keeps what it measured."""
     with open(f"{base}.json", "w") as f:
-        json.dump({"env": info, "rows": rows}, f, indent=1)
-    png = plot(rows, f"{base}.png")
-    log(f"wrote {base}.json" + (f" and {png}" if png else ""))
+        json.dump({"env": info, "complete": final, "rows": rows}, f, indent=1)
+    if final:
+        png = plot(rows, f"{base}.png")
+        log(f"wrote {base}.json" + (f" and {png}" if png else ""))
 
 
 def gpu_main(args):
@@ -272,11 +276,13 @@ def gpu_main(args):
         plan = [(VARIANTS[v], d, b, modes) for v in args.variants.split(",") for d in args.dtype.split(",")
                 for b in map(int, args.batch.split(","))]
     rows, cache = [], {}
+    base = results_base(args.out, info["gpu"])
     for i, (variant, d, b, modes) in enumerate(plan):
         log(f"[{i + 1}/{len(plan)}] {variant} {d} batch {b}")
         rows += bench_row(variant, d, b, modes, args, cache)
+        write_results(rows, info, base, final=False)
     log("\n" + ratio_table(rows))
-    write_results(rows, info, args.out, info["gpu"])
+    write_results(rows, info, base)
 
 
 INTERPRETER_CHECK = r"""
@@ -322,7 +328,7 @@ def cpu_main(args):
     log(("  " + res.stdout.strip()) if res.returncode == 0 else f"  FAILED:\n{res.stdout}\n{res.stderr[-2000:]}")
     log(f"  ({time.perf_counter() - t:.0f} s)")
     if args.write_cpu:
-        write_results(rows, info, args.out, "cpu")
+        write_results(rows, info, results_base(args.out, "cpu"))
     return res.returncode
 
 
