@@ -22,7 +22,7 @@ DTYPES = os.environ.get("NEXTVIT_AOT_TEST_DTYPES", "fp16,bf16,fp32").split(",")
 VARIANTS = ("nextvit_small", "nextvit_base", "nextvit_large")
 RESOLUTIONS = (224, 384)
 EXPORTS = {"nvk_conv_bn_relu", "nvk_patch_embed", "nvk_mhca", "nvk_mlp", "nvk_e_mhsa", "nvk_head",
-           "nvk_e_mhsa_workspace_size", "nvk_last_error", "nvk_version"}
+           "nvk_e_mhsa_workspace_size", "nvk_last_error", "nvk_version", "nvk_load"}
 
 
 @pytest.fixture(scope="session")
@@ -173,6 +173,8 @@ def test_ctypes_load_and_errors_without_gpu(build_dir):
         pytest.skip("a GPU is present: the no-driver path cannot be checked here")
     st = lib.nvk_conv_bn_relu(p, p, p, p, 1, 8, 8, 3, 64, 2, 1, None)
     assert st == 4, lib.nvk_last_error()
+    assert b"CUDA" in lib.nvk_last_error()
+    assert lib.nvk_load(None) == 4, lib.nvk_last_error()
     assert b"CUDA" in lib.nvk_last_error()
 
 

@@ -375,7 +375,9 @@ int32_t NextViTPluginBase::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
 
 nvinfer1::IPluginV3* NextViTPluginBase::attachToContext(nvinfer1::IPluginResourceContext* /*context*/) noexcept
 {
-    // No per-context resources: the C library keeps its loaded kernels process-wide.
+    // Load the kernels into the current CUDA context now, outside any graph capture, so that
+    // enqueue only launches. A failure here is not final: enqueue loads again and reports it.
+    (void) nvk_load(nullptr);
     return clone();
 }
 
