@@ -472,22 +472,20 @@ def build_mlp(s, b, dev, dtype):
             lambda: ops.mlp(x, w1, b1, w2, b2, x2=x2, residual=True, impl="triton"), _same)
 
 
-def build_patch_embed(s, b, dev, dtype):
-    m = M["PatchEmbedEager"](s["cin"], s["cout"], s["stride"])
-    _randomize_bn(m)
-    w, bias = _cast(m.folded(), dev, dtype)
-    x = _act(b, s["cin"], s["hw"], s["hw"], dev, dtype)
-    return (_prepare(m, dev, dtype), (x,),
-            lambda: ops.patch_embed(x, w, bias, stride=s["stride"], impl="triton"), _same)
+def _build_strided(eager_name, op):
+    """PatchEmbed and the stem conv: same inputs (cin, cout, stride), different eager module and op."""
+    def build(s, b, dev, dtype):
+        m = M[eager_name](s["cin"], s["cout"], s["stride"])
+        _randomize_bn(m)
+        w, bias = _cast(m.folded(), dev, dtype)
+        x = _act(b, s["cin"], s["hw"], s["hw"], dev, dtype)
+        return (_prepare(m, dev, dtype), (x,),
+                lambda: getattr(ops, op)(x, w, bias, stride=s["stride"], impl="triton"), _same)
+    return build
 
 
-def build_conv_bn_relu(s, b, dev, dtype):
-    m = M["ConvBNReLUEager"](s["cin"], s["cout"], s["stride"])
-    _randomize_bn(m)
-    w, bias = _cast(m.folded(), dev, dtype)
-    x = _act(b, s["cin"], s["hw"], s["hw"], dev, dtype)
-    return (_prepare(m, dev, dtype), (x,),
-            lambda: ops.conv_bn_relu(x, w, bias, stride=s["stride"], impl="triton"), _same)
+build_patch_embed = _build_strided("PatchEmbedEager", "patch_embed")
+build_conv_bn_relu = _build_strided("ConvBNReLUEager", "conv_bn_relu")
 
 
 def build_e_mhsa(s, b, dev, dtype):
