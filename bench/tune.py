@@ -144,17 +144,27 @@ TUNE = {
     "mlp": dict(
         module="nextvit_kernels.ops.mlp",
         args=lambda s, b, dt: (s["c1"], s["c2"], s["hid"], s["cout"], dt),
-        extents=lambda s, b: dict(BLOCK_M=b * _hw2(s), BLOCK_N=s["cout"], BLOCK_H=s["hid"],
-                                  BLOCK_K=max(s["c1"], s["c2"])),
-        # output accumulator [M, N] + hidden accumulator [M, H]
-        regs=lambda c, s: (c["BLOCK_M"] * c["BLOCK_N"] + c["BLOCK_M"] * c["BLOCK_H"]) / (32 * _warps(c)),
-        moves=[{"num_stages": 3}, {"num_stages": 4},
-               {"BLOCK_H": 128}, {"BLOCK_H": 32},
-               {"BLOCK_K": 64}, {"BLOCK_K": 32},
-               {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
-               {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4},
-               {"BLOCK_M": 64, "num_warps": 8},
-               {"BLOCK_H": 128, "num_stages": 3}]),
+        extents=lambda s, b: {"mlp.BLOCK_M": b * _hw2(s), "mlp.BLOCK_N": s["cout"], "mlp.BLOCK_H": s["hid"],
+                              "mlp.BLOCK_K": max(s["c1"], s["c2"]), "fc1.BLOCK_M": b * _hw2(s),
+                              "fc1.BLOCK_H": s["hid"], "fc1.BLOCK_K": max(s["c1"], s["c2"])},
+        # fused: output accumulator [M, N] + hidden accumulator [M, H] in one kernel;
+        # split: the fc2 kernel holds [M, N], the fc1 kernel [M, H].
+        regs=lambda c, s: (max(_g(c, "mlp.BLOCK_M") * _g(c, "mlp.BLOCK_N") / (32 * _warps(c, "mlp.")),
+                               _g(c, "fc1.BLOCK_M") * _g(c, "fc1.BLOCK_H") / (32 * _warps(c, "fc1.")))
+                           if c["split"] else
+                           (_g(c, "mlp.BLOCK_M") * (_g(c, "mlp.BLOCK_N") + _g(c, "mlp.BLOCK_H")))
+                           / (32 * _warps(c, "mlp."))),
+        moves=[{"split": False, "mlp.BLOCK_M": 64, "mlp.BLOCK_N": 256, "mlp.num_warps": 8,
+                "mlp.num_stages": 2},  # the one-kernel mode with recompute, as before split existed
+               {"split": True},
+               {"mlp.num_stages": 3}, {"mlp.num_stages": 4},
+               {"mlp.BLOCK_H": 128}, {"mlp.BLOCK_H": 32},
+               {"mlp.BLOCK_K": 64}, {"mlp.BLOCK_K": 32},
+               {"split": True, "fc1.BLOCK_H": 256},
+               {"split": True, "fc1.num_stages": 4},
+               {"split": True, "mlp.BLOCK_M": 64, "mlp.BLOCK_N": 256},
+               {"mlp.BLOCK_M": 128, "mlp.BLOCK_N": 128, "mlp.num_warps": 8},
+               {"mlp.BLOCK_M": 64, "mlp.num_warps": 8}]),
     "patch_embed": dict(
         module="nextvit_kernels.ops.patch_embed",
         args=lambda s, b, dt: (s["cin"], s["cout"], s["stride"], dt),

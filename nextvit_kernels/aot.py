@@ -170,17 +170,26 @@ def _mhca_calls(key, dtype, _probe):
 def _mlp_calls(key, dtype, _probe):
     m = _mod("mlp")
     c1, c2, hid, co, res = key["c1"], key["c2"], key["hidden"], key["c_out"], bool(key["residual"])
-    cfg = dict(m._config(c1, c2, hid, co, dtype))
-    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    cfg = m._config(c1, c2, hid, co, dtype)
+    split = cfg["split"]
+    f, g = dict(cfg["fc1"]), dict(cfg["mlp"])
+    f_warps, f_stages = f.pop("num_warps"), f.pop("num_stages")
+    g_warps, g_stages = g.pop("num_warps"), g.pop("num_stages")
+    inputs = [("x_ptr", "p"), ("x2_ptr", "p"), ("w1_ptr", "p"), ("b1_ptr", "p")]
 
-    def args(b, h, w):
-        return [("x_ptr", "p"), ("x2_ptr", "p"), ("w1_ptr", "p"), ("b1_ptr", "p"), ("w2_ptr", "p"),
-                ("b2_ptr", "p"), ("out_ptr", "p"),
-                ("M", b * h * w), ("C1", c1), ("C2", c2), ("HID", hid), ("COUT", co)]
+    def fc1_args(b, h, w):
+        return inputs + [("h_ptr", "p"), ("M", b * h * w), ("C1", c1), ("C2", c2), ("HID", hid)]
 
-    const = dict(HAS_X2=c2 > 0, RESIDUAL=res, **cfg)
-    return ([KernelCall("_mlp_kernel", const, warps, stages, args)],
-            dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]))
+    def mlp_args(b, h, w):
+        return inputs + [("w2_ptr", "p"), ("b2_ptr", "p"), ("h_ptr", "p"), ("out_ptr", "p"),
+                         ("M", b * h * w), ("C1", c1), ("C2", c2), ("HID", hid), ("COUT", co)]
+
+    calls = [KernelCall("_mlp_kernel", dict(HAS_X2=c2 > 0, RESIDUAL=res, H_IN_MEMORY=split, **g),
+                        g_warps, g_stages, mlp_args)]
+    if split:  # fc1 into the workspace first (the C side: two kernels <=> split)
+        calls.insert(0, KernelCall("_fc1_kernel", dict(HAS_X2=c2 > 0, **f), f_warps, f_stages, fc1_args))
+    return calls, dict(BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"], FC1_BLOCK_M=f["BLOCK_M"],
+                       FC1_BLOCK_H=f["BLOCK_H"])
 
 
 def _e_mhsa_calls(key, dtype, n_keys):
@@ -235,7 +244,8 @@ SPECS: Dict[str, OpSpec] = {
     "conv_bn_relu": OpSpec(("c_in", "c_out", "stride"), ("BLOCK_M", "BLOCK_N"), None, _conv_calls),
     "patch_embed": OpSpec(("c_in", "c_out", "stride"), ("BLOCK_M", "BLOCK_N"), None, _patch_embed_calls),
     "mhca": OpSpec(("c", "c_out", "residual"), ("BLOCK_M", "BLOCK_N"), None, _mhca_calls),
-    "mlp": OpSpec(("c1", "c2", "hidden", "c_out", "residual"), ("BLOCK_M", "BLOCK_N"), None, _mlp_calls),
+    "mlp": OpSpec(("c1", "c2", "hidden", "c_out", "residual"),
+                  ("BLOCK_M", "BLOCK_N", "FC1_BLOCK_M", "FC1_BLOCK_H"), None, _mlp_calls),
     "e_mhsa": OpSpec(("c", "c_out", "sr_ratio", "head_dim", "residual"),
                      ("KV_BLOCK_NK", "BLOCK_M", "BLOCK_CO"), "n_keys", _e_mhsa_calls),
     "head": OpSpec(("c", "n_classes"), ("BLOCK_N",), "hw", _head_calls),

@@ -30,28 +30,35 @@ class CLibError(RuntimeError):
         super().__init__(f"nvk_{op}: {_STATUS.get(status, status)}: {message}")
 
 
+_VP, _I, _SZ = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+# (argtypes, restype) of every entry point, as in csrc/include/nextvit_kernels.h (a CPU
+# test checks the two agree: a wrong count here only fails at a GPU call otherwise).
+SIGNATURES = {
+    "nvk_conv_bn_relu": ([_VP] * 4 + [_I] * 7 + [_VP], _I),
+    "nvk_patch_embed": ([_VP] * 4 + [_I] * 7 + [_VP], _I),
+    "nvk_mhca": ([_VP] * 5 + [_I] * 7 + [_VP], _I),
+    "nvk_mlp": ([_VP] * 8 + [_I] * 9 + [_VP], _I),
+    "nvk_e_mhsa": ([_VP] * 11 + [_I] * 9 + [_VP], _I),
+    "nvk_head": ([_VP] * 4 + [_I] * 6 + [_VP], _I),
+    "nvk_e_mhsa_workspace_size": ([_I] * 6, _SZ),
+    "nvk_mlp_workspace_size": ([_I] * 9, _SZ),
+    "nvk_load": ([_VP], _I),
+    "nvk_last_error": ([], ctypes.c_char_p),
+    "nvk_version": ([], ctypes.c_char_p),
+}
+
+
 class _CtypesLib:
     """Same surface as the pybind11 module, over ctypes."""
 
     def __init__(self, path):
         self.path = path
         lib = ctypes.CDLL(path)
-        vp, i, sz = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
-        sig = {
-            "nvk_conv_bn_relu": [vp] * 4 + [i] * 7 + [vp],
-            "nvk_patch_embed": [vp] * 4 + [i] * 7 + [vp],
-            "nvk_mhca": [vp] * 5 + [i] * 7 + [vp],
-            "nvk_mlp": [vp] * 7 + [i] * 10 + [vp],
-            "nvk_e_mhsa": [vp] * 11 + [i] * 9 + [vp],
-            "nvk_head": [vp] * 4 + [i] * 6 + [vp],
-        }
-        for name, args in sig.items():
+        for name, (args, res) in SIGNATURES.items():
             f = getattr(lib, name)
-            f.argtypes, f.restype = args, ctypes.c_int
-            setattr(self, name[4:], f)
-        lib.nvk_e_mhsa_workspace_size.argtypes, lib.nvk_e_mhsa_workspace_size.restype = [i] * 6, sz
-        self.e_mhsa_workspace_size = lib.nvk_e_mhsa_workspace_size
-        lib.nvk_last_error.restype = lib.nvk_version.restype = ctypes.c_char_p
+            f.argtypes, f.restype = args, res
+            if name not in ("nvk_last_error", "nvk_version"):
+                setattr(self, name[4:], f)
         self._lib = lib
 
     def last_error(self):
@@ -198,9 +205,13 @@ def mlp(x, fc1_w, fc1_b, fc2_w, fc2_b, *, x2=None, residual: bool = True, impl: 
     fc2_w = _w(op, "fc2_w", fc2_w, x, (None, hidden))
     c_out = fc2_w.shape[0]
     fc2_b = _common.check_param(op, "fc2_b", fc2_b, x, (c_out,))
+    lib = load()
+    dt, res = _DT[x.dtype], int(bool(residual))
+    ws_size = lib.mlp_workspace_size(bsz, h, wd, c1, c2, hidden, c_out, res, dt)
+    ws = _common.new_scratch(x, ws_size // x.element_size()) if ws_size else None
     out = _common.new_output(x, bsz, c_out, h, wd)
-    _check(op, load().mlp(_ptr(x), _ptr(x2), _ptr(fc1_w), _ptr(fc1_b), _ptr(fc2_w), _ptr(fc2_b), _ptr(out), bsz, h,
-                          wd, c1, c2, hidden, c_out, int(bool(residual)), _DT[x.dtype], _stream(x)))
+    _check(op, lib.mlp(_ptr(x), _ptr(x2), _ptr(fc1_w), _ptr(fc1_b), _ptr(fc2_w), _ptr(fc2_b), _ptr(out), _ptr(ws),
+                       bsz, h, wd, c1, c2, hidden, c_out, res, dt, _stream(x)))
     return out
 
 

@@ -6,6 +6,7 @@ then cast once), and ``run(plan, x, impl)`` executes them with the ops of
 ``nextvit_kernels.ops`` in channels_last. The same plan drives the Triton path,
 the reference path, ONNX export and the C library.
 """
+import importlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -90,7 +91,19 @@ class Plan:
 
     @property
     def launches(self) -> int:
-        return sum(2 if s.op == "e_mhsa" else 1 for s in self.steps) + 1
+        """Kernel launches of one forward (any input size): one per op, two for E-MHSA
+        (K/V pooling, attention) and for a split MLP (see ops/mlp.py), one for the head."""
+        return sum(_kernels(s, self.dtype) for s in self.steps) + 1
+
+
+def _kernels(step: Step, dtype: torch.dtype) -> int:
+    if step.op == "e_mhsa":
+        return 2
+    if step.op == "mlp":
+        w1, _, w2, _ = step.tensors
+        cfg = importlib.import_module(".ops.mlp", __package__)._config(w1.shape[1], 0, w1.shape[0], w2.shape[0], dtype)
+        return 2 if cfg["split"] else 1
+    return 1
 
 
 def model_tensors(model: nn.Module) -> List[Tensor]:

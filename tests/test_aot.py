@@ -22,7 +22,7 @@ DTYPES = os.environ.get("NEXTVIT_AOT_TEST_DTYPES", "fp16,bf16,fp32").split(",")
 VARIANTS = ("nextvit_small", "nextvit_base", "nextvit_large")
 RESOLUTIONS = (224, 384)
 EXPORTS = {"nvk_conv_bn_relu", "nvk_patch_embed", "nvk_mhca", "nvk_mlp", "nvk_e_mhsa", "nvk_head",
-           "nvk_e_mhsa_workspace_size", "nvk_last_error", "nvk_version", "nvk_load"}
+           "nvk_e_mhsa_workspace_size", "nvk_mlp_workspace_size", "nvk_last_error", "nvk_version", "nvk_load"}
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +169,17 @@ def test_ctypes_load_and_errors_without_gpu(build_dir):
     lib.nvk_e_mhsa_workspace_size.restype = ctypes.c_size_t
     # k|v [2, 49, 768] + pooled [2, 49, 384] fp16, each rounded up to 256 bytes
     assert lib.nvk_e_mhsa_workspace_size(2, 14, 14, 384, 2, 1) == 150528 + 75264
+    # MLP: the [B*H*W, hidden] scratch only where the shape class runs split (two kernels)
+    ws = lib.nvk_mlp_workspace_size
+    ws.restype, ws.argtypes = ctypes.c_size_t, [ctypes.c_int] * 9
+    assert ws(2, 14, 14, 384, 0, 1152, 384, 1, 1) == 2 * 14 * 14 * 1152 * 2   # split, fp16
+    assert ws(3, 7, 7, 768, 256, 2048, 1024, 1, 2) == -(-3 * 49 * 2048 * 2 // 256) * 256  # split, bf16
+    assert ws(2, 28, 28, 192, 0, 576, 192, 1, 1) == 0                       # one kernel
+    assert ws(2, 28, 28, 5, 0, 576, 5, 1, 1) == 0                           # not compiled
+    lib.nvk_mlp.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 9 + [ctypes.c_void_p]
+    mlp_args = [p, None] + [p] * 5 + [None, 2, 14, 14, 384, 0, 1152, 384, 1, 1, None]  # x2 NULL, ws NULL
+    assert lib.nvk_mlp(*mlp_args) == 1                                       # split needs a workspace
+    assert b"workspace is NULL" in lib.nvk_last_error()
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the no-driver path cannot be checked here")
     st = lib.nvk_conv_bn_relu(p, p, p, p, 1, 8, 8, 3, 64, 2, 1, None)
@@ -207,3 +218,23 @@ def test_clib_missing_message(tmp_path):
             "try:\n    clib.load()\nexcept RuntimeError as e:\n    assert 'not built' in str(e), e\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_ctypes_signatures_match_header():
+    """clib.SIGNATURES (the ctypes fallback) against the prototypes of nextvit_kernels.h."""
+    import ctypes
+    import re
+    from nextvit_kernels import clib
+    header = open(os.path.join(ROOT, "csrc", "include", "nextvit_kernels.h")).read()
+    header = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
+    protos = {m.group(2): (m.group(1).strip(), m.group(3))
+              for m in re.finditer(r"NVK_API\s+([\w\s\*]+?)\s*(nvk_\w+)\(([^)]*)\);", header)}
+    assert set(protos) == EXPORTS
+    assert set(clib.SIGNATURES) == EXPORTS
+    for name, (ret, params) in protos.items():
+        params = [p.strip() for p in params.split(",") if p.strip() not in ("", "void")]
+        want = [ctypes.c_void_p if "*" in p else ctypes.c_int for p in params]
+        args, res = clib.SIGNATURES[name]
+        assert args == want, (name, params)
+        assert res == {"nvk_status": ctypes.c_int, "size_t": ctypes.c_size_t,
+                       "const char*": ctypes.c_char_p}[ret], (name, ret)

@@ -51,6 +51,12 @@ CASES = {
     "mlp_concat": lambda: (ops.mlp, "mlp",
                            [x_cl(2, 64, 2, 3), rnd(192, 96, scale=0.1), rnd(192), rnd(96, 192, scale=0.05),
                             rnd(96)], dict(x2=x_cl(2, 32, 2, 3))),
+    "mlp_split": lambda: (ops.mlp, "mlp",  # Cout > 256: fc1 -> scratch -> fc2
+                          [x_cl(1, 288, 2, 3), rnd(112, 288, scale=0.05), rnd(112), rnd(288, 112, scale=0.1),
+                           rnd(288)], {}),
+    "mlp_split_concat": lambda: (ops.mlp, "mlp",
+                                 [x_cl(2, 256, 1, 3), rnd(144, 320, scale=0.05), rnd(144),
+                                  rnd(320, 144, scale=0.1), rnd(320)], dict(x2=x_cl(2, 64, 1, 3))),
     "e_mhsa_sr2": lambda: (ops.e_mhsa, "e_mhsa",
                            [x_cl(2, 64, 5, 3)] + [rnd(64, 64, scale=0.1) if i % 2 == 0 else rnd(64) for i in range(8)],
                            dict(sr_ratio=2)),

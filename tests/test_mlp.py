@@ -44,6 +44,8 @@ CASES = [
     (1, 40, 24, 96, None, 2, 2),      # C1 not a multiple of 32: K chunks masked per input
     (2, 32, 0, 64, 320, 3, 3),        # residual off, COUT > 256: several N blocks
     (1, 64, 32, 96, 48, 1, 3),        # residual off with concat, COUT != C1 + C2
+    (2, 288, 0, 96, None, 3, 1),      # COUT > 256: split mode (fc1 to scratch, then fc2)
+    (1, 256, 64, 160, None, 2, 3),    # split mode with the two-pointer concat and residual
 ]
 
 
@@ -71,6 +73,41 @@ def test_reference_matches_float64(case, dtype):
     assert out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert_close(out, oracle(t64, residual), dtype)
+
+
+def forced_mode(monkeypatch, split):
+    """Makes the launcher run fused (one kernel, fc1 recomputed per N block) or split
+    (two kernels through the scratch) whatever the width, keeping the tiles _config picks."""
+    orig = mlp_mod._config
+    monkeypatch.setattr(mlp_mod, "_config", lambda *a, **k: dict(orig(*a, **k), split=split))
+
+
+# Shapes where the two modes differ in how the work is cut: narrow (fused by default) and
+# wide (split by default), with and without concat, hidden not a multiple of any tile.
+MODE_CASES = [(2, 64, 0, 96, None, 3, 3), (1, 64, 32, 160, None, 2, 5), (1, 288, 0, 96, None, 2, 2),
+              (2, 256, 64, 96, 320, 1, 3)]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", MODE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_both_modes_match_float64(case, dtype, split, monkeypatch):
+    forced_mode(monkeypatch, split)
+    b, c1, c2, hidden, c_out, h, w = case
+    residual = c_out is None
+    c_out = c1 + c2 if residual else c_out
+    t, t64 = make_case(b, c1, c2, hidden, c_out, h, w, dtype)
+    assert_close(run(t, "triton", residual), oracle(t64, residual), dtype)
+
+
+def test_config_picks_split_only_above_256_outputs():
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for c1, c2, hid, co in [(96, 0, 288, 96), (192, 64, 512, 256), (384, 0, 1152, 384),
+                                (384, 128, 1024, 512), (768, 0, 2304, 768), (768, 256, 2048, 1024)]:
+            cfg = mlp_mod._config(c1, c2, hid, co, dtype)
+            assert cfg["split"] == (co > 256), (c1, c2, hid, co, dtype)
+            if not cfg["split"]:  # one N block covers every output channel: nothing recomputed
+                assert cfg["mlp"]["BLOCK_N"] >= co or dtype == torch.float32
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
@@ -189,9 +226,23 @@ def test_gpu_small_cases(case, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture():
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(192, 64, 512, 28), (384, 0, 1152, 14), (768, 256, 2048, 7)],
+                         ids=lambda s: "-".join(map(str, s)))
+def test_gpu_both_modes(shape, dtype, split, monkeypatch):
+    forced_mode(monkeypatch, split)
+    c1, c2, hidden, hw = shape
+    t, t64 = make_case(3, c1, c2, hidden, c1 + c2, hw, hw, dtype, device="cuda")
+    assert_close(run(t, "triton"), oracle(t64), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(192, 64, 512, 256), (384, 128, 1024, 512)], ids=["fused", "split"])
+def test_gpu_cuda_graph_capture(shape):
     dtype = torch.float16
-    t, _ = make_case(2, 192, 64, 512, 256, 28, 28, dtype, device="cuda")
+    c1, c2, hidden, c_out = shape
+    t, _ = make_case(2, c1, c2, hidden, c_out, 28, 28, dtype, device="cuda")
     x, x2, w1, b1, w2, b2 = t
     run(t, "triton")  # compile outside the capture
     torch.cuda.synchronize()

@@ -36,11 +36,15 @@ PYBIND11_MODULE(_C, m) {
                    int batch, int h, int w_, int c, int c_out, int residual, int dt, std::uintptr_t stream) {
           return static_cast<int>(nvk_mhca(P(x), P(cw), P(cb), P(pw), M(out), batch, h, w_, c, c_out, residual, D(dt), M(stream)));
         }, nogil);
+  m.def("mlp_workspace_size", [](int batch, int h, int w_, int c1, int c2, int hidden, int c_out, int residual,
+                                 int dt) {
+    return nvk_mlp_workspace_size(batch, h, w_, c1, c2, hidden, c_out, residual, D(dt));
+  });
   m.def("mlp", [](std::uintptr_t x, std::uintptr_t x2, std::uintptr_t w1, std::uintptr_t b1, std::uintptr_t w2,
-                  std::uintptr_t b2, std::uintptr_t out, int batch, int h, int w_, int c1, int c2, int hidden, int c_out,
-                  int residual, int dt, std::uintptr_t stream) {
-          return static_cast<int>(nvk_mlp(P(x), P(x2), P(w1), P(b1), P(w2), P(b2), M(out), batch, h, w_, c1, c2, hidden,
-                                           c_out, residual, D(dt), M(stream)));
+                  std::uintptr_t b2, std::uintptr_t out, std::uintptr_t ws, int batch, int h, int w_, int c1, int c2,
+                  int hidden, int c_out, int residual, int dt, std::uintptr_t stream) {
+          return static_cast<int>(nvk_mlp(P(x), P(x2), P(w1), P(b1), P(w2), P(b2), M(out), M(ws), batch, h, w_, c1, c2,
+                                           hidden, c_out, residual, D(dt), M(stream)));
         }, nogil);
   m.def("e_mhsa_workspace_size", [](int batch, int h, int w_, int c, int sr, int dt) {
     return nvk_e_mhsa_workspace_size(batch, h, w_, c, sr, D(dt));

@@ -463,9 +463,28 @@ nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const
   return st;
 }
 
+static size_t elem_size(nvk_dtype dt) { return dt == NVK_F32 ? 4 : 2; }
+static size_t align256(size_t v) { return (v + 255) & ~(size_t)255; }
+
+/* The shape class nvk_mlp launches for these arguments, or NULL (message set). */
+static const nvk_shape_class_t* mlp_class(int c1, int c2, int hidden, int c_out, int residual, nvk_dtype dt) {
+  int key[5] = {c1, c2, hidden, c_out, residual};
+  const nvk_shape_class_t* sc = lookup(NVK_OP_MLP, dt, key, 5, -1);
+  if (!sc) unsupported(NVK_OP_MLP, dt, key, 5, "c1, c2, hidden, c_out, residual");
+  return sc;
+}
+
+size_t nvk_mlp_workspace_size(int batch, int h, int w_, int c1, int c2, int hidden, int c_out, int residual,
+                              nvk_dtype dt) {
+  if (batch <= 0 || h <= 0 || w_ <= 0 || hidden <= 0 || (int)dt < 0 || (int)dt > 2) return 0;
+  const nvk_shape_class_t* sc = mlp_class(c1, c2, hidden, c_out, residual, dt);
+  if (!sc || sc->n_kernels < 2) return 0; /* fused: the hidden activation never leaves the chip */
+  return align256((size_t)batch * (size_t)h * (size_t)w_ * (size_t)hidden * elem_size(dt)); /* [M, hidden] */
+}
+
 nvk_status nvk_mlp(const void* x, const void* x2, const void* fc1_w, const void* fc1_b, const void* fc2_w,
-                   const void* fc2_b, void* out, int batch, int h, int w_, int c1, int c2, int hidden, int c_out,
-                   int residual, nvk_dtype dt, void* stream) {
+                   const void* fc2_b, void* out, void* workspace, int batch, int h, int w_, int c1, int c2,
+                   int hidden, int c_out, int residual, nvk_dtype dt, void* stream) {
   const char* op = "mlp";
   PTR(op, x); PTR(op, fc1_w); PTR(op, fc1_b); PTR(op, fc2_w); PTR(op, fc2_b); PTR(op, out);
   if (x2) PTR(op, x2);
@@ -478,24 +497,31 @@ nvk_status nvk_mlp(const void* x, const void* x2, const void* fc1_w, const void*
   CHECK(residual == 0 || residual == 1, "nvk_%s: residual must be 0 or 1, got %d", op, residual);
   CHECK(!residual || c_out == c1 + c2, "nvk_%s: residual needs c_out == c1 + c2 (got %d vs %d)", op, c_out, c1 + c2);
   DT(op, dt);
-  int key[5] = {c1, c2, hidden, c_out, residual};
-  const nvk_shape_class_t* sc = lookup(NVK_OP_MLP, dt, key, 5, -1);
-  if (!sc) return unsupported(NVK_OP_MLP, dt, key, 5, "c1, c2, hidden, c_out, residual");
+  const nvk_shape_class_t* sc = mlp_class(c1, c2, hidden, c_out, residual, dt);
+  if (!sc) return NVK_ERR_UNSUPPORTED;
+  int split = sc->n_kernels == 2; /* fc1 -> workspace, then fc2 (outputs wider than one N tile) */
+  if (split) PTR(op, workspace);
   nvk_ctx_t* cx;
   nvk_status st = get_context(stream, &cx);
   if (st) return st;
   long long m = (long long)batch * h * w_;
+  const void* h_buf = split ? workspace : x; /* fused: an unused dummy pointer */
+  if (split) {
+    nvk_args_t F = {0};
+    arg_p(&F, x); arg_p(&F, x2 ? x2 : x); arg_p(&F, fc1_w); arg_p(&F, fc1_b); arg_p(&F, h_buf);
+    arg_i(&F, m); arg_i(&F, c1); arg_i(&F, c2); arg_i(&F, hidden);
+    st = launch(cx, NVK_OP_MLP, sc->kernels[0], &F, cdiv(m, sc->consts[2]), cdiv(hidden, sc->consts[3]), 1, stream);
+    if (st) return st;
+  }
   nvk_args_t A = {0};
   arg_p(&A, x); arg_p(&A, x2 ? x2 : x); arg_p(&A, fc1_w); arg_p(&A, fc1_b); arg_p(&A, fc2_w); arg_p(&A, fc2_b);
-  arg_p(&A, out);
+  arg_p(&A, h_buf); arg_p(&A, out);
   arg_i(&A, m); arg_i(&A, c1); arg_i(&A, c2); arg_i(&A, hidden); arg_i(&A, c_out);
-  st = launch(cx, NVK_OP_MLP, sc->kernels[0], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1, stream);
+  st = launch(cx, NVK_OP_MLP, sc->kernels[split], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1, stream);
   if (!st) ok();
   return st;
 }
 
-static size_t elem_size(nvk_dtype dt) { return dt == NVK_F32 ? 4 : 2; }
-static size_t align256(size_t v) { return (v + 255) & ~(size_t)255; }
 
 size_t nvk_e_mhsa_workspace_size(int batch, int h, int w_, int c, int sr_ratio, nvk_dtype dt) {
   if (batch <= 0 || h <= 0 || w_ <= 0 || c <= 0 || sr_ratio <= 0 || (int)dt < 0 || (int)dt > 2) return 0;

@@ -87,6 +87,19 @@ def new_output(like: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tens
     return out
 
 
+def new_scratch(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A kernel-to-kernel intermediate. With POISON_OUTPUTS it is NaN and sits inside NaN
+    guard bands, so reading an element nobody wrote, or past either end, shows up as NaN."""
+    if not POISON_OUTPUTS:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
+    n = 1
+    for d in shape:
+        n *= d
+    guard = 4096  # elements: keeps the view 16-byte aligned for every dtype
+    buf = torch.full((n + 2 * guard,), float("nan"), device=like.device, dtype=like.dtype)
+    return buf[guard:guard + n].view(shape)
+
+
 def fake_output(like: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Tensor:
     """What a registered op's fake (meta) implementation returns."""
     return torch.empty((b, c, h, w), device=like.device, dtype=like.dtype,

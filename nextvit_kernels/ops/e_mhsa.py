@@ -287,8 +287,8 @@ def _launch(x: torch.Tensor, q_w: torch.Tensor, q_b: torch.Tensor, k_w: torch.Te
     q_w, k_w, v_w, proj_w = (w.contiguous() for w in (q_w, k_w, v_w, proj_w))
     q_b, k_b, v_b, proj_b = (t.contiguous() for t in (q_b, k_b, v_b, proj_b))
 
-    kv = torch.empty((B, nk, 2 * C), device=x.device, dtype=x.dtype)
-    pooled = torch.empty((B, nk, C), device=x.device, dtype=x.dtype) if r > 1 else kv
+    kv = _common.new_scratch(x, B, nk, 2 * C)
+    pooled = _common.new_scratch(x, B, nk, C) if r > 1 else kv
     rows = B * nk
     kv_warps = kvc.pop("num_warps")
     _kv_kernel[(triton.cdiv(rows, kvc["BLOCK_NK"]),)](

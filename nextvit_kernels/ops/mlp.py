@@ -1,9 +1,11 @@
-"""Fused Next-ViT MLP: ``u + fc2(relu(fc1(u)))`` in one kernel (DESIGN.md §1, §3).
+"""Fused Next-ViT MLP: ``u + fc2(relu(fc1(u)))`` (DESIGN.md §1, §3).
 
 ``u`` is ``x`` (NCB Mlp, C -> 3C -> C) or the channel concat of ``x`` and ``x2`` (NTB
 concat-MLP, C1 + C2 -> 2C -> C); BatchNorm is already folded into fc1. The concat is
-never materialized: the kernel reads the first C1 channels of a pixel through ``x`` and
-the next C2 through ``x2``. The hidden activation stays on chip.
+never materialized: the kernels read the first C1 channels of a pixel through ``x`` and
+the next C2 through ``x2``. Up to 256 output channels it is one kernel and the hidden
+activation stays on chip; wider outputs run as two GEMM kernels through an [M, HID]
+scratch instead of recomputing fc1 per output block (see ``_config``).
 """
 from typing import Optional
 
@@ -36,13 +38,69 @@ def reference(x: Tensor, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Ten
 
 
 # ----------------------------------------------------------------------------------------
-# Kernel
+# Kernels
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def _hidden_tile(x_rows, x2_rows, w1_ptr, b1_ptr, offs_h, m_mask, C1, C2, HID,
+                 HAS_X2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """h = relu(u @ w1[offs_h]^T + b1[offs_h]) for BLOCK_M rows, accumulated in fp32 and
+    rounded to the input dtype (what feeds fc2's tensor-core dot either way).
+
+    The K loop over u is split in two loops, one per input pointer, so a K chunk never
+    straddles x and x2 whatever C1 is (masks handle C1 or C2 not a multiple of BLOCK_K).
+    Masked hidden columns come out as relu(0 + 0) = 0.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    h_mask = offs_h < HID
+    cu = C1 + C2
+    hacc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, C1, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < C1
+        a = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w1_ptr + offs_h[None, :] * cu + ks[:, None],
+                    mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+        hacc = tl.dot(a, w, hacc, input_precision=DOT_PRECISION)
+    if HAS_X2:
+        for k0 in range(0, C2, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < C2
+            a = tl.load(x2_rows + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w1_ptr + offs_h[None, :] * cu + (C1 + ks)[:, None],
+                        mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+            hacc = tl.dot(a, w, hacc, input_precision=DOT_PRECISION)
+    b1 = tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+    return tl.maximum(hacc + b1[None, :], 0.0).to(x_rows.dtype.element_ty)
+
+
+@triton.jit
+def _fc1_kernel(
+    x_ptr, x2_ptr, w1_ptr, b1_ptr, h_ptr,
+    M, C1, C2, HID,
+    HAS_X2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Split mode, first half: one program writes h [BLOCK_M, BLOCK_H] of relu(fc1(u)) to
+    the scratch h_ptr [M, HID] (row-major)."""
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_mask = offs_m < M
+    rows = offs_m.to(tl.int64)
+    h = _hidden_tile(x_ptr + rows[:, None] * C1, x2_ptr + rows[:, None] * C2, w1_ptr, b1_ptr,
+                     offs_h, m_mask, C1, C2, HID, HAS_X2, BLOCK_M, BLOCK_H, BLOCK_K, DOT_PRECISION)
+    tl.store(h_ptr + rows[:, None] * HID + offs_h[None, :], h,
+             mask=m_mask[:, None] & (offs_h < HID)[None, :])
+
+
+@triton.jit
 def _mlp_kernel(
-    x_ptr, x2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+    x_ptr, x2_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, out_ptr,
     M, C1, C2, HID, COUT,
-    HAS_X2: tl.constexpr, RESIDUAL: tl.constexpr,
+    HAS_X2: tl.constexpr, RESIDUAL: tl.constexpr, H_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -50,47 +108,31 @@ def _mlp_kernel(
 
     x [M, C1], x2 [M, C2] (a dummy equal to x when not HAS_X2), fc1 weight [HID, C1 + C2],
     fc2 weight [COUT, HID], out [M, COUT]; all row-major. For each BLOCK_H slice of the
-    hidden layer: h = relu(u @ w1[slice]^T + b1[slice]) in fp32, rounded to the input dtype,
-    then acc += h @ w2[n_block, slice]^T. The K loop over u is split in two loops, one per
-    input pointer, so a K chunk never straddles x and x2 whatever C1 is (masks handle C1 or
-    C2 not a multiple of BLOCK_K).
+    hidden layer, h is computed on chip (fused mode) or, with H_IN_MEMORY, read from the
+    [M, HID] scratch _fc1_kernel wrote (split mode; h_ptr is a dummy otherwise); then
+    acc += h @ w2[n_block, slice]^T. Epilogue: + fc2 bias, + u (RESIDUAL), store.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_hb = tl.arange(0, BLOCK_H)
     m_mask = offs_m < M
     n_mask = offs_n < COUT
     rows = offs_m.to(tl.int64)
     x_rows = x_ptr + rows[:, None] * C1
     x2_rows = x2_ptr + rows[:, None] * C2
-    cu = C1 + C2
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for h0 in range(0, HID, BLOCK_H):
         offs_h = h0 + offs_hb
         h_mask = offs_h < HID
-        hacc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-        for k0 in range(0, C1, BLOCK_K):
-            ks = k0 + offs_k
-            k_mask = ks < C1
-            a = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w1_ptr + offs_h[None, :] * cu + ks[:, None],
-                        mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-            hacc = tl.dot(a, w, hacc, input_precision=DOT_PRECISION)
-        if HAS_X2:
-            for k0 in range(0, C2, BLOCK_K):
-                ks = k0 + offs_k
-                k_mask = ks < C2
-                a = tl.load(x2_rows + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w1_ptr + offs_h[None, :] * cu + (C1 + ks)[:, None],
-                            mask=k_mask[:, None] & h_mask[None, :], other=0.0)
-                hacc = tl.dot(a, w, hacc, input_precision=DOT_PRECISION)
-        b1 = tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-        # Masked hidden columns are relu(0 + 0) = 0 and meet zero rows of w2.
-        h = tl.maximum(hacc + b1[None, :], 0.0).to(x_ptr.dtype.element_ty)
+        if H_IN_MEMORY:
+            h = tl.load(h_ptr + rows[:, None] * HID + offs_h[None, :],
+                        mask=m_mask[:, None] & h_mask[None, :], other=0.0)
+        else:
+            h = _hidden_tile(x_rows, x2_rows, w1_ptr, b1_ptr, offs_h, m_mask, C1, C2, HID,
+                             HAS_X2, BLOCK_M, BLOCK_H, BLOCK_K, DOT_PRECISION)
         w2 = tl.load(w2_ptr + offs_n[None, :] * HID + offs_h[:, None],
                      mask=h_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(h, w2, acc, input_precision=DOT_PRECISION)
@@ -108,33 +150,50 @@ def _mlp_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-# Widest output-channel tile. The fp32 accumulator [BLOCK_M, BLOCK_N] lives in registers
-# for the whole hidden loop, next to the [BLOCK_M, BLOCK_H] hidden tile: 64 x 256 fp32 at
-# 8 warps is 64 registers a thread, 64 x 512 would be 128 and 64 x 1024 cannot fit, and
-# BLOCK_M < 64 drops Hopper's wgmma (its M is 64 a warpgroup). So outputs wider than 256
-# are split over programs (grid axis 1) and each N block recomputes fc1 for its rows:
-# fc1 FLOPs x ceil(Cout / 256). Total MLP work against the unfused pair: x1.67 for stage 2's
-# C=384 (Cout padded to 512 too), x1.5 for 512, x2 for 768, x2.5 for 1024; that is the price
-# of keeping h on chip and the first thing to measure on stage 2. Checked offline only (Triton 3.8
-# -> ptxas sm_90a, fp16, channel ints divisible by 16): 64x256 tiles use 175-204 registers
-# with no spills, 64x512 and 128x256 hit 255 and spill. Never timed on a GPU.
+# Two modes, picked per shape by _config:
+# - fused: one _mlp_kernel launch, h never leaves the chip. Its fp32 accumulator
+#   [BLOCK_M, BLOCK_N] lives in registers for the whole hidden loop next to the
+#   [BLOCK_M, BLOCK_H] hidden tile: 64 x 256 fp32 at 8 warps is 64 registers a thread,
+#   64 x 512 would be 128 and 64 x 1024 cannot fit (BLOCK_M < 64 drops Hopper's wgmma,
+#   whose M is 64 a warpgroup). Offline ptxas (Triton 3.8, sm_90a, fp16): 64x256 tiles
+#   use 175-204 registers with no spills; 64x512 and 128x256 hit 255 and spill.
+#   So an output wider than 256 would need several N blocks, each recomputing fc1 for its
+#   rows: fc1 FLOPs x ceil(Cout / 256), which for Next-ViT-S at batch 256 adds about
+#   1.0 TFLOP to the MLPs' 1.84 (stage 2 and 3), ~1.3 ms of tensor-core time at 753 TFLOP/s.
+# - split (Cout > 256): _fc1_kernel writes h to an [M, HID] scratch, then _mlp_kernel
+#   with H_IN_MEMORY reads it back: no FLOP is recomputed; the price is writing and
+#   reading h once (2.6 GB for S at batch 256, ~0.9 ms at 2.98 TB/s if nothing
+#   overlapped, but each half is a GEMM whose FLOP time exceeds its byte time, so the
+#   traffic hides under the math). By that roofline arithmetic split wins for every
+#   Cout > 256 shape of Next-ViT; bench/tune.py measures both modes ("split" move).
+#   Not yet timed on a GPU.
 _MAX_BLOCK_N = 256
 
 
 def _config(c1: int, c2: int, hidden: int, c_out: int, dtype: torch.dtype) -> dict:
-    """Compile-time parameters from the shapes (pure Python, enumerable by an AOT tool)."""
+    """Launch parameters from the shapes (pure Python, enumerable by an AOT tool):
+    {"split": bool, "fc1": {...} (_fc1_kernel, used when split), "mlp": {...} (_mlp_kernel)}.
+    """
     fp32 = dtype == torch.float32
-    # fp32 (checks only) runs on FMA units: keep its register tiles small.
-    block_n = min(triton.next_power_of_2(c_out), 128 if fp32 else _MAX_BLOCK_N)
-    block_n = max(block_n, 16)
-    block_m = 128 if block_n <= 128 and not fp32 else 64
-    block_h = 32 if fp32 else 64
+    prec = "ieee" if fp32 else "tf32"
     # 64-wide K chunks when both inputs split evenly into them (192, 256, 384, ...),
     # 32 otherwise (96): less masked work than padding 96 to 128.
     block_k = 64 if c1 % 64 == 0 and c2 % 64 == 0 and not fp32 else 32
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_K=block_k,
-                DOT_PRECISION="ieee" if fp32 else "tf32", num_warps=num_warps, num_stages=2)
+    split = c_out > _MAX_BLOCK_N
+    # fp32 (checks only) runs on FMA units: keep its register tiles small.
+    fc1 = dict(BLOCK_M=64 if fp32 else 128, BLOCK_H=64 if fp32 else 128, BLOCK_K=block_k,
+               DOT_PRECISION=prec, num_warps=4 if fp32 else 8, num_stages=3)
+    if split:
+        # fc2 alone: a plain GEMM over K = HID, 128 x 128 tiles (384, 512, 768, 1024 all
+        # divide by 128: no padded N).
+        mlp = dict(BLOCK_M=64 if fp32 else 128, BLOCK_N=64 if fp32 else 128, BLOCK_H=32 if fp32 else 64,
+                   BLOCK_K=block_k, DOT_PRECISION=prec, num_warps=4 if fp32 else 8, num_stages=3)
+    else:
+        block_n = max(16, min(triton.next_power_of_2(c_out), 128 if fp32 else _MAX_BLOCK_N))
+        block_m = 128 if block_n <= 128 and not fp32 else 64
+        mlp = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=32 if fp32 else 64, BLOCK_K=block_k,
+                   DOT_PRECISION=prec, num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=2)
+    return dict(split=split, fc1=fc1, mlp=mlp)
 
 
 # ----------------------------------------------------------------------------------------
@@ -163,14 +222,22 @@ def _mlp_triton(x: Tensor, x2: Optional[Tensor], fc1_w: Tensor, fc1_b: Tensor, f
         c2 = x2_arg.shape[1]
     fc1_w, fc2_w = fc1_w.contiguous(), fc2_w.contiguous()
     hidden, c_out = fc1_w.shape[0], fc2_w.shape[0]
+    fc1_b = fc1_b.contiguous()
     out = _common.new_output(x, *_out_shape(x, fc2_w))
     m = b * h * w
     cfg = _config(c1, c2, hidden, c_out, x.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
-    _mlp_kernel[grid](
-        x, x2_arg, fc1_w, fc1_b.contiguous(), fc2_w, fc2_b.contiguous(), out,
+    has_x2 = x2 is not None
+    h_buf = x  # dummy pointer in fused mode
+    if cfg["split"]:
+        f = cfg["fc1"]
+        h_buf = _common.new_scratch(x, m, hidden)
+        _fc1_kernel[(triton.cdiv(m, f["BLOCK_M"]), triton.cdiv(hidden, f["BLOCK_H"]))](
+            x, x2_arg, fc1_w, fc1_b, h_buf, m, c1, c2, hidden, HAS_X2=has_x2, **f)
+    g = cfg["mlp"]
+    _mlp_kernel[(triton.cdiv(m, g["BLOCK_M"]), triton.cdiv(c_out, g["BLOCK_N"]))](
+        x, x2_arg, fc1_w, fc1_b, fc2_w, fc2_b.contiguous(), h_buf, out,
         m, c1, c2, hidden, c_out,
-        HAS_X2=x2 is not None, RESIDUAL=residual, **cfg,
+        HAS_X2=has_x2, RESIDUAL=residual, H_IN_MEMORY=cfg["split"], **g,
     )
     return out
 

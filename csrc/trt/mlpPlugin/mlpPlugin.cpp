@@ -69,15 +69,36 @@ bool MlpPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprBui
     return sameSpatialShape(inputs[0], inputs[weightOffset() + 2], output);
 }
 
+size_t MlpPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+{
+    int32_t const o = weightOffset();
+    if (inputs == nullptr || nbInputs != expectedNbInputs() || inputs[0].max.nbDims != 4
+        || inputs[o].max.nbDims != 2 || inputs[o + 2].max.nbDims != 2)
+    {
+        return 0;
+    }
+    nvk_dtype dt{};
+    if (!toNvkDtype(inputs[0].desc.type, dt))
+    {
+        return 0;
+    }
+    // The workspace must cover every shape of the profile: size it for the upper bounds.
+    Dims const& m = inputs[0].max;
+    int32_t const c2 = o == 2 ? dim(inputs[1].max, 3) : 0;
+    return nvk_mlp_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), c2, dim(inputs[o].max, 0),
+        dim(inputs[o + 2].max, 0), field("residual"), dt);
+}
+
 int32_t MlpPlugin::launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
-    void* /*workspace*/, nvk_dtype dt, void* stream) const noexcept
+    void* workspace, nvk_dtype dt, void* stream) const noexcept
 {
     int32_t const o = weightOffset();
     Dims const& x = inputDesc[0].dims;
     void const* x2 = o == 2 ? inputs[1] : nullptr;
     int32_t const c2 = o == 2 ? dim(inputDesc[1].dims, 3) : 0;
     nvk_status const st = nvk_mlp(inputs[0], x2, inputs[o], inputs[o + 1], inputs[o + 2], inputs[o + 3], output,
-        dim(x, 0), dim(x, 1), dim(x, 2), dim(x, 3), c2, dim(inputDesc[o].dims, 0), dim(inputDesc[o + 2].dims, 0),
+        workspace, dim(x, 0), dim(x, 1), dim(x, 2), dim(x, 3), c2, dim(inputDesc[o].dims, 0), dim(inputDesc[o + 2].dims, 0),
         field("residual"), dt, stream);
     return checkNvk(st, "nvk_mlp", mLayerName);
 }

@@ -7,6 +7,8 @@
  *          fc1_w [hidden, C1 + C2], fc1_b [hidden], fc2_w [Cout, hidden], fc2_b [Cout]
  * Output : [B, H, W, Cout]
  * Fields : residual (int32, 0 or 1; 1 needs Cout == C1 + C2), has_x2 (int32, 0 or 1)
+ * Workspace: nvk_mlp_workspace_size() for the largest shape of the profile (the [B*H*W, hidden]
+ *          activation between fc1 and fc2 when Cout > 256; 0 otherwise).
  */
 #ifndef NEXTVIT_TRT_MLP_PLUGIN_H
 #define NEXTVIT_TRT_MLP_PLUGIN_H
@@ -31,6 +33,9 @@ public:
     }};
 
     using NextViTPlugin::NextViTPlugin;
+
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
 
 protected:
     int32_t expectedNbInputs() const noexcept override;
