@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-PHASES=${PHASES:-"warm e2e ops tests"}
+PHASES=${PHASES:-"warm e2e profile ops tests"}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for phase in $PHASES; do
@@ -19,8 +19,10 @@ for phase in $PHASES; do
     # Compiles the kernels the e2e preset uses in 8 processes at once (Triton compiles serially per process).
     warm)  timeout 90 python bench/warm_cache.py --variants s,b,l --dtype fp16 --batch 1,256 -j 8 2>&1 | tee "$OUT/warm.log" ;;
     e2e)   timeout 240 python -m nextvit_kernels.bench --preset targets --iters 30 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" ;;
-    ops)   timeout 100 python bench/ops_bench.py --dtype fp16 --batch 256 --stop-after-s 80 --compile-deadline-s 50 --out "$OUT" 2>&1 | tee "$OUT/ops.log" ;;
-    tests) timeout 130 python -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 120 -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    # Per-step kernel times of NextViT-S at batch 1 and 256 (kernels already compiled by warm/e2e).
+    profile) timeout 45 python bench/profile_plan.py --variant s --dtype fp16 --batch 1,256 --iters 5 --out "$OUT" 2>&1 | tee "$OUT/profile.log" ;;
+    ops)   timeout 90 python bench/ops_bench.py --dtype fp16 --batch 256 --stop-after-s 70 --compile-deadline-s 45 --out "$OUT" 2>&1 | tee "$OUT/ops.log" ;;
+    tests) timeout 110 python -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 100 -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   esac
   echo "phase $phase: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 done
