@@ -150,11 +150,12 @@ def _f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
 
-def markdown(env, results, plan_launches, args):
+def markdown(env, results, plan, args):
     out = [f"# Fused NextViT-{args.variant.upper()} per-step profile, {args.dtype}, {args.res}x{args.res}", "",
            f"Card: {env.get('card')}; driver {env.get('driver')}; CUDA {env.get('cuda')}; torch {env.get('torch')}; "
            f"Triton {env.get('triton')}; commit {env.get('commit')}; {env.get('date')}.", "",
-           f"{plan_launches} kernel launches a forward. Step times: CUDA events around each op with the GPU "
+           "Kernel launches a forward: " + ", ".join(f"{plan.launches(r['batch'], args.res, args.res)} at batch "
+                                                     f"{r['batch']}" for r in results) + ". Step times: CUDA events around each op with the GPU "
            "queue pre-filled (kernel time, not launch time); median of the passes. Floor = max(bytes / 2.98 TB/s, "
            "FLOPs / 753 TFLOP/s) of the fused op (H100 ceilings, DESIGN §7).", ""]
     for r in results:
@@ -221,7 +222,7 @@ def main(argv=None):
             extra = f", CUDA graph {r['graph_us']:.1f} us" if "graph_us" in r else ""
             ob.log(f"profile_plan: batch {b}: {len(r['steps'])} steps, sum {r['sum_us']:.1f} us{extra} "
                    f"({time.time() - t0:.0f} s)")
-    md = markdown(env, results, plan.launches, args)
+    md = markdown(env, results, plan, args)
     print(md)
     if cpu:
         assert all(len(r["steps"]) == len(plan.steps) + 1 for r in results)
@@ -230,7 +231,8 @@ def main(argv=None):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
     base = Path(args.out) / f"profile-{env.get('card_slug', 'gpu')}-{args.variant}-{args.dtype}-{stamp}"
     base.parent.mkdir(parents=True, exist_ok=True)
-    base.with_suffix(".json").write_text(json.dumps(dict(env=env, args=vars(args), launches=plan.launches,
+    launches = {r["batch"]: plan.launches(r["batch"], args.res, args.res) for r in results}
+    base.with_suffix(".json").write_text(json.dumps(dict(env=env, args=vars(args), launches=launches,
                                                          results=results), indent=1, default=str))
     base.with_suffix(".md").write_text(md + "\n")
     ob.log(f"wrote {base}.json, {base}.md")

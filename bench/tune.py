@@ -87,6 +87,8 @@ def _builder(op):
 #   regs     (cfg, shape) -> fp32 tile values per thread (accumulators and other fp32
 #            tiles live at once); more than REG_LIMIT is pruned as a certain spill
 #   rules    (cfg, shape) -> reason string or None: op-specific validity
+#   inactive (cfg) -> key prefixes the config's mode ignores (MLP / MHCA split or fused):
+#            a move that only changes those is pruned
 #   moves    hand-picked changes applied to the current config, most promising first;
 #            dotted keys address e_mhsa's {"kv": {...}, "attn": {...}} sub-dicts
 # ---------------------------------------------------------------------------------------
@@ -129,18 +131,26 @@ def _emhsa_rules(cfg, s):
 TUNE = {
     "mhca": dict(
         module="nextvit_kernels.ops.mhca",
-        args=lambda s, b, dt: (s["c"], s["c"], dt.itemsize),
-        extents=lambda s, b: dict(BLOCK_M=b * _hw2(s), BLOCK_N=s["c"]),
-        # projection accumulator [M, N] + per-head conv accumulator [M, 32]
-        regs=lambda c, s: (c["BLOCK_M"] * c["BLOCK_N"] + c["BLOCK_M"] * 32) / (32 * _warps(c)),
-        moves=[{"num_stages": 3}, {"num_stages": 1},
-               {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8},
-               {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4},
-               {"BLOCK_M": 64, "num_warps": 8},
-               {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4},
-               {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
-               {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1},
-               {"num_warps": 4}]),
+        args=lambda s, b, dt: (s["c"], s["c"], dt.itemsize, b * _hw2(s)),
+        extents=lambda s, b: {"fused.BLOCK_M": b * _hw2(s), "fused.BLOCK_N": s["c"], "conv.BLOCK_M": b * _hw2(s),
+                              "proj.BLOCK_M": b * _hw2(s), "proj.BLOCK_N": s["c"], "proj.BLOCK_H": s["c"]},
+        # fused: projection accumulator [M, N] + per-head conv accumulator [M, 32];
+        # split: conv kernel [M, 32], projection GEMM [M, N]
+        regs=lambda c, s: (max(_g(c, "conv.BLOCK_M") * 32 / (32 * _warps(c, "conv.")),
+                               _g(c, "proj.BLOCK_M") * _g(c, "proj.BLOCK_N") / (32 * _warps(c, "proj.")))
+                           if c["split"] else
+                           _g(c, "fused.BLOCK_M") * (_g(c, "fused.BLOCK_N") + 32) / (32 * _warps(c, "fused."))),
+        inactive=lambda c: ("fused.",) if c["split"] else ("conv.", "proj."),
+        moves=[{"split": False}, {"split": True},
+               {"fused.num_stages": 3}, {"fused.num_stages": 1},
+               {"fused.BLOCK_M": 128, "fused.BLOCK_N": 128, "fused.num_warps": 8},
+               {"fused.BLOCK_M": 64, "fused.BLOCK_N": 128, "fused.num_warps": 4},
+               {"fused.BLOCK_M": 64, "fused.num_warps": 8},
+               {"fused.BLOCK_M": 128, "fused.BLOCK_N": 64, "fused.num_warps": 4},
+               {"split": True, "conv.BLOCK_M": 128, "conv.num_warps": 8},
+               {"split": True, "proj.BLOCK_M": 128, "proj.BLOCK_N": 128, "proj.num_warps": 8},
+               {"split": True, "proj.BLOCK_N": 128},
+               {"fused.num_warps": 4}]),
     "mlp": dict(
         module="nextvit_kernels.ops.mlp",
         args=lambda s, b, dt: (s["c1"], s["c2"], s["hid"], s["cout"], dt),
@@ -154,6 +164,7 @@ TUNE = {
                            if c["split"] else
                            (_g(c, "mlp.BLOCK_M") * (_g(c, "mlp.BLOCK_N") + _g(c, "mlp.BLOCK_H")))
                            / (32 * _warps(c, "mlp."))),
+        inactive=lambda c: () if c["split"] else ("fc1.",),
         moves=[{"split": False, "mlp.BLOCK_M": 64, "mlp.BLOCK_N": 256, "mlp.num_warps": 8,
                 "mlp.num_stages": 2},  # the one-kernel mode with recompute, as before split existed
                {"split": True},
@@ -277,6 +288,9 @@ def prune_reason(op, s, b, cfg, cur):
     t = TUNE[op]
     flat, base = _normal(cfg), _normal(cur)
     changed = {k: v for k, v in flat.items() if base.get(k) != v}
+    unused = t.get("inactive", lambda c: ())(cfg)
+    if unused and changed and all(k.startswith(unused) for k in changed):
+        return f"changes only {'/'.join(unused)} settings, which this mode (split={cfg['split']}) does not use"
     for key, size in t["extents"](s, b).items():
         v = changed.get(key)
         if v is not None and v > max(16, _p2(size)) and v > base.get(key, 0):

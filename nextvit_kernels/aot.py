@@ -12,9 +12,9 @@ What it does:
    (the non-spatial inputs of the op's ``_config``: channels, hidden, stride, sr_ratio, ...);
 2. for each (op, dtype, key) calls the op module's ``_config`` exactly as its launcher does.
    Ops whose ``_config`` also depends on a spatial quantity (E-MHSA: the number of key
-   tokens; head: H*W) are probed over that quantity: every *probe class* (a maximal range
-   of values with the same configuration) becomes its own shape class, so any resolution
-   is covered, not only the requested ones;
+   tokens; head: H*W; MHCA: the pixels B*H*W) are probed over that quantity: every *probe
+   class* (a maximal range of values with the same configuration) becomes its own shape
+   class, so any batch and resolution is covered, not only the requested ones;
 3. dedupes the (kernel, dtype, constexprs, specialization, warps, stages) variants and
    compiles each for every arch in a process pool; writes ``kernels/<id>.<arch>.cubin`` and
    ``.ptx`` and ``manifest.json`` (kernels + shape-class table);
@@ -148,23 +148,41 @@ def _patch_embed_calls(key, dtype, _probe):
             dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]))
 
 
-def _mhca_calls(key, dtype, _probe):
+def _mhca_calls(key, dtype, m_pixels):
     m = _mod("mhca")
     c, co, res = key["c"], key["c_out"], bool(key["residual"])
-    cfg = m._config(c, co, torch.empty((), dtype=dtype).element_size())
+    cfg = m._config(c, co, torch.empty((), dtype=dtype).element_size(), m_pixels)
+    f, cv, pj = dict(cfg["fused"]), dict(cfg["conv"]), dict(cfg["proj"])
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    x_strides = lambda b, h, w: list(zip(("sxb", "sxc", "sxh", "sxw"), _nhwc(b, c, h, w)))  # noqa: E731
+    cw_strides = list(zip(("scw0", "scw1", "scw2", "scw3"), (32 * 9, 9, 3, 1))) + [("scb", 1)]
 
-    def args(b, h, w):
+    def fused_args(b, h, w):
         return ([("x_ptr", "p"), ("cw_ptr", "p"), ("cb_ptr", "p"), ("pw_ptr", "p"), ("out_ptr", "p"),
                  ("M", b * h * w), ("H", h), ("W", w), ("C", c), ("C_OUT", co)]
-                + list(zip(("sxb", "sxc", "sxh", "sxw"), _nhwc(b, c, h, w)))
-                + list(zip(("scw0", "scw1", "scw2", "scw3"), (32 * 9, 9, 3, 1)))
-                + [("scb", 1), ("spw0", c), ("spw1", 1)]
+                + x_strides(b, h, w) + cw_strides + [("spw0", c), ("spw1", 1)]
                 + list(zip(("sob", "soc", "soh", "sow"), _nhwc(b, co, h, w))))
 
-    const = dict(RESIDUAL=res, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")
-    return ([KernelCall("_mhca_kernel", const, cfg["num_warps"], cfg["num_stages"], args)],
-            dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]))
+    def conv_args(b, h, w):
+        return ([("x_ptr", "p"), ("cw_ptr", "p"), ("cb_ptr", "p"), ("h_ptr", "p"),
+                 ("M", b * h * w), ("H", h), ("W", w), ("C", c)] + x_strides(b, h, w) + cw_strides)
+
+    def proj_args(b, h, w):  # mlp._mlp_kernel as the projection GEMM (see ops/mhca.py)
+        return [("x_ptr", "p"), ("x2_ptr", "p"), ("w1_ptr", "p"), ("b1_ptr", "p"), ("w2_ptr", "p"),
+                ("b2_ptr", "p"), ("h_ptr", "p"), ("out_ptr", "p"),
+                ("M", b * h * w), ("C1", c), ("C2", 0), ("HID", c), ("COUT", co)]
+
+    if cfg["split"]:
+        cw_warps, cw_stages = cv.pop("num_warps"), cv.pop("num_stages")
+        pj_warps, pj_stages = pj.pop("num_warps"), pj.pop("num_stages")
+        calls = [KernelCall("_mhca_conv_kernel", cv, cw_warps, cw_stages, conv_args),
+                 KernelCall("_mlp_kernel", dict(HAS_X2=False, RESIDUAL=res, H_IN_MEMORY=True, HAS_B2=False, **pj),
+                            pj_warps, pj_stages, proj_args)]
+    else:
+        const = dict(RESIDUAL=res, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], DOT_PRECISION=prec)
+        calls = [KernelCall("_mhca_kernel", const, f["num_warps"], f["num_stages"], fused_args)]
+    return calls, dict(BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], CONV_BLOCK_M=cfg["conv"]["BLOCK_M"],
+                       PROJ_BLOCK_M=cfg["proj"]["BLOCK_M"], PROJ_BLOCK_N=cfg["proj"]["BLOCK_N"])
 
 
 def _mlp_calls(key, dtype, _probe):
@@ -184,7 +202,7 @@ def _mlp_calls(key, dtype, _probe):
         return inputs + [("w2_ptr", "p"), ("b2_ptr", "p"), ("h_ptr", "p"), ("out_ptr", "p"),
                          ("M", b * h * w), ("C1", c1), ("C2", c2), ("HID", hid), ("COUT", co)]
 
-    calls = [KernelCall("_mlp_kernel", dict(HAS_X2=c2 > 0, RESIDUAL=res, H_IN_MEMORY=split, **g),
+    calls = [KernelCall("_mlp_kernel", dict(HAS_X2=c2 > 0, RESIDUAL=res, H_IN_MEMORY=split, HAS_B2=True, **g),
                         g_warps, g_stages, mlp_args)]
     if split:  # fc1 into the workspace first (the C side: two kernels <=> split)
         calls.insert(0, KernelCall("_fc1_kernel", dict(HAS_X2=c2 > 0, **f), f_warps, f_stages, fc1_args))
@@ -243,7 +261,8 @@ def _head_calls(key, dtype, hw):
 SPECS: Dict[str, OpSpec] = {
     "conv_bn_relu": OpSpec(("c_in", "c_out", "stride"), ("BLOCK_M", "BLOCK_N"), None, _conv_calls),
     "patch_embed": OpSpec(("c_in", "c_out", "stride"), ("BLOCK_M", "BLOCK_N"), None, _patch_embed_calls),
-    "mhca": OpSpec(("c", "c_out", "residual"), ("BLOCK_M", "BLOCK_N"), None, _mhca_calls),
+    "mhca": OpSpec(("c", "c_out", "residual"),
+                   ("BLOCK_M", "BLOCK_N", "CONV_BLOCK_M", "PROJ_BLOCK_M", "PROJ_BLOCK_N"), "pixels", _mhca_calls),
     "mlp": OpSpec(("c1", "c2", "hidden", "c_out", "residual"),
                   ("BLOCK_M", "BLOCK_N", "FC1_BLOCK_M", "FC1_BLOCK_H"), None, _mlp_calls),
     "e_mhsa": OpSpec(("c", "c_out", "sr_ratio", "head_dim", "residual"),
@@ -270,32 +289,29 @@ def _plan(variant: str):
 
 def plan_keys(variant: str, resolution: int):
     """[(op, key dict, probe value or None)] for every step of the fused plan of ``variant``
-    at ``resolution`` x ``resolution`` (probe: E-MHSA key tokens, head H*W)."""
+    at ``resolution`` x ``resolution`` (probe: E-MHSA key tokens, head H*W, MHCA pixels at batch 1)."""
+    from .fused import spatial_sizes
     plan = _plan(variant)
-    h = w = resolution
+    sizes, (h_out, w_out) = spatial_sizes(plan, resolution, resolution)
     branch_c = None
     out = []
     cur_c = 3
-    for s in plan.steps:
+    for s, (h, w) in zip(plan.steps, sizes):
         t = s.tensors
         if s.op == "conv_bn_relu":
             key = dict(c_in=t[0].shape[1], c_out=t[0].shape[0], stride=s.kwargs["stride"])
             out.append(("conv_bn_relu", key, None))
-            st = s.kwargs["stride"]
-            h, w = (h - 1) // st + 1, (w - 1) // st + 1
             cur_c = key["c_out"]
         elif s.op == "patch_embed":
             key = dict(c_in=t[0].shape[1], c_out=t[0].shape[0], stride=s.kwargs["stride"])
             out.append(("patch_embed", key, None))
-            if not s.to_branch:
-                st = s.kwargs["stride"]
-                h, w = -(-h // st), -(-w // st)
-                cur_c = key["c_out"]
-            else:
+            if s.to_branch:
                 branch_c = key["c_out"]
+            else:
+                cur_c = key["c_out"]
         elif s.op == "mhca":
             key = dict(c=t[0].shape[0], c_out=t[2].shape[0], residual=int(s.kwargs.get("residual", True)))
-            out.append(("mhca", key, None))
+            out.append(("mhca", key, h * w))  # probe: pixels B*H*W, here at batch 1
         elif s.op == "mlp":
             c2 = branch_c if s.x2_branch else 0
             key = dict(c1=cur_c, c2=c2, hidden=t[0].shape[0], c_out=t[2].shape[0],
@@ -311,7 +327,7 @@ def plan_keys(variant: str, resolution: int):
         else:
             raise ValueError(f"unknown op {s.op}")
     hw_, hb = plan.head
-    out.append(("head", dict(c=hw_.shape[1], n_classes=hw_.shape[0]), h * w))
+    out.append(("head", dict(c=hw_.shape[1], n_classes=hw_.shape[0]), h_out * w_out))
     return out
 
 

@@ -36,12 +36,13 @@ _VP, _I, _SZ = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
 SIGNATURES = {
     "nvk_conv_bn_relu": ([_VP] * 4 + [_I] * 7 + [_VP], _I),
     "nvk_patch_embed": ([_VP] * 4 + [_I] * 7 + [_VP], _I),
-    "nvk_mhca": ([_VP] * 5 + [_I] * 7 + [_VP], _I),
+    "nvk_mhca": ([_VP] * 6 + [_I] * 7 + [_VP], _I),
     "nvk_mlp": ([_VP] * 8 + [_I] * 9 + [_VP], _I),
     "nvk_e_mhsa": ([_VP] * 11 + [_I] * 9 + [_VP], _I),
     "nvk_head": ([_VP] * 4 + [_I] * 6 + [_VP], _I),
     "nvk_e_mhsa_workspace_size": ([_I] * 6, _SZ),
     "nvk_mlp_workspace_size": ([_I] * 9, _SZ),
+    "nvk_mhca_workspace_size": ([_I] * 7, _SZ),
     "nvk_load": ([_VP], _I),
     "nvk_last_error": ([], ctypes.c_char_p),
     "nvk_version": ([], ctypes.c_char_p),
@@ -148,6 +149,11 @@ def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
 
+def _workspace(x, nbytes):
+    """Device scratch of ``nbytes`` (a multiple of 256) for an entry point, or None if 0."""
+    return _common.new_scratch(x, nbytes // x.element_size()) if nbytes else None
+
+
 # --------------------------------------------------------------------------- ops
 def conv_bn_relu(x, w, b, *, stride: int, impl: str = "auto"):
     op = "conv_bn_relu"
@@ -183,9 +189,12 @@ def mhca(x, conv_w, conv_b, proj_w, *, residual: bool = True, impl: str = "auto"
     conv_b = _common.check_param(op, "conv_b", conv_b, x, (c,))
     proj_w = _w(op, "proj_w", proj_w, x, (None, c))
     c_out = proj_w.shape[0]
+    lib = load()
+    dt, res = _DT[x.dtype], int(bool(residual))
+    ws = _workspace(x, lib.mhca_workspace_size(bsz, h, wd, c, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
-    _check(op, load().mhca(_ptr(x), _ptr(conv_w), _ptr(conv_b), _ptr(proj_w), _ptr(out), bsz, h, wd, c, c_out,
-                           int(bool(residual)), _DT[x.dtype], _stream(x)))
+    _check(op, lib.mhca(_ptr(x), _ptr(conv_w), _ptr(conv_b), _ptr(proj_w), _ptr(out), _ptr(ws),
+                        bsz, h, wd, c, c_out, res, dt, _stream(x)))
     return out
 
 
@@ -207,8 +216,7 @@ def mlp(x, fc1_w, fc1_b, fc2_w, fc2_b, *, x2=None, residual: bool = True, impl: 
     fc2_b = _common.check_param(op, "fc2_b", fc2_b, x, (c_out,))
     lib = load()
     dt, res = _DT[x.dtype], int(bool(residual))
-    ws_size = lib.mlp_workspace_size(bsz, h, wd, c1, c2, hidden, c_out, res, dt)
-    ws = _common.new_scratch(x, ws_size // x.element_size()) if ws_size else None
+    ws = _workspace(x, lib.mlp_workspace_size(bsz, h, wd, c1, c2, hidden, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
     _check(op, lib.mlp(_ptr(x), _ptr(x2), _ptr(fc1_w), _ptr(fc1_b), _ptr(fc2_w), _ptr(fc2_b), _ptr(out), _ptr(ws),
                        bsz, h, wd, c1, c2, hidden, c_out, res, dt, _stream(x)))
@@ -227,8 +235,7 @@ def e_mhsa(x, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int, he
     proj_b = _common.check_param(op, "proj_b", proj_b, x, (c_out,))
     lib = load()
     dt = _DT[x.dtype]
-    ws_size = lib.e_mhsa_workspace_size(bsz, h, wd, c, int(sr_ratio), dt)
-    ws = torch.empty(max(ws_size, 16), dtype=torch.uint8, device=x.device)
+    ws = _workspace(x, lib.e_mhsa_workspace_size(bsz, h, wd, c, int(sr_ratio), dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
     _check(op, lib.e_mhsa(_ptr(x), _ptr(q_w), _ptr(q_b), _ptr(k_w), _ptr(k_b), _ptr(v_w), _ptr(v_b), _ptr(proj_w),
                           _ptr(proj_b), _ptr(out), _ptr(ws), bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim),

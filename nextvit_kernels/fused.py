@@ -89,19 +89,39 @@ class Plan:
     def is_current(self) -> bool:
         return self.key == weights_key(self.source)
 
-    @property
-    def launches(self) -> int:
-        """Kernel launches of one forward (any input size): one per op, two for E-MHSA
-        (K/V pooling, attention) and for a split MLP (see ops/mlp.py), one for the head."""
-        return sum(_kernels(s, self.dtype) for s in self.steps) + 1
+    def launches(self, batch: int = 1, height: int = 224, width: int = 224) -> int:
+        """Kernel launches of one forward at this input size: one per op, two for E-MHSA
+        (K/V pooling, attention), for an MLP wider than 256 outputs and for an MHCA on few
+        pixels (their split modes, see ops/mlp.py and ops/mhca.py), one for the head."""
+        sizes, _ = spatial_sizes(self, height, width)
+        return sum(_kernels(s, self.dtype, batch * h * w) for s, (h, w) in zip(self.steps, sizes)) + 1
 
 
-def _kernels(step: Step, dtype: torch.dtype) -> int:
+def spatial_sizes(plan: "Plan", height: int, width: int):
+    """The (H, W) each step's input has for an image of height x width, and the head's."""
+    h, w = height, width
+    sizes = []
+    for s in plan.steps:
+        sizes.append((h, w))
+        st = s.kwargs.get("stride", 1)
+        if s.op == "conv_bn_relu":  # 3x3, padding 1
+            h, w = (h - 1) // st + 1, (w - 1) // st + 1
+        elif s.op == "patch_embed" and not s.to_branch:  # ceil-mode pooling
+            h, w = -(-h // st), -(-w // st)
+    return sizes, (h, w)
+
+
+def _kernels(step: Step, dtype: torch.dtype, pixels: int) -> int:
     if step.op == "e_mhsa":
         return 2
     if step.op == "mlp":
         w1, _, w2, _ = step.tensors
         cfg = importlib.import_module(".ops.mlp", __package__)._config(w1.shape[1], 0, w1.shape[0], w2.shape[0], dtype)
+        return 2 if cfg["split"] else 1
+    if step.op == "mhca":
+        cw, _, pw = step.tensors
+        esize = torch.empty((), dtype=dtype).element_size()
+        cfg = importlib.import_module(".ops.mhca", __package__)._config(cw.shape[0], pw.shape[0], esize, pixels)
         return 2 if cfg["split"] else 1
     return 1
 

@@ -22,7 +22,7 @@ DTYPES = os.environ.get("NEXTVIT_AOT_TEST_DTYPES", "fp16,bf16,fp32").split(",")
 VARIANTS = ("nextvit_small", "nextvit_base", "nextvit_large")
 RESOLUTIONS = (224, 384)
 EXPORTS = {"nvk_conv_bn_relu", "nvk_patch_embed", "nvk_mhca", "nvk_mlp", "nvk_e_mhsa", "nvk_head",
-           "nvk_e_mhsa_workspace_size", "nvk_mlp_workspace_size", "nvk_last_error", "nvk_version", "nvk_load"}
+           "nvk_e_mhsa_workspace_size", "nvk_mlp_workspace_size", "nvk_mhca_workspace_size", "nvk_last_error", "nvk_version", "nvk_load"}
 
 
 @pytest.fixture(scope="session")
@@ -82,9 +82,13 @@ def test_shape_classes_agree_with_config(manifest):
         dtype = aot.DTYPES[c["dtype"]]
         k = c["key"]
         if c["op"] == "mhca":
-            cfg = importlib.import_module("nextvit_kernels.ops.mhca")._config(
-                k["c"], k["c_out"], torch.empty((), dtype=dtype).element_size())
-            assert c["consts"] == dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+            for m in {c["probe_lo"], c["probe_hi"] if c["probe_hi"] > 0 else 4 * c["probe_lo"]}:
+                cfg = importlib.import_module("nextvit_kernels.ops.mhca")._config(
+                    k["c"], k["c_out"], torch.empty((), dtype=dtype).element_size(), m)
+                assert c["consts"] == dict(BLOCK_M=cfg["fused"]["BLOCK_M"], BLOCK_N=cfg["fused"]["BLOCK_N"],
+                                           CONV_BLOCK_M=cfg["conv"]["BLOCK_M"], PROJ_BLOCK_M=cfg["proj"]["BLOCK_M"],
+                                           PROJ_BLOCK_N=cfg["proj"]["BLOCK_N"])
+                assert len(c["kernels"]) == (2 if cfg["split"] else 1)
         elif c["op"] == "e_mhsa":
             for nk in {c["probe_lo"], c["probe_hi"] if c["probe_hi"] > 0 else 4 * c["probe_lo"]}:
                 cfg = importlib.import_module("nextvit_kernels.ops.e_mhsa")._config(
@@ -179,6 +183,16 @@ def test_ctypes_load_and_errors_without_gpu(build_dir):
     lib.nvk_mlp.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 9 + [ctypes.c_void_p]
     mlp_args = [p, None] + [p] * 5 + [None, 2, 14, 14, 384, 0, 1152, 384, 1, 1, None]  # x2 NULL, ws NULL
     assert lib.nvk_mlp(*mlp_args) == 1                                       # split needs a workspace
+    assert b"workspace is NULL" in lib.nvk_last_error()
+    # MHCA: split (two kernels through the workspace) below 4096 pixels; the size covers every
+    # call with at most that many pixels
+    mws = lib.nvk_mhca_workspace_size
+    mws.restype, mws.argtypes = ctypes.c_size_t, [ctypes.c_int] * 7
+    assert mws(1, 14, 14, 384, 384, 1, 1) == -(-196 * 384 * 2 // 256) * 256
+    assert mws(256, 14, 14, 384, 384, 1, 1) == 4095 * 384 * 2                # capped at the split range
+    assert mws(1, 7, 7, 5 * 32, 5 * 32, 1, 1) == 0                           # not compiled
+    lib.nvk_mhca.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    assert lib.nvk_mhca(p, p, p, p, p, None, 1, 14, 14, 384, 384, 1, 1, None) == 1
     assert b"workspace is NULL" in lib.nvk_last_error()
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the no-driver path cannot be checked here")

@@ -58,14 +58,33 @@ def test_launch_count_nextvit_small():
     plan = fused.fold(nk.nextvit_small().eval(), "cpu", torch.float32)
     ops_used = {s.op for s in plan.steps}
     assert ops_used == {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa"}
-    # DESIGN §3: about 60 fused ops (eager runs ~360): 62 for S. 13 of them, the MLPs with more
-    # than 256 output channels (stages 2 and 3), run as two GEMM kernels instead of recomputing
-    # fc1 per output block (ops/mlp.py), so 75 kernels.
-    n_emhsa = sum(s.op == "e_mhsa" for s in plan.steps)  # two kernels each: K/V pooling, attention
+    # DESIGN §3: about 60 fused ops (eager runs ~360): 62 for S, counting E-MHSA's two kernels.
+    n_emhsa = sum(s.op == "e_mhsa" for s in plan.steps)
     assert len(plan.steps) + 1 + n_emhsa == 62, len(plan.steps)
-    n_split = sum(s.op == "mlp" and s.tensors[2].shape[0] > 256 for s in plan.steps)
-    assert n_split == 13
-    assert plan.launches == 62 + n_split, plan.launches
+    # The MLPs with more than 256 output channels (stages 2 and 3, 13 of them) run as two GEMM
+    # kernels instead of recomputing fc1 per output block (ops/mlp.py).
+    n_split_mlp = sum(s.op == "mlp" and s.tensors[2].shape[0] > 256 for s in plan.steps)
+    assert n_split_mlp == 13
+    assert plan.launches(256, 224, 224) == 62 + 13
+    # On few pixels (< 4096) each MHCA is a conv kernel plus a projection GEMM (ops/mhca.py):
+    # all 20 at batch 1; at batch 2 the 56x56 stage-0 maps are fused again; at batch 64 only
+    # stage 3's 7x7 maps (3 MHCAs) are split.
+    n_mhca = sum(s.op == "mhca" for s in plan.steps)
+    assert n_mhca == 20
+    assert plan.launches(1, 224, 224) == 62 + 13 + 20
+    assert plan.launches(2, 224, 224) == 62 + 13 + 20 - 3
+    assert plan.launches(64, 224, 224) == 62 + 13 + 3
+
+
+def test_spatial_sizes_follow_the_model():
+    m = nk.nextvit_small().eval()
+    plan = fused.fold(m, "cpu", torch.float32)
+    for hw in [(224, 224), (230, 190), (25, 25)]:
+        sizes, out = fused.spatial_sizes(plan, *hw)
+        with torch.no_grad():
+            last = m.forward_features(torch.zeros(1, 3, *hw))[-1]
+        assert out == tuple(last.shape[2:]), (hw, out, last.shape)
+        assert sizes[0] == hw
 
 
 def test_plan_cache_is_rebuilt_when_weights_device_or_dtype_change():

@@ -5,6 +5,8 @@ NaN, so a kernel that reads past (or before) any of its tensors and uses the
 value produces NaN, and assert_close reports it. On a GPU the same read could
 fault or silently read a neighbour's data.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -44,8 +46,11 @@ CASES = {
                                [x_cl(2, 96, 5, 7), rnd(64, 96, scale=0.1), rnd(64)], dict(stride=2)),
     "patch_embed_s1": lambda: (ops.patch_embed, "patch_embed",
                                [x_cl(1, 64, 3, 3), rnd(96, 64, scale=0.1), rnd(96)], dict(stride=1)),
-    "mhca": lambda: (ops.mhca, "mhca",
+    "mhca": lambda: (ops.mhca, "mhca",  # few pixels: split mode (conv kernel -> scratch -> GEMM)
                      [x_cl(2, 96, 5, 4), rnd(96, 32, 3, 3, scale=0.1), rnd(96), rnd(96, 96, scale=0.1)], {}),
+    "mhca_fused": lambda: (ops.mhca, "mhca",  # the same through the one-kernel mode (forced below)
+                           [x_cl(2, 96, 5, 4), rnd(96, 32, 3, 3, scale=0.1), rnd(96), rnd(96, 96, scale=0.1)],
+                           {}),
     "mlp": lambda: (ops.mlp, "mlp",
                     [x_cl(1, 64, 3, 5), rnd(288, 64, scale=0.1), rnd(288), rnd(64, 288, scale=0.05), rnd(64)], {}),
     "mlp_concat": lambda: (ops.mlp, "mlp",
@@ -68,8 +73,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_no_out_of_bounds_reads(name):
+def test_no_out_of_bounds_reads(name, monkeypatch):
     fn, _, args64, kwargs64 = CASES[name]()
+    if name == "mhca_fused":
+        mod = importlib.import_module("nextvit_kernels.ops.mhca")
+        orig = mod._config
+        monkeypatch.setattr(mod, "_config", lambda *a, **k: dict(orig(*a, **k), split=False))
     dtype = torch.float32
     args = [banded(a.to(dtype)) for a in args64]
     kwargs = {k: banded(v.to(dtype)) if isinstance(v, torch.Tensor) else v for k, v in kwargs64.items()}

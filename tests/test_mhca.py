@@ -41,9 +41,19 @@ CASES = [
 ]
 
 
+def forced_mode(monkeypatch, split):
+    """Runs the fused (one kernel) or split (conv kernel + projection GEMM) mode whatever the
+    pixel count; _config picks split below SPLIT_BELOW_PIXELS, so these small cases would
+    otherwise never reach the fused kernel."""
+    orig = mod._config
+    monkeypatch.setattr(mod, "_config", lambda *a, **k: dict(orig(*a, **k), split=split))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b,c,h,w,c_out,residual", CASES)
-def test_triton_matches_float64(b, c, h, w, c_out, residual, dtype):
+def test_triton_matches_float64(b, c, h, w, c_out, residual, dtype, split, monkeypatch):
+    forced_mode(monkeypatch, split)
     args, args64 = make(b, c, h, w, c_out, dtype)
     x = args[0].contiguous(memory_format=CL)
     out = ops.mhca(x, *args[1:], residual=residual, impl="triton")
@@ -61,8 +71,11 @@ def test_triton_any_input_layout_and_4d_proj(layout):
     assert_close(out, oracle(args64, True), torch.float32)
 
 
-def test_registered_op_reads_strided_input():
-    # The kernel reads x through its strides, so the raw op also takes NCHW input.
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+def test_registered_op_reads_strided_input(split, monkeypatch):
+    # The fused kernel reads x through its strides and split mode makes it channels_last,
+    # so the raw op also takes NCHW input.
+    forced_mode(monkeypatch, split)
     args, args64 = make(1, 64, 3, 4, 64, torch.float32)
     out = mod._mhca_op(args[0].contiguous(), *args[1:], True)
     assert_close(out, oracle(args64, True), torch.float32)
@@ -122,12 +135,17 @@ def test_opcheck_and_compile():
 
 
 def test_config_rules():
-    # BLOCK_N covers C_out up to 256 (conv computed once); wider outputs split N in 256s.
+    # Fused: BLOCK_N covers C_out up to 256 (conv computed once); wider outputs split N in 256s.
     for c in (64, 96, 128, 192, 256):
-        cfg = mod._config(c, c, 2)
+        cfg = mod._config(c, c, 2, 1 << 20)["fused"]
         assert cfg["BLOCK_N"] >= c and cfg["BLOCK_N"] <= 256
     for c in (384, 512, 768, 1024):
-        assert mod._config(c, c, 2)["BLOCK_N"] == 256
+        assert mod._config(c, c, 2, 1 << 20)["fused"]["BLOCK_N"] == 256
+    # Split below SPLIT_BELOW_PIXELS pixels (Next-ViT-S at batch 1: every stage), fused above.
+    for m in (49, 196, 784, 3136, mod.SPLIT_BELOW_PIXELS - 1):
+        assert mod._config(384, 384, 2, m)["split"]
+    for m in (mod.SPLIT_BELOW_PIXELS, 256 * 196):
+        assert not mod._config(384, 384, 2, m)["split"]
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -147,6 +165,17 @@ def test_gpu_stage_shapes(c, hw, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("c,hw", [(192, 28), (384, 14), (768, 7)])
+def test_gpu_both_modes_at_batch_1_and_32(c, hw, dtype, split, monkeypatch):
+    forced_mode(monkeypatch, split)
+    for b in (1, 32):
+        args, args64 = make(b, c, hw, hw, c, dtype, device="cuda")
+        assert_close(ops.mhca(args[0], *args[1:]), oracle(args64, True), dtype, what=f"b={b}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,c,h,w,c_out,residual", CASES)
 def test_gpu_small_cases(b, c, h, w, c_out, residual, dtype):
@@ -156,16 +185,17 @@ def test_gpu_small_cases(b, c, h, w, c_out, residual, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture():
+@pytest.mark.parametrize("b", [1, 8], ids=["split", "fused"])  # 784 and 6272 pixels
+def test_gpu_cuda_graph_capture(b):
     dtype = torch.float16
-    args, _ = make(2, 192, 28, 28, 192, dtype, device="cuda")
+    args, _ = make(b, 192, 28, 28, 192, dtype, device="cuda")
     static_x = args[0].contiguous(memory_format=CL)
     ops.mhca(static_x, *args[1:])  # compile outside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         static_out = ops.mhca(static_x, *args[1:])
-    new_x, new_x64 = rand_like_dtype(2, 192, 28, 28, dtype=dtype, device="cuda")
+    new_x, new_x64 = rand_like_dtype(b, 192, 28, 28, dtype=dtype, device="cuda")
     static_x.copy_(new_x)
     g.replay()
     torch.cuda.synchronize()

@@ -7,7 +7,7 @@
  * (NULL: the legacy default stream). Launches never allocate or synchronize (CUDA-graph
  * capturable once the kernels are loaded in the context: nvk_load, or any first call, does that
  * and must happen outside a capture).
- * Scratch memory comes from `workspace` (E-MHSA, and MLP outputs wider than 256 channels). The compiled kernels need no
+ * Scratch memory comes from `workspace` (E-MHSA; MLP outputs wider than 256 channels; MHCA on few pixels). The compiled kernels need no
  * Triton global/profile scratch (checked when the library is generated).
  * Every function returns NVK_OK or an error code; nvk_last_error() then says why. */
 #ifndef NEXTVIT_KERNELS_H
@@ -36,7 +36,10 @@ NVK_API nvk_status nvk_load(void* stream);
 
 NVK_API nvk_status nvk_conv_bn_relu(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c_in, int c_out, int stride, nvk_dtype dt, void* stream);
 NVK_API nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c_in, int c_out, int stride, nvk_dtype dt, void* stream);
-NVK_API nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const void* proj_w, void* out, int batch, int h, int w_, int c, int c_out, int residual, nvk_dtype dt, void* stream);
+/* Below a few thousand pixels (batch*h*w) MHCA runs as two kernels through `workspace`; the size
+ * covers every call with at most batch*h*w pixels (0: none needed, workspace may be NULL). */
+NVK_API size_t nvk_mhca_workspace_size(int batch, int h, int w_, int c, int c_out, int residual, nvk_dtype dt);
+NVK_API nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const void* proj_w, void* out, void* workspace, int batch, int h, int w_, int c, int c_out, int residual, nvk_dtype dt, void* stream);
 /* Outputs wider than 256 channels run fc1 into `workspace` ([M, hidden]), then fc2; the size is 0
  * (workspace may be NULL) when the shape runs as one kernel, and 0 for an unsupported shape. */
 NVK_API size_t nvk_mlp_workspace_size(int batch, int h, int w_, int c1, int c2, int hidden, int c_out, int residual, nvk_dtype dt);

@@ -32,9 +32,14 @@ PYBIND11_MODULE(_C, m) {
                           int w_, int c_in, int c_out, int stride, int dt, std::uintptr_t stream) {
           return static_cast<int>(nvk_patch_embed(P(x), P(w), P(b), M(out), batch, h, w_, c_in, c_out, stride, D(dt), M(stream)));
         }, nogil);
+  m.def("mhca_workspace_size", [](int batch, int h, int w_, int c, int c_out, int residual, int dt) {
+    return nvk_mhca_workspace_size(batch, h, w_, c, c_out, residual, D(dt));
+  });
   m.def("mhca", [](std::uintptr_t x, std::uintptr_t cw, std::uintptr_t cb, std::uintptr_t pw, std::uintptr_t out,
-                   int batch, int h, int w_, int c, int c_out, int residual, int dt, std::uintptr_t stream) {
-          return static_cast<int>(nvk_mhca(P(x), P(cw), P(cb), P(pw), M(out), batch, h, w_, c, c_out, residual, D(dt), M(stream)));
+                   std::uintptr_t ws, int batch, int h, int w_, int c, int c_out, int residual, int dt,
+                   std::uintptr_t stream) {
+          return static_cast<int>(nvk_mhca(P(x), P(cw), P(cb), P(pw), M(out), M(ws), batch, h, w_, c, c_out, residual,
+                                            D(dt), M(stream)));
         }, nogil);
   m.def("mlp_workspace_size", [](int batch, int h, int w_, int c1, int c2, int hidden, int c_out, int residual,
                                  int dt) {

@@ -435,8 +435,30 @@ nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* ou
   return st;
 }
 
-nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const void* proj_w, void* out, int batch,
-                    int h, int w_, int c, int c_out, int residual, nvk_dtype dt, void* stream) {
+static size_t elem_size(nvk_dtype dt) { return dt == NVK_F32 ? 4 : 2; }
+static size_t align256(size_t v) { return (v + 255) & ~(size_t)255; }
+
+/* Bytes that cover every MHCA call with at most `rows` pixels: the classes of split mode
+ * (two kernels) need the [pixels, c] hidden activation, up to their probe range's end. */
+size_t nvk_mhca_workspace_size(int batch, int h, int w_, int c, int c_out, int residual, nvk_dtype dt) {
+  if (batch <= 0 || h <= 0 || w_ <= 0 || c <= 0 || (int)dt < 0 || (int)dt > 2) return 0;
+  long long rows = (long long)batch * h * w_;
+  int key[3] = {c, c_out, residual};
+  size_t need = 0;
+  for (int i = 0; i < nvk_num_shape_classes; ++i) {
+    const nvk_shape_class_t* s = &nvk_shape_classes[i];
+    if (s->op != NVK_OP_MHCA || s->dtype != (int)dt || s->n_kernels < 2 || s->probe_lo > rows) continue;
+    if (s->key[0] != key[0] || s->key[1] != key[1] || s->key[2] != key[2]) continue;
+    long long m = s->probe_hi >= 0 && s->probe_hi < rows ? s->probe_hi : rows;
+    size_t bytes = align256((size_t)m * (size_t)c * elem_size(dt));
+    if (bytes > need) need = bytes;
+  }
+  return need;
+}
+
+nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const void* proj_w, void* out,
+                    void* workspace, int batch, int h, int w_, int c, int c_out, int residual, nvk_dtype dt,
+                    void* stream) {
   const char* op = "mhca";
   PTR(op, x); PTR(op, conv_w); PTR(op, conv_b); PTR(op, proj_w); PTR(op, out);
   POS(op, batch); POS(op, h); POS(op, w_); POS(op, c); POS(op, c_out);
@@ -444,13 +466,33 @@ nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const
   CHECK(residual == 0 || residual == 1, "nvk_%s: residual must be 0 or 1, got %d", op, residual);
   CHECK(!residual || c_out == c, "nvk_%s: residual needs c_out == c (got c=%d, c_out=%d)", op, c, c_out);
   DT(op, dt);
+  long long m = (long long)batch * h * w_;
   int key[3] = {c, c_out, residual};
-  const nvk_shape_class_t* sc = lookup(NVK_OP_MHCA, dt, key, 3, -1);
+  const nvk_shape_class_t* sc = lookup(NVK_OP_MHCA, dt, key, 3, m);
   if (!sc) return unsupported(NVK_OP_MHCA, dt, key, 3, "c, c_out, residual");
+  int split = sc->n_kernels == 2; /* few pixels: conv kernel over (pixel tile, head), then a GEMM */
+  if (split) PTR(op, workspace);
   nvk_ctx_t* cx;
   nvk_status st = get_context(stream, &cx);
   if (st) return st;
-  long long m = (long long)batch * h * w_;
+  if (split) {
+    nvk_args_t A = {0};
+    arg_p(&A, x); arg_p(&A, conv_w); arg_p(&A, conv_b); arg_p(&A, workspace);
+    arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, c);
+    arg_i(&A, (long long)h * w_ * c); arg_i(&A, 1); arg_i(&A, (long long)w_ * c); arg_i(&A, c);
+    arg_i(&A, 32 * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1); arg_i(&A, 1);
+    st = launch(cx, NVK_OP_MHCA, sc->kernels[0], &A, cdiv(m, sc->consts[2]), c / 32, 1, stream);
+    if (st) return st;
+    /* the projection + residual: the MLP's fc2 kernel reading h from the workspace (x2, fc1
+     * weight and bias, fc2 bias are unused there: dummies) */
+    nvk_args_t P = {0};
+    arg_p(&P, x); arg_p(&P, x); arg_p(&P, proj_w); arg_p(&P, proj_w); arg_p(&P, proj_w); arg_p(&P, proj_w);
+    arg_p(&P, workspace); arg_p(&P, out);
+    arg_i(&P, m); arg_i(&P, c); arg_i(&P, 0); arg_i(&P, c); arg_i(&P, c_out);
+    st = launch(cx, NVK_OP_MHCA, sc->kernels[1], &P, cdiv(m, sc->consts[3]), cdiv(c_out, sc->consts[4]), 1, stream);
+    if (!st) ok();
+    return st;
+  }
   nvk_args_t A = {0};
   arg_p(&A, x); arg_p(&A, conv_w); arg_p(&A, conv_b); arg_p(&A, proj_w); arg_p(&A, out);
   arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, c); arg_i(&A, c_out);
@@ -463,8 +505,6 @@ nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const
   return st;
 }
 
-static size_t elem_size(nvk_dtype dt) { return dt == NVK_F32 ? 4 : 2; }
-static size_t align256(size_t v) { return (v + 255) & ~(size_t)255; }
 
 /* The shape class nvk_mlp launches for these arguments, or NULL (message set). */
 static const nvk_shape_class_t* mlp_class(int c1, int c2, int hidden, int c_out, int residual, nvk_dtype dt) {

@@ -2,14 +2,16 @@
 
     y = [x +] proj(relu(grouped_conv3x3(x, conv_w, groups=C//32, padding=1) + conv_b))
 
-with BatchNorm already folded into ``conv_w`` / ``conv_b``. One Triton kernel
-does the whole block: a program owns BLOCK_M output pixels (NHWC rows) and a
-BLOCK_N slice of output channels and walks the C//32 heads; per head the
-grouped conv is 9 taps of [BLOCK_M, 32] x [32, 32] tensor-core dots on shifted
-(border-masked) neighbour rows, then bias + ReLU, a cast to the input dtype
-(as eager PyTorch would store the hidden activation) and one
-[BLOCK_M, 32] x [32, BLOCK_N] dot into the projection accumulator. The hidden
-activation never leaves the chip; the residual is added in the epilogue.
+with BatchNorm already folded into ``conv_w`` / ``conv_b``. Fused mode (the usual
+one) is one Triton kernel: a program owns BLOCK_M output pixels (NHWC rows) and a
+BLOCK_N slice of output channels and walks the C//32 heads; per head the grouped
+conv is 9 taps of [BLOCK_M, 32] x [32, 32] tensor-core dots on shifted
+(border-masked) neighbour rows, then bias + ReLU, a cast to the input dtype (as
+eager PyTorch would store the hidden activation) and one [BLOCK_M, 32] x
+[32, BLOCK_N] dot into the projection accumulator. The hidden activation never
+leaves the chip; the residual is added in the epilogue. Split mode, for small
+pixel counts (see ``_config``), runs the per-head conv as its own kernel over
+(pixel tile, head) programs into a scratch, then the projection + residual GEMM.
 """
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ import triton.language as tl
 
 from . import _common
 from ._registry import register
+from .mlp import _mlp_kernel
 
 OP = "mhca"
 HEAD_DIM = 32
@@ -36,7 +39,43 @@ def reference(x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, proj_
     return _common.to_channels_last(y)
 
 
-# --------------------------------------------------------------------------- kernel
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _head_conv(x_ptr, cw_ptr, cb_ptr, img, h_i, w_i, mask_m, c0, H, W,
+               sxc, sxh, sxw, scw0, scw1, scw2, scw3, scb,
+               BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """relu(grouped conv3x3 + bias) of one head (channels c0 .. c0+31) for BLOCK_M pixels
+    (image base ``img``, row ``h_i``, column ``w_i``): 9 taps of [BLOCK_M, 32] x [32, 32]
+    dots on border-masked neighbour rows, accumulated in fp32, rounded to the input dtype
+    (as eager PyTorch stores the hidden activation)."""
+    HD: tl.constexpr = 32
+    offs_k = tl.arange(0, HD)
+    conv = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
+    for tap in tl.static_range(9):
+        kh = tap // 3
+        kw = tap % 3
+        hh = h_i + (kh - 1)
+        ww = w_i + (kw - 1)
+        valid = mask_m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        a_ptrs = x_ptr + (img + hh * sxh + ww * sxw)[:, None] + ((c0 + offs_k) * sxc)[None, :]
+        a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
+        # B[k_in, j_out] = conv_w[c0 + j_out, k_in, kh, kw], read in its given layout.
+        wb_ptrs = cw_ptr + ((c0 + offs_k) * scw0)[None, :] + (offs_k * scw1)[:, None] + (kh * scw2 + kw * scw3)
+        wb = tl.load(wb_ptrs)
+        conv = tl.dot(a, wb, conv, input_precision=DOT_PRECISION)
+    bias = tl.load(cb_ptr + (c0 + offs_k) * scb).to(tl.float32)
+    return tl.maximum(conv + bias[None, :], 0.0).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _pixels(offs_m, H, W):
+    """(image index as int64, row, column) of flat pixel indices b*H*W + h*W + w; int64 so
+    that image base offsets (B*H*W*C may pass 2**31) do not overflow."""
+    w_i = offs_m % W
+    t = offs_m // W
+    return (t // H).to(tl.int64), t % H, w_i
+
+
 @triton.jit
 def _mhca_kernel(
     x_ptr, cw_ptr, cb_ptr, pw_ptr, out_ptr,
@@ -51,6 +90,9 @@ def _mhca_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    """Fused mode: a program owns BLOCK_M pixels x BLOCK_N output channels and walks the
+    heads; per head _head_conv, then one [BLOCK_M, 32] x [32, BLOCK_N] dot into the
+    projection accumulator; the residual is added in the epilogue."""
     HD: tl.constexpr = 32
     pid = tl.program_id(0)
     num_n = tl.cdiv(C_OUT, BLOCK_N)
@@ -61,12 +103,8 @@ def _mhca_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    w_i = offs_m % W
-    t = offs_m // W
-    h_i = t % H
-    b_i = t // H
-    img = b_i.to(tl.int64) * sxb           # 64-bit image base: B*H*W*C may pass 2**31
-
+    b_i, h_i, w_i = _pixels(offs_m, H, W)
+    img = b_i * sxb
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_OUT
     offs_k = tl.arange(0, HD)
@@ -74,21 +112,8 @@ def _mhca_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(0, C // HD):
         c0 = g * HD
-        conv = tl.zeros((BLOCK_M, HD), dtype=tl.float32)
-        for tap in tl.static_range(9):
-            kh = tap // 3
-            kw = tap % 3
-            hh = h_i + (kh - 1)
-            ww = w_i + (kw - 1)
-            valid = mask_m & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            a_ptrs = x_ptr + (img + hh * sxh + ww * sxw)[:, None] + ((c0 + offs_k) * sxc)[None, :]
-            a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-            # B[k_in, j_out] = conv_w[c0 + j_out, k_in, kh, kw], read in its given layout.
-            wb_ptrs = cw_ptr + ((c0 + offs_k) * scw0)[None, :] + (offs_k * scw1)[:, None] + (kh * scw2 + kw * scw3)
-            wb = tl.load(wb_ptrs)
-            conv = tl.dot(a, wb, conv, input_precision=DOT_PRECISION)
-        bias = tl.load(cb_ptr + (c0 + offs_k) * scb).to(tl.float32)
-        hidden = tl.maximum(conv + bias[None, :], 0.0).to(x_ptr.dtype.element_ty)
+        hidden = _head_conv(x_ptr, cw_ptr, cb_ptr, img, h_i, w_i, mask_m, c0, H, W,
+                            sxc, sxh, sxw, scw0, scw1, scw2, scw3, scb, BLOCK_M, DOT_PRECISION)
         # P[j, n] = proj_w[n, c0 + j]
         p_ptrs = pw_ptr + (offs_n * spw0)[None, :] + ((c0 + offs_k) * spw1)[:, None]
         p = tl.load(p_ptrs, mask=mask_n[None, :], other=0.0)
@@ -98,18 +123,56 @@ def _mhca_kernel(
     if RESIDUAL:
         r_ptrs = x_ptr + (img + h_i * sxh + w_i * sxw)[:, None] + (offs_n * sxc)[None, :]
         acc += tl.load(r_ptrs, mask=mask_out, other=0.0).to(tl.float32)
-    o_ptrs = out_ptr + (b_i.to(tl.int64) * sob + h_i * soh + w_i * sow)[:, None] + (offs_n * soc)[None, :]
+    o_ptrs = out_ptr + (b_i * sob + h_i * soh + w_i * sow)[:, None] + (offs_n * soc)[None, :]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
-def _config(c: int, c_out: int, elem_size: int) -> dict:
-    """Fixed launch configuration from the shapes (pure Python, enumerable by the AOT tool).
+@triton.jit
+def _mhca_conv_kernel(
+    x_ptr, cw_ptr, cb_ptr, h_ptr,
+    M, H, W, C,
+    sxb, sxc, sxh, sxw,
+    scw0, scw1, scw2, scw3,
+    scb,
+    BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Split mode, first half: program (pixel tile, head) writes _head_conv's [BLOCK_M, 32]
+    into the scratch h_ptr [M, C] (row-major). The projection and the residual are then
+    one GEMM (ops.mlp's _mlp_kernel reading h from memory)."""
+    HD: tl.constexpr = 32
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c0 = tl.program_id(1) * HD
+    mask_m = offs_m < M
+    b_i, h_i, w_i = _pixels(offs_m, H, W)
+    img = b_i * sxb
+    hidden = _head_conv(x_ptr, cw_ptr, cb_ptr, img, h_i, w_i, mask_m, c0, H, W,
+                        sxc, sxh, sxw, scw0, scw1, scw2, scw3, scb, BLOCK_M, DOT_PRECISION)
+    offs_k = tl.arange(0, HD)
+    tl.store(h_ptr + offs_m.to(tl.int64)[:, None] * C + (c0 + offs_k)[None, :], hidden, mask=mask_m[:, None])
 
-    BLOCK_N covers all output channels when C_OUT <= 256, so the grouped conv is computed
-    once per pixel. Above 256 the accumulator would not fit in registers, so N is split
-    into 256-wide blocks and every N block recomputes the conv for its pixels: conv FLOPs
-    grow by cdiv(C_OUT, 256) (~576·C per pixel each time, vs 2·C·C_OUT for the projection);
-    256 beats 128 for every Next-ViT width (fewer recomputes, little masked waste).
+
+# Below this many pixels (B*H*W) the op runs split: at batch 1 the fused grid is a handful of
+# programs (Next-ViT-S stage 2: 196 pixels -> 4 pixel tiles x 2 N blocks = 8 programs on 132
+# SMs), each walking every head in sequence (12 x 10 dependent dots at C=384), so latency is a
+# serial chain. Split spreads the conv over (pixel tile, head) programs (48 there) and leaves
+# a K=C GEMM. From a latency model, not measured (bench/tune.py --batch 1 times both modes);
+# above it the fused kernel saves writing and reading the [M, C] hidden activation.
+# A power of two minus one so that the AOT tool's probe classes split exactly here.
+SPLIT_BELOW_PIXELS = 4096
+
+
+def _config(c: int, c_out: int, elem_size: int, m: int) -> dict:
+    """Launch configuration from the shapes and the pixel count m = B*H*W (pure Python,
+    enumerable by the AOT tool): {"split": bool, "fused": {...} (_mhca_kernel), "conv":
+    {...} (_mhca_conv_kernel) and "proj": {...} (mlp._mlp_kernel), the latter two used
+    when split}.
+
+    Fused: BLOCK_N covers all output channels when C_OUT <= 256, so the grouped conv is
+    computed once per pixel. Above 256 the accumulator would not fit in registers, so N is
+    split into 256-wide blocks and every N block recomputes the conv for its pixels: conv
+    FLOPs grow by cdiv(C_OUT, 256) (~576·C per pixel each time, vs 2·C·C_OUT for the
+    projection); 256 beats 128 for every Next-ViT width (fewer recomputes, little masked waste).
     """
     if c_out <= 256:
         block_n = max(16, triton.next_power_of_2(c_out))
@@ -122,7 +185,13 @@ def _config(c: int, c_out: int, elem_size: int) -> dict:
     # software pipeliner would buffer; one buffer is ~80 KB in fp16 at these tiles, so
     # allow one iteration of prefetch in 16-bit and none in fp32 (the checking path).
     num_stages = 2 if elem_size <= 2 else 1
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    fused = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    prec = "ieee" if elem_size == 4 else "tf32"
+    # Split mode runs on small pixel counts: small tiles, many programs.
+    conv = dict(BLOCK_M=64, DOT_PRECISION=prec, num_warps=4, num_stages=1)
+    proj = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_H=32 if elem_size == 4 else 64, BLOCK_K=32,
+                DOT_PRECISION=prec, num_warps=4, num_stages=3)
+    return dict(split=m < SPLIT_BELOW_PIXELS, fused=fused, conv=conv, proj=proj)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -138,21 +207,37 @@ def _mhca_op(x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, proj_w
     b, c, h, w = x.shape
     c_out = proj_w.shape[0]
     out = _common.new_output(x, b, c_out, h, w)
-    cfg = _config(c, c_out, x.element_size())
     m = b * h * w
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
+    cfg = _config(c, c_out, x.element_size(), m)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    cw_strides = (conv_w.stride(0), conv_w.stride(1), conv_w.stride(2), conv_w.stride(3))
+    if cfg["split"]:
+        # The projection GEMM reads the residual as NHWC rows (a no-op when x comes from the
+        # public function, which already made it channels_last).
+        x = _common.to_channels_last(x)
+    x_strides = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
+    if cfg["split"]:
+        hid = _common.new_scratch(x, m, c)
+        f = cfg["conv"]
+        _mhca_conv_kernel[(triton.cdiv(m, f["BLOCK_M"]), c // HEAD_DIM)](
+            x, conv_w, conv_b, hid, m, h, w, c, *x_strides, *cw_strides, conv_b.stride(0), **f)
+        g = cfg["proj"]
+        pw = proj_w.reshape(c_out, c).contiguous()
+        # fc1 weight/bias and x2 are unused with H_IN_MEMORY and no HAS_X2: dummies.
+        _mlp_kernel[(triton.cdiv(m, g["BLOCK_M"]), triton.cdiv(c_out, g["BLOCK_N"]))](
+            x, x, pw, pw, pw, pw, hid, out, m, c, 0, c, c_out,
+            HAS_X2=False, RESIDUAL=residual, H_IN_MEMORY=True, HAS_B2=False, **g)
+        return out
+    f = cfg["fused"]
+    grid = (triton.cdiv(m, f["BLOCK_M"]) * triton.cdiv(c_out, f["BLOCK_N"]),)
     _mhca_kernel[grid](
         x, conv_w, conv_b, proj_w, out,
         m, h, w, c, c_out,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        conv_w.stride(0), conv_w.stride(1), conv_w.stride(2), conv_w.stride(3),
+        *x_strides, *cw_strides,
         conv_b.stride(0),
         proj_w.stride(0), proj_w.stride(1),   # [O, I] or an [O, I, 1, 1] view: same two strides
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        RESIDUAL=residual,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        RESIDUAL=residual, DOT_PRECISION=prec, **f,
     )
     return out
 

@@ -102,7 +102,7 @@ def _mlp_kernel(
     M, C1, C2, HID, COUT,
     HAS_X2: tl.constexpr, RESIDUAL: tl.constexpr, H_IN_MEMORY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_B2: tl.constexpr,
 ):
     """One program: BLOCK_M pixels (rows of the NHWC activations) x BLOCK_N output channels.
 
@@ -110,7 +110,7 @@ def _mlp_kernel(
     fc2 weight [COUT, HID], out [M, COUT]; all row-major. For each BLOCK_H slice of the
     hidden layer, h is computed on chip (fused mode) or, with H_IN_MEMORY, read from the
     [M, HID] scratch _fc1_kernel wrote (split mode; h_ptr is a dummy otherwise); then
-    acc += h @ w2[n_block, slice]^T. Epilogue: + fc2 bias, + u (RESIDUAL), store.
+    acc += h @ w2[n_block, slice]^T. Epilogue: + fc2 bias (HAS_B2), + u (RESIDUAL), store.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -137,7 +137,8 @@ def _mlp_kernel(
                      mask=h_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(h, w2, acc, input_precision=DOT_PRECISION)
 
-    acc += tl.load(b2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_B2:  # False when MHCA's split mode reuses this as its (bias-free) projection GEMM
+        acc += tl.load(b2_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if RESIDUAL:
         # COUT == C1 + C2: channel n of u is x[:, n] for n < C1, else x2[:, n - C1].
         r = tl.load(x_rows + offs_n[None, :], mask=m_mask[:, None] & (offs_n < C1)[None, :], other=0.0)
@@ -237,7 +238,7 @@ def _mlp_triton(x: Tensor, x2: Optional[Tensor], fc1_w: Tensor, fc1_b: Tensor, f
     _mlp_kernel[(triton.cdiv(m, g["BLOCK_M"]), triton.cdiv(c_out, g["BLOCK_N"]))](
         x, x2_arg, fc1_w, fc1_b, fc2_w, fc2_b.contiguous(), h_buf, out,
         m, c1, c2, hidden, c_out,
-        HAS_X2=has_x2, RESIDUAL=residual, H_IN_MEMORY=cfg["split"], **g,
+        HAS_X2=has_x2, RESIDUAL=residual, H_IN_MEMORY=cfg["split"], HAS_B2=True, **g,
     )
     return out
 

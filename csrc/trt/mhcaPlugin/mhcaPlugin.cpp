@@ -49,11 +49,30 @@ bool MhcaPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprBu
     return sameSpatialShape(inputs[0], inputs[3], output);
 }
 
+size_t MhcaPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+{
+    if (inputs == nullptr || nbInputs != expectedNbInputs() || inputs[0].max.nbDims != 4
+        || inputs[3].max.nbDims != 2)
+    {
+        return 0;
+    }
+    nvk_dtype dt{};
+    if (!toNvkDtype(inputs[0].desc.type, dt))
+    {
+        return 0;
+    }
+    // Sized at the upper bounds: nvk_mhca_workspace_size covers every shape with fewer pixels.
+    Dims const& m = inputs[0].max;
+    return nvk_mhca_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), dim(inputs[3].max, 0),
+        field("residual"), dt);
+}
+
 int32_t MhcaPlugin::launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
-    void* /*workspace*/, nvk_dtype dt, void* stream) const noexcept
+    void* workspace, nvk_dtype dt, void* stream) const noexcept
 {
     Dims const& x = inputDesc[0].dims;
-    nvk_status const st = nvk_mhca(inputs[0], inputs[1], inputs[2], inputs[3], output, dim(x, 0), dim(x, 1),
+    nvk_status const st = nvk_mhca(inputs[0], inputs[1], inputs[2], inputs[3], output, workspace, dim(x, 0), dim(x, 1),
         dim(x, 2), dim(x, 3), dim(inputDesc[3].dims, 0), field("residual"), dt, stream);
     return checkNvk(st, "nvk_mhca", mLayerName);
 }

@@ -6,6 +6,8 @@
  *          proj_w [Cout, C]
  * Output : [B, H, W, Cout]
  * Fields : residual (int32, 0 or 1; 1 needs Cout == C)
+ * Workspace: nvk_mhca_workspace_size() at the profile's largest shape, which covers every smaller
+ *          one (few-pixel shapes run split: the [B*H*W, C] hidden activation goes through it).
  */
 #ifndef NEXTVIT_TRT_MHCA_PLUGIN_H
 #define NEXTVIT_TRT_MHCA_PLUGIN_H
@@ -29,6 +31,9 @@ public:
     }};
 
     using NextViTPlugin::NextViTPlugin;
+
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
 
 protected:
     int32_t expectedNbInputs() const noexcept override
