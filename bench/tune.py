@@ -123,8 +123,9 @@ def _conv_rules(cfg, s):
 
 def _emhsa_rules(cfg, s):
     nk = _hw2(s) // s["sr"] ** 2
-    if _g(cfg, "attn.ONE_TILE") and _g(cfg, "attn.BLOCK_N") < nk:
-        return f"ONE_TILE needs attn.BLOCK_N >= Nk = {nk}"
+    for k in ("attn", "heads"):
+        if _g(cfg, f"{k}.ONE_TILE") and _g(cfg, f"{k}.BLOCK_N") < nk:
+            return f"ONE_TILE needs {k}.BLOCK_N >= Nk = {nk}"
     return None
 
 
@@ -211,20 +212,27 @@ TUNE = {
                               "kv.BLOCK_K": s["c"]},
         # attn: accumulator [M, CO] + q [M, 32] + o [M, 32] + scores [M, N];
         # kv: k and v accumulators [NK, O] each + the pooling tile [NK, R, K]
+        # split: the per-head kernel holds q, o and the scores; the projection GEMM [M, N]
         regs=lambda c, s: max(
-            (_g(c, "attn.BLOCK_M") * (_g(c, "attn.BLOCK_CO") + 2 * ob.HEAD_DIM + _g(c, "attn.BLOCK_N")))
-            / (32 * _warps(c, "attn.")),
+            (max(_g(c, "heads.BLOCK_M") * (2 * ob.HEAD_DIM + _g(c, "heads.BLOCK_N")) / (32 * _warps(c, "heads.")),
+                 _g(c, "proj.BLOCK_M") * _g(c, "proj.BLOCK_N") / (32 * _warps(c, "proj.")))
+             if c["split"] else
+             (_g(c, "attn.BLOCK_M") * (_g(c, "attn.BLOCK_CO") + 2 * ob.HEAD_DIM + _g(c, "attn.BLOCK_N")))
+             / (32 * _warps(c, "attn."))),
             (_g(c, "kv.BLOCK_NK") * (2 * _g(c, "kv.BLOCK_O")
                                      + (_g(c, "kv.BLOCK_R") * _g(c, "kv.BLOCK_K") if _g(c, "kv.POOL") else 0)))
             / (32 * _warps(c, "kv."))),
         rules=_emhsa_rules,
-        moves=[{"attn.num_stages": 2}, {"attn.num_stages": 1},
+        inactive=lambda c: ("attn.",) if c["split"] else ("heads.", "proj."),
+        moves=[{"split": False}, {"split": True},
+               {"attn.num_stages": 2}, {"attn.num_stages": 1},
                {"attn.BLOCK_CO": 128},
                {"attn.BLOCK_CO": 128, "attn.num_warps": 4},
                {"attn.BLOCK_K": 32},
                {"attn.BLOCK_M": 128, "attn.BLOCK_CO": 128},
                {"kv.num_warps": 4},
                {"kv.BLOCK_NK": 64}, {"kv.BLOCK_NK": 32},
+               {"heads.num_warps": 8}, {"proj.BLOCK_M": 64, "proj.BLOCK_N": 64, "proj.num_warps": 4},
                {"attn.num_stages": 4}]),
     "head": dict(
         module="nextvit_kernels.ops.head",

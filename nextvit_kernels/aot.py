@@ -57,6 +57,7 @@ OPS = ("conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head")
 OP_ID = {op: i for i, op in enumerate(OPS)}           # nvk op ids in the generated table
 KEY_LEN = 6
 CONST_LEN = 8
+MAX_KERNELS = 3       # kernels of one op call (E-MHSA split: kv, per-head attention, projection)
 # Spatial samples used to tell shape-key-fixed integer arguments from runtime ones.
 # (1, 1, 1) first: a value divisible by 16 there is a multiple of 16 made of shape-key values.
 _SAMPLES = ((1, 1, 1), (1, 3, 5), (1, 17, 19), (2, 23, 29), (3, 41, 37), (5, 7, 11))
@@ -234,13 +235,33 @@ def _e_mhsa_calls(key, dtype, n_keys):
                 ("pb_ptr", "p"), ("out_ptr", "p"), ("N", n), ("C", c), ("COUT", co), ("NK", n // r),
                 ("N_HEADS", c // hd), ("scale", float(hd) ** -0.5)]
 
-    # The launcher passes no num_stages: Triton's default, as the JIT uses it.
+    def heads_args(b, h, w):
+        n = h * w
+        return [("x_ptr", "p"), ("kv_ptr", "p"), ("qw_ptr", "p"), ("qb_ptr", "p"), ("o_ptr", "p"),
+                ("N", n), ("C", c), ("NK", n // r), ("scale", float(hd) ** -0.5)]
+
+    def proj_args(b, h, w):  # mlp._mlp_kernel as the projection GEMM (see ops/e_mhsa.py)
+        return [("x_ptr", "p"), ("x2_ptr", "p"), ("w1_ptr", "p"), ("b1_ptr", "p"), ("w2_ptr", "p"),
+                ("b2_ptr", "p"), ("h_ptr", "p"), ("out_ptr", "p"),
+                ("M", b * h * w), ("C1", c), ("C2", 0), ("HID", c), ("COUT", co)]
+
+    # The launcher passes no num_stages to these: Triton's default, as the JIT uses it.
     from triton.backends.nvidia.compiler import CUDAOptions
     stages = CUDAOptions.__dataclass_fields__["num_stages"].default
-    calls = [KernelCall("_kv_kernel", dict(DOT_PREC=prec, **kvc), kv_warps, stages, kv_args),
-             KernelCall("_attn_kernel", dict(HEAD_DIM=hd, RESIDUAL=res, DOT_PREC=prec, **atc),
-                        at_warps, stages, attn_args)]
-    return calls, dict(KV_BLOCK_NK=kvc["BLOCK_NK"], BLOCK_M=atc["BLOCK_M"], BLOCK_CO=atc["BLOCK_CO"])
+    calls = [KernelCall("_kv_kernel", dict(DOT_PREC=prec, **kvc), kv_warps, stages, kv_args)]
+    hc, pj = dict(cfg["heads"]), dict(cfg["proj"])
+    h_warps = hc.pop("num_warps")
+    pj_warps, pj_stages = pj.pop("num_warps"), pj.pop("num_stages")
+    if cfg["split"]:
+        calls += [KernelCall("_attn_heads_kernel", dict(HEAD_DIM=hd, DOT_PREC=prec, **hc), h_warps, stages,
+                             heads_args),
+                  KernelCall("_mlp_kernel", dict(HAS_X2=False, RESIDUAL=res, H_IN_MEMORY=True, HAS_B2=True,
+                                                 DOT_PRECISION=prec, **pj), pj_warps, pj_stages, proj_args)]
+    else:
+        calls.append(KernelCall("_attn_kernel", dict(HEAD_DIM=hd, RESIDUAL=res, DOT_PREC=prec, **atc),
+                                at_warps, stages, attn_args))
+    return calls, dict(KV_BLOCK_NK=kvc["BLOCK_NK"], BLOCK_M=atc["BLOCK_M"], BLOCK_CO=atc["BLOCK_CO"],
+                       HEADS_BLOCK_M=hc["BLOCK_M"], PROJ_BLOCK_M=pj["BLOCK_M"], PROJ_BLOCK_N=pj["BLOCK_N"])
 
 
 def _head_calls(key, dtype, hw):
@@ -266,7 +287,8 @@ SPECS: Dict[str, OpSpec] = {
     "mlp": OpSpec(("c1", "c2", "hidden", "c_out", "residual"),
                   ("BLOCK_M", "BLOCK_N", "FC1_BLOCK_M", "FC1_BLOCK_H"), None, _mlp_calls),
     "e_mhsa": OpSpec(("c", "c_out", "sr_ratio", "head_dim", "residual"),
-                     ("KV_BLOCK_NK", "BLOCK_M", "BLOCK_CO"), "n_keys", _e_mhsa_calls),
+                     ("KV_BLOCK_NK", "BLOCK_M", "BLOCK_CO", "HEADS_BLOCK_M", "PROJ_BLOCK_M", "PROJ_BLOCK_N"),
+                     "n_keys", _e_mhsa_calls),
     "head": OpSpec(("c", "n_classes"), ("BLOCK_N",), "hw", _head_calls),
 }
 
@@ -670,9 +692,9 @@ def emit_c(manifest: dict, out: str, path: str) -> None:
         key = list(c["key_tuple"]) + [0] * (KEY_LEN - len(c["key_tuple"]))
         consts = [c["consts"][n] for n in manifest["const_names"][c["op"]]]
         consts += [0] * (CONST_LEN - len(consts))
-        ks = [kid[x] for x in c["kernels"]] + [-1] * (2 - len(c["kernels"]))
+        ks = [kid[x] for x in c["kernels"]] + [-1] * (MAX_KERNELS - len(c["kernels"]))
         crow.append(f"  {{{OP_ID[c['op']]}, {NVK_DTYPE[c['dtype']]}, {{{', '.join(map(str, key))}}}, "
-                    f"{c['probe_lo']}ll, {c['probe_hi']}ll, {{{ks[0]}, {ks[1]}}}, {len(c['kernels'])}, "
+                    f"{c['probe_lo']}ll, {c['probe_hi']}ll, {{{', '.join(map(str, ks))}}}, {len(c['kernels'])}, "
                     f"{{{', '.join(map(str, consts))}}}}},")
     lines.append("const nvk_shape_class_t nvk_shape_classes[] = {\n" + "\n".join(crow) + "\n};")
     lines.append(f"const int nvk_num_shape_classes = {len(crow)};")

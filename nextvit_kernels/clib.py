@@ -40,7 +40,7 @@ SIGNATURES = {
     "nvk_mlp": ([_VP] * 8 + [_I] * 9 + [_VP], _I),
     "nvk_e_mhsa": ([_VP] * 11 + [_I] * 9 + [_VP], _I),
     "nvk_head": ([_VP] * 4 + [_I] * 6 + [_VP], _I),
-    "nvk_e_mhsa_workspace_size": ([_I] * 6, _SZ),
+    "nvk_e_mhsa_workspace_size": ([_I] * 9, _SZ),
     "nvk_mlp_workspace_size": ([_I] * 9, _SZ),
     "nvk_mhca_workspace_size": ([_I] * 7, _SZ),
     "nvk_load": ([_VP], _I),
@@ -235,11 +235,12 @@ def e_mhsa(x, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int, he
     proj_b = _common.check_param(op, "proj_b", proj_b, x, (c_out,))
     lib = load()
     dt = _DT[x.dtype]
-    ws = _workspace(x, lib.e_mhsa_workspace_size(bsz, h, wd, c, int(sr_ratio), dt))
+    res = int(bool(residual))
+    ws = _workspace(x, lib.e_mhsa_workspace_size(bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim), res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
     _check(op, lib.e_mhsa(_ptr(x), _ptr(q_w), _ptr(q_b), _ptr(k_w), _ptr(k_b), _ptr(v_w), _ptr(v_b), _ptr(proj_w),
                           _ptr(proj_b), _ptr(out), _ptr(ws), bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim),
-                          int(bool(residual)), dt, _stream(x)))
+                          res, dt, _stream(x)))
     return out
 
 

@@ -91,8 +91,9 @@ class Plan:
 
     def launches(self, batch: int = 1, height: int = 224, width: int = 224) -> int:
         """Kernel launches of one forward at this input size: one per op, two for E-MHSA
-        (K/V pooling, attention), for an MLP wider than 256 outputs and for an MHCA on few
-        pixels (their split modes, see ops/mlp.py and ops/mhca.py), one for the head."""
+        (K/V pooling, attention; three when wider than 256 outputs), for an MLP wider than
+        256 outputs and for an MHCA on few pixels (their split modes, see the op modules),
+        one for the head."""
         sizes, _ = spatial_sizes(self, height, width)
         return sum(_kernels(s, self.dtype, batch * h * w) for s, (h, w) in zip(self.steps, sizes)) + 1
 
@@ -113,7 +114,11 @@ def spatial_sizes(plan: "Plan", height: int, width: int):
 
 def _kernels(step: Step, dtype: torch.dtype, pixels: int) -> int:
     if step.op == "e_mhsa":
-        return 2
+        qw, _, _, _, _, _, pw, _ = step.tensors
+        hd = step.kwargs.get("head_dim", 32)
+        cfg = importlib.import_module(".ops.e_mhsa", __package__)._config(1, qw.shape[0], pw.shape[0], 1, hd,
+                                                                          step.kwargs["sr_ratio"])
+        return 3 if cfg["split"] else 2
     if step.op == "mlp":
         w1, _, w2, _ = step.tensors
         cfg = importlib.import_module(".ops.mlp", __package__)._config(w1.shape[1], 0, w1.shape[0], w2.shape[0], dtype)

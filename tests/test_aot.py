@@ -95,9 +95,13 @@ def test_shape_classes_agree_with_config(manifest):
                     nk * k["sr_ratio"] ** 2, k["c"], k["c_out"], nk, k["head_dim"], k["sr_ratio"])
                 assert c["consts"]["BLOCK_CO"] == cfg["attn"]["BLOCK_CO"]
                 assert c["consts"]["KV_BLOCK_NK"] == cfg["kv"]["BLOCK_NK"]
+                assert c["consts"]["HEADS_BLOCK_M"] == cfg["heads"]["BLOCK_M"]
+                assert len(c["kernels"]) == (3 if cfg["split"] else 2)
                 kern = next(x for x in manifest["kernels"] if x["id"] == c["kernels"][1])
-                assert kern["constexprs"]["BLOCK_N"] == cfg["attn"]["BLOCK_N"]
-                assert kern["constexprs"]["ONE_TILE"] == cfg["attn"]["ONE_TILE"]
+                attn = cfg["heads"] if cfg["split"] else cfg["attn"]
+                assert kern["kernel"] == ("_attn_heads_kernel" if cfg["split"] else "_attn_kernel")
+                assert kern["constexprs"]["BLOCK_N"] == attn["BLOCK_N"]
+                assert kern["constexprs"]["ONE_TILE"] == attn["ONE_TILE"]
 
 
 def test_kernels_compiled_for_both_archs(manifest, aot_dir):
@@ -170,9 +174,13 @@ def test_ctypes_load_and_errors_without_gpu(build_dir):
     assert b"dtype" in lib.nvk_last_error()
     assert lib.nvk_conv_bn_relu(p, p, p, p, 1, 8, 8, 5, 64, 2, 1, None) == 2
     assert b"no kernel was compiled" in lib.nvk_last_error()
-    lib.nvk_e_mhsa_workspace_size.restype = ctypes.c_size_t
-    # k|v [2, 49, 768] + pooled [2, 49, 384] fp16, each rounded up to 256 bytes
-    assert lib.nvk_e_mhsa_workspace_size(2, 14, 14, 384, 2, 1) == 150528 + 75264
+    ews = lib.nvk_e_mhsa_workspace_size
+    ews.restype, ews.argtypes = ctypes.c_size_t, [ctypes.c_int] * 9
+    # stage 1 (c 192 <= 256: two kernels): k|v [2, 49, 384] + pooled [2, 49, 192], fp16
+    assert ews(2, 28, 28, 192, 192, 4, 32, 1, 1) == 2 * 49 * 384 * 2 + 2 * 49 * 192 * 2
+    # stage 2 (c 384 > 256: three kernels): k|v [2, 49, 768] + pooled [2, 49, 384] + o [2*196, 384]
+    assert ews(2, 14, 14, 384, 384, 2, 32, 1, 1) == 150528 + 75264 + 2 * 196 * 384 * 2
+    assert ews(2, 14, 14, 5 * 32, 5 * 32, 2, 32, 1, 1) == 0  # not compiled
     # MLP: the [B*H*W, hidden] scratch only where the shape class runs split (two kernels)
     ws = lib.nvk_mlp_workspace_size
     ws.restype, ws.argtypes = ctypes.c_size_t, [ctypes.c_int] * 9

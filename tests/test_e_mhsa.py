@@ -51,15 +51,25 @@ CASES = [
     (2, 128, 6, 11, 2, None, True, True),      # 66 tokens -> 16 keys (2 dropped)
     (2, 64, 7, 5, 2, 40, False, True),         # Cout < C, no residual
     (1, 32, 10, 13, 1, 96, False, False),      # Cout > C, 130 keys (online)
-    (1, 32, 3, 5, 1, 288, False, True),        # Cout > 256: two output-channel slices
+    (1, 32, 3, 5, 1, 288, False, True),        # Cout > 256: split mode by default
+    (2, 288, 3, 4, 2, None, True, True),       # C = Cout = 288 (9 heads), residual: split by default
     (3, 32, 1, 1, 1, None, True, True),        # 1x1 map: one token, one key
     (2, 64, 3, 3, 3, None, True, False),       # sr 3: exactly one 9-token window
 ]
 
 
+def forced_mode(monkeypatch, split):
+    """Fused (kv + one attention/projection kernel, q recomputed per 256-channel output slice)
+    or split (kv + per-head attention into a scratch + projection GEMM), whatever Cout is."""
+    orig = mod._config
+    monkeypatch.setattr(mod, "_config", lambda *a, **k: dict(orig(*a, **k), split=split))
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-C{c[1]}-{c[2]}x{c[3]}-sr{c[4]}-co{c[5]}" for c in CASES])
-def test_triton_matches_float64(case, dtype):
+def test_triton_matches_float64(case, dtype, split, monkeypatch):
+    forced_mode(monkeypatch, split)
     b, c, h, w, sr, cout, residual, cl = case
     run_case(b, c, h, w, sr, cout, residual, cl, dtype)
 
@@ -201,6 +211,17 @@ def test_gpu_stage_shapes(stage, dtype, res):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("stage", STAGES[:3], ids=[f"C{s[0]}-sr{s[2]}" for s in STAGES[:3]])
+def test_gpu_both_modes(stage, dtype, split, monkeypatch):
+    forced_mode(monkeypatch, split)
+    c, h, sr = stage
+    for b in (1, 16):
+        run_case(b, c, h, h, sr, None, True, True, dtype, device="cuda")
+
+
+@pytest.mark.gpu
 def test_gpu_impl_reference_and_auto():
     x, params, x64, params64 = make_case(2, 192, 28, 28, dtype=torch.float16, device="cuda")
     ref = mod.reference(x64, *params64, 4, 32, True)
@@ -209,19 +230,20 @@ def test_gpu_impl_reference_and_auto():
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture():
-    x, params, _, _ = make_case(2, 192, 28, 28, dtype=torch.float16, device="cuda")
+@pytest.mark.parametrize("c,hw,sr", [(192, 28, 4), (384, 14, 2)], ids=["fused", "split"])
+def test_gpu_cuda_graph_capture(c, hw, sr):
+    x, params, _, _ = make_case(2, c, hw, hw, dtype=torch.float16, device="cuda")
     static_x = x.clone()
-    ops.e_mhsa(static_x, *params, sr_ratio=4)  # compile outside the capture
+    ops.e_mhsa(static_x, *params, sr_ratio=sr)  # compile outside the capture
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_out = ops.e_mhsa(static_x, *params, sr_ratio=4)
+        static_out = ops.e_mhsa(static_x, *params, sr_ratio=sr)
     new_x, _ = rand_like_dtype(*x.shape, dtype=torch.float16, device="cuda")
     static_x.copy_(new_x)
     g.replay()
     torch.cuda.synchronize()
-    expect = ops.e_mhsa(static_x, *params, sr_ratio=4)
+    expect = ops.e_mhsa(static_x, *params, sr_ratio=sr)
     torch.testing.assert_close(static_out, expect, rtol=0, atol=0)
 
 

@@ -61,19 +61,21 @@ def test_launch_count_nextvit_small():
     # DESIGN §3: about 60 fused ops (eager runs ~360): 62 for S, counting E-MHSA's two kernels.
     n_emhsa = sum(s.op == "e_mhsa" for s in plan.steps)
     assert len(plan.steps) + 1 + n_emhsa == 62, len(plan.steps)
-    # The MLPs with more than 256 output channels (stages 2 and 3, 13 of them) run as two GEMM
-    # kernels instead of recomputing fc1 per output block (ops/mlp.py).
+    # Ops wider than 256 output channels (stages 2 and 3) run split instead of recomputing
+    # per 256-channel output block: the 13 MLPs as fc1 + fc2, the 3 E-MHSAs with an extra
+    # per-head attention kernel (ops/mlp.py, ops/e_mhsa.py).
     n_split_mlp = sum(s.op == "mlp" and s.tensors[2].shape[0] > 256 for s in plan.steps)
-    assert n_split_mlp == 13
-    assert plan.launches(256, 224, 224) == 62 + 13
+    n_split_emhsa = sum(s.op == "e_mhsa" and s.tensors[6].shape[0] > 256 for s in plan.steps)
+    assert (n_split_mlp, n_split_emhsa) == (13, 3)
+    assert plan.launches(256, 224, 224) == 62 + 16
     # On few pixels (< 4096) each MHCA is a conv kernel plus a projection GEMM (ops/mhca.py):
     # all 20 at batch 1; at batch 2 the 56x56 stage-0 maps are fused again; at batch 64 only
     # stage 3's 7x7 maps (3 MHCAs) are split.
     n_mhca = sum(s.op == "mhca" for s in plan.steps)
     assert n_mhca == 20
-    assert plan.launches(1, 224, 224) == 62 + 13 + 20
-    assert plan.launches(2, 224, 224) == 62 + 13 + 20 - 3
-    assert plan.launches(64, 224, 224) == 62 + 13 + 3
+    assert plan.launches(1, 224, 224) == 62 + 16 + 20
+    assert plan.launches(2, 224, 224) == 62 + 16 + 20 - 3
+    assert plan.launches(64, 224, 224) == 62 + 16 + 3
 
 
 def test_spatial_sizes_follow_the_model():

@@ -68,6 +68,9 @@ CASES = {
     "e_mhsa_sr1_online": lambda: (ops.e_mhsa, "e_mhsa",
                                   [x_cl(1, 32, 9, 9)] + [rnd(32, 32, scale=0.2) if i % 2 == 0 else rnd(32)
                                                          for i in range(8)], dict(sr_ratio=1)),
+    "e_mhsa_split": lambda: (ops.e_mhsa, "e_mhsa",  # Cout > 256: per-head attention -> scratch -> GEMM
+                             [x_cl(2, 288, 3, 3)] + [rnd(288, 288, scale=0.05) if i % 2 == 0 else rnd(288)
+                                                     for i in range(8)], dict(sr_ratio=2)),
     "head": lambda: (ops.head, "head", [x_cl(2, 160, 3, 3), rnd(17, 160, scale=0.1), rnd(17)], {}),
 }
 

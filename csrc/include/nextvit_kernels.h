@@ -44,7 +44,9 @@ NVK_API nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_
  * (workspace may be NULL) when the shape runs as one kernel, and 0 for an unsupported shape. */
 NVK_API size_t nvk_mlp_workspace_size(int batch, int h, int w_, int c1, int c2, int hidden, int c_out, int residual, nvk_dtype dt);
 NVK_API nvk_status nvk_mlp(const void* x, const void* x2 /* NULL: no concat */, const void* fc1_w, const void* fc1_b, const void* fc2_w, const void* fc2_b, void* out, void* workspace, int batch, int h, int w_, int c1, int c2, int hidden, int c_out, int residual, nvk_dtype dt, void* stream);
-NVK_API size_t nvk_e_mhsa_workspace_size(int batch, int h, int w_, int c, int sr_ratio, nvk_dtype dt);
+/* k|v of the key tokens, the pooled tokens (sr_ratio > 1) and, for c_out > 256 (three kernels),
+ * the [batch*h*w, c] attention output; 0 for a shape with no compiled kernel. */
+NVK_API size_t nvk_e_mhsa_workspace_size(int batch, int h, int w_, int c, int c_out, int sr_ratio, int head_dim, int residual, nvk_dtype dt);
 NVK_API nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const void* k_w, const void* k_b, const void* v_w, const void* v_b, const void* proj_w, const void* proj_b, void* out, void* workspace, int batch, int h, int w_, int c, int c_out, int sr_ratio, int head_dim, int residual, nvk_dtype dt, void* stream);
 NVK_API nvk_status nvk_head(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c, int n_classes, nvk_dtype dt, void* stream);
 

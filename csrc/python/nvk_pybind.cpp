@@ -51,8 +51,9 @@ PYBIND11_MODULE(_C, m) {
           return static_cast<int>(nvk_mlp(P(x), P(x2), P(w1), P(b1), P(w2), P(b2), M(out), M(ws), batch, h, w_, c1, c2,
                                            hidden, c_out, residual, D(dt), M(stream)));
         }, nogil);
-  m.def("e_mhsa_workspace_size", [](int batch, int h, int w_, int c, int sr, int dt) {
-    return nvk_e_mhsa_workspace_size(batch, h, w_, c, sr, D(dt));
+  m.def("e_mhsa_workspace_size", [](int batch, int h, int w_, int c, int c_out, int sr, int head_dim, int residual,
+                                    int dt) {
+    return nvk_e_mhsa_workspace_size(batch, h, w_, c, c_out, sr, head_dim, residual, D(dt));
   });
   m.def("e_mhsa", [](std::uintptr_t x, std::uintptr_t qw, std::uintptr_t qb, std::uintptr_t kw, std::uintptr_t kb,
                      std::uintptr_t vw, std::uintptr_t vb, std::uintptr_t pw, std::uintptr_t pb, std::uintptr_t out,

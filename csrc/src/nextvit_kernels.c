@@ -563,14 +563,27 @@ nvk_status nvk_mlp(const void* x, const void* x2, const void* fc1_w, const void*
 }
 
 
-size_t nvk_e_mhsa_workspace_size(int batch, int h, int w_, int c, int sr_ratio, nvk_dtype dt) {
-  if (batch <= 0 || h <= 0 || w_ <= 0 || c <= 0 || sr_ratio <= 0 || (int)dt < 0 || (int)dt > 2) return 0;
-  size_t r = (size_t)sr_ratio * (size_t)sr_ratio;
-  size_t nk = (size_t)h * (size_t)w_ / r;
+/* Workspace layout: [B, Nk, 2C] k|v, then (sr > 1) [B, Nk, C] pooled tokens, then (split
+ * classes: three kernels) the [B*N, C] attention output; each part 256-byte aligned. */
+static size_t e_mhsa_parts(const nvk_shape_class_t* sc, long long batch, long long n, long long nk, int c,
+                           int sr_ratio, nvk_dtype dt, size_t* pooled_off, size_t* o_off) {
   size_t es = elem_size(dt);
-  size_t kv = align256((size_t)batch * nk * 2 * (size_t)c * es);             /* [B, Nk, 2C]: k | v */
-  size_t pooled = r > 1 ? align256((size_t)batch * nk * (size_t)c * es) : 0; /* [B, Nk, C] */
-  return kv + pooled;
+  size_t kv = align256((size_t)batch * (size_t)nk * 2 * (size_t)c * es);
+  size_t pooled = sr_ratio > 1 ? align256((size_t)batch * (size_t)nk * (size_t)c * es) : 0;
+  size_t o = sc && sc->n_kernels == 3 ? align256((size_t)batch * (size_t)n * (size_t)c * es) : 0;
+  *pooled_off = kv;
+  *o_off = kv + pooled;
+  return kv + pooled + o;
+}
+
+size_t nvk_e_mhsa_workspace_size(int batch, int h, int w_, int c, int c_out, int sr_ratio, int head_dim,
+                                 int residual, nvk_dtype dt) {
+  if (batch <= 0 || h <= 0 || w_ <= 0 || c <= 0 || sr_ratio <= 0 || (int)dt < 0 || (int)dt > 2) return 0;
+  long long n = (long long)h * w_, nk = n / ((long long)sr_ratio * sr_ratio);
+  int key[5] = {c, c_out, sr_ratio, head_dim, residual};
+  const nvk_shape_class_t* sc = nk >= 1 ? lookup(NVK_OP_E_MHSA, dt, key, 5, nk) : NULL;
+  size_t a, b;
+  return sc ? e_mhsa_parts(sc, batch, n, nk, c, sr_ratio, dt, &a, &b) : 0;
 }
 
 nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const void* k_w, const void* k_b,
@@ -601,19 +614,38 @@ nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const voi
   nvk_ctx_t* cx;
   nvk_status st = get_context(stream, &cx);
   if (st) return st;
-  size_t es = elem_size(dt);
+  size_t pooled_off, o_off;
+  e_mhsa_parts(sc, batch, n, nk, c, sr_ratio, dt, &pooled_off, &o_off);
   char* kv = (char*)workspace;
-  char* pooled = r > 1 ? kv + align256((size_t)batch * (size_t)nk * 2 * (size_t)c * es) : kv;
+  char* pooled = r > 1 ? kv + pooled_off : kv;
   long long rows = (long long)batch * nk;
+  float scale = (float)pow((double)head_dim, -0.5); /* what the JIT passes: float(head_dim) ** -0.5 as fp32 */
   nvk_args_t A = {0};
   arg_p(&A, x); arg_p(&A, pooled); arg_p(&A, k_w); arg_p(&A, k_b); arg_p(&A, v_w); arg_p(&A, v_b); arg_p(&A, kv);
   arg_i(&A, n); arg_i(&A, c); arg_i(&A, nk); arg_i(&A, r); arg_i(&A, rows);
   st = launch(cx, NVK_OP_E_MHSA, sc->kernels[0], &A, cdiv(rows, sc->consts[0]), 1, 1, stream);
   if (st) return st;
+  if (sc->n_kernels == 3) { /* split: per-(query tile, head) attention into the workspace, then a GEMM */
+    char* o = kv + o_off;
+    nvk_args_t H = {0};
+    arg_p(&H, x); arg_p(&H, kv); arg_p(&H, q_w); arg_p(&H, q_b); arg_p(&H, o);
+    arg_i(&H, n); arg_i(&H, c); arg_i(&H, nk); arg_f(&H, scale);
+    st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &H, cdiv(n, sc->consts[3]), c / head_dim, batch, stream);
+    if (st) return st;
+    /* the MLP's fc2 kernel reading o: x2 and the fc1 weight/bias are unused dummies */
+    nvk_args_t P = {0};
+    arg_p(&P, x); arg_p(&P, x); arg_p(&P, proj_w); arg_p(&P, proj_w); arg_p(&P, proj_w); arg_p(&P, proj_b);
+    arg_p(&P, o); arg_p(&P, out);
+    arg_i(&P, (long long)batch * n); arg_i(&P, c); arg_i(&P, 0); arg_i(&P, c); arg_i(&P, c_out);
+    st = launch(cx, NVK_OP_E_MHSA, sc->kernels[2], &P, cdiv((long long)batch * n, sc->consts[4]),
+                cdiv(c_out, sc->consts[5]), 1, stream);
+    if (!st) ok();
+    return st;
+  }
   nvk_args_t B = {0};
   arg_p(&B, x); arg_p(&B, kv); arg_p(&B, q_w); arg_p(&B, q_b); arg_p(&B, proj_w); arg_p(&B, proj_b); arg_p(&B, out);
   arg_i(&B, n); arg_i(&B, c); arg_i(&B, c_out); arg_i(&B, nk); arg_i(&B, c / head_dim);
-  arg_f(&B, (float)pow((double)head_dim, -0.5)); /* what the JIT passes: float(head_dim) ** -0.5 as fp32 */
+  arg_f(&B, scale);
   st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &B, cdiv(n, sc->consts[1]), cdiv(c_out, sc->consts[2]), batch,
               stream);
   if (!st) ok();

@@ -29,7 +29,7 @@ typedef struct {
   int op, dtype;
   int key[NVK_KEY_LEN];    /* shape key, order in manifest.json "key_names" */
   long long probe_lo, probe_hi;  /* spatial probe range (hi < 0: open) */
-  int kernels[2];          /* indices into nvk_kernels (e_mhsa: kv, attn) */
+  int kernels[3];          /* indices into nvk_kernels, in launch order (aot.py MAX_KERNELS) */
   int n_kernels;
   int consts[NVK_CONST_LEN];     /* launch constants, order in manifest.json "const_names" */
 } nvk_shape_class_t;

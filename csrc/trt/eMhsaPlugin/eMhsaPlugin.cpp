@@ -67,7 +67,8 @@ bool EMhsaPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprB
 size_t EMhsaPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
     DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
 {
-    if (inputs == nullptr || nbInputs != expectedNbInputs() || inputs[0].max.nbDims != 4)
+    if (inputs == nullptr || nbInputs != expectedNbInputs() || inputs[0].max.nbDims != 4
+        || inputs[7].max.nbDims != 2)
     {
         return 0;
     }
@@ -78,7 +79,8 @@ size_t EMhsaPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int3
     }
     // The workspace must cover every shape of the profile: size it for the upper bounds.
     Dims const& m = inputs[0].max;
-    return nvk_e_mhsa_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), field("sr_ratio"), dt);
+    return nvk_e_mhsa_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), dim(inputs[7].max, 0),
+        field("sr_ratio"), field("head_dim"), field("residual"), dt);
 }
 
 int32_t EMhsaPlugin::launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,

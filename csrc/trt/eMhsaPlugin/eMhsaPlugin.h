@@ -10,7 +10,7 @@
  * Output : [B, H, W, Cout]
  * Fields : sr_ratio (int32 >= 1), head_dim (int32 > 0), residual (int32, 0 or 1; 1 needs Cout == C)
  * Workspace: nvk_e_mhsa_workspace_size() for the largest shape of the profile (the pooled
- *          keys / values).
+ *          keys / values and, for Cout > 256, the attention output between its two kernels).
  */
 #ifndef NEXTVIT_TRT_E_MHSA_PLUGIN_H
 #define NEXTVIT_TRT_E_MHSA_PLUGIN_H
