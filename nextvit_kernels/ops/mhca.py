@@ -187,11 +187,14 @@ def _config(c: int, c_out: int, elem_size: int, m: int) -> dict:
     num_stages = 2 if elem_size <= 2 else 1
     fused = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     prec = "ieee" if elem_size == 4 else "tf32"
-    # Split mode runs on small pixel counts: small tiles, many programs.
+    small = m < SPLIT_BELOW_PIXELS
+    # Split mode: small GEMM tiles (many programs) where it is picked, on few pixels; the usual
+    # 128 x 128 GEMM tile on many (what bench/tune.py's "split" candidate runs at batch 256).
     conv = dict(BLOCK_M=64, DOT_PRECISION=prec, num_warps=4, num_stages=1)
-    proj = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_H=32 if elem_size == 4 else 64, BLOCK_K=32,
-                DOT_PRECISION=prec, num_warps=4, num_stages=3)
-    return dict(split=m < SPLIT_BELOW_PIXELS, fused=fused, conv=conv, proj=proj)
+    tile, warps = (64, 4) if small else (128, 8)
+    proj = dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_H=32 if elem_size == 4 else 64, BLOCK_K=32,
+                DOT_PRECISION=prec, num_warps=warps, num_stages=3)
+    return dict(split=small, fused=fused, conv=conv, proj=proj)
 
 
 # --------------------------------------------------------------------------- launcher
