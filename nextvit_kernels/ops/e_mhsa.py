@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import _common
 from ._registry import register
-from .mlp import _mlp_kernel
+from .mlp import _mlp_kernel, gemm_from_scratch  # noqa: F401  (aot.py compiles _mlp_kernel as this op's 2nd GEMM)
 
 OP = "e_mhsa"
 
@@ -349,11 +349,7 @@ def _launch(x: torch.Tensor, q_w: torch.Tensor, q_b: torch.Tensor, k_w: torch.Te
         h_warps = hc.pop("num_warps")
         _attn_heads_kernel[(triton.cdiv(N, hc["BLOCK_M"]), C // head_dim, B)](
             x, kv, q_w, q_b, o, N, C, nk, scale, HEAD_DIM=head_dim, DOT_PREC=prec, num_warps=h_warps, **hc)
-        g = cfg["proj"]
-        # x2 and the fc1 weight/bias are unused with H_IN_MEMORY and no HAS_X2: dummies.
-        _mlp_kernel[(triton.cdiv(B * N, g["BLOCK_M"]), triton.cdiv(cout, g["BLOCK_N"]))](
-            x, x, proj_w, proj_w, proj_w, proj_b, o, out, B * N, C, 0, C, cout,
-            HAS_X2=False, RESIDUAL=residual, H_IN_MEMORY=True, HAS_B2=True, DOT_PRECISION=prec, **g)
+        gemm_from_scratch(x, o, proj_w, proj_b, out, residual, dict(cfg["proj"], DOT_PRECISION=prec))
         return out
     at_warps = atc.pop("num_warps")
     grid = (triton.cdiv(N, atc["BLOCK_M"]), triton.cdiv(cout, atc["BLOCK_CO"]), B)

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _common
 from ._registry import register
-from .mlp import _mlp_kernel
+from .mlp import _mlp_kernel, gemm_from_scratch  # noqa: F401  (aot.py compiles _mlp_kernel as this op's 2nd GEMM)
 
 OP = "mhca"
 HEAD_DIM = 32
@@ -224,12 +224,7 @@ def _mhca_op(x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, proj_w
         f = cfg["conv"]
         _mhca_conv_kernel[(triton.cdiv(m, f["BLOCK_M"]), c // HEAD_DIM)](
             x, conv_w, conv_b, hid, m, h, w, c, *x_strides, *cw_strides, conv_b.stride(0), **f)
-        g = cfg["proj"]
-        pw = proj_w.reshape(c_out, c).contiguous()
-        # fc1 weight/bias and x2 are unused with H_IN_MEMORY and no HAS_X2: dummies.
-        _mlp_kernel[(triton.cdiv(m, g["BLOCK_M"]), triton.cdiv(c_out, g["BLOCK_N"]))](
-            x, x, pw, pw, pw, pw, hid, out, m, c, 0, c, c_out,
-            HAS_X2=False, RESIDUAL=residual, H_IN_MEMORY=True, HAS_B2=False, **g)
+        gemm_from_scratch(x, hid, proj_w.reshape(c_out, c).contiguous(), None, out, residual, cfg["proj"])
         return out
     f = cfg["fused"]
     grid = (triton.cdiv(m, f["BLOCK_M"]) * triton.cdiv(c_out, f["BLOCK_N"]),)

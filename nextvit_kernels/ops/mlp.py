@@ -198,8 +198,23 @@ def _config(c1: int, c2: int, hidden: int, c_out: int, dtype: torch.dtype) -> di
 
 
 # ----------------------------------------------------------------------------------------
-# Launcher (torch.ops.nextvit.mlp)
+# Launchers (torch.ops.nextvit.mlp, and the scratch GEMM the other split ops share)
 # ----------------------------------------------------------------------------------------
+def gemm_from_scratch(x: Tensor, h: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor,
+                      residual: bool, cfg: dict) -> None:
+    """out = h @ w^T (+ bias) (+ x when residual), rows = pixels/tokens: the second kernel of
+    the ops that run split (MHCA's projection, E-MHSA's output projection). x: the op's
+    channels_last input [B, C, H, W] (C == h's width), h: [rows, C] scratch, w: [COUT, C]
+    contiguous, out: channels_last [B, COUT, H, W]; cfg: _mlp_kernel's launch parameters."""
+    m, c = h.shape
+    c_out = w.shape[0]
+    # x2 and the fc1 weight/bias are not read with H_IN_MEMORY and no HAS_X2: dummies.
+    _mlp_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))](
+        x, x, w, w, w, w if bias is None else bias, h, out, m, c, 0, c, c_out,
+        HAS_X2=False, RESIDUAL=residual, H_IN_MEMORY=True, HAS_B2=bias is not None, **cfg)
+
+
+
 def _out_shape(x: Tensor, fc2_w: Tensor):
     b, _, h, w = x.shape
     return b, fc2_w.shape[0], h, w
