@@ -1,12 +1,15 @@
 """Fill Triton's on-disk kernel cache in parallel before a timed GPU run.
 
-Triton compiles each kernel specialization on first use, one at a time, in the
-calling process: the fused S/B/L models at four batch sizes and two dtypes are
-a few hundred compiles, minutes of a short device lease. Running the same
-forwards in N worker processes compiles them concurrently into the shared
-cache (~/.triton/cache), so the benchmark that follows only loads them.
+Triton compiles each kernel specialization on first use, one at a time, in the calling
+process: one fused forward is ~50 distinct kernels, a minute or more of a short device
+lease. Here every (variant, dtype, batch) forward is cut into N interleaved parts: worker k
+runs the plan with the Triton kernels for steps k, k+N, ... and the PyTorch reference (no
+compile) for the others, so each worker compiles only its share, into the shared cache
+(~/.triton/cache), and the benchmark that follows only loads them. NextViT-S/B/L share their
+channel widths, so S alone covers B and L's kernels.
 
-    python bench/warm_cache.py --variants s,b,l --dtype fp16,bf16 --batch 1,8,64,256 -j 8
+    python bench/warm_cache.py --variants s --dtype fp16,bf16 --batch 1,256 -j 8
+    python bench/warm_cache.py --cpu-check     # the partition logic, interpreter, tiny model
 """
 import argparse
 import itertools
@@ -18,46 +21,88 @@ import time
 VARIANTS = {"s": "nextvit_small", "b": "nextvit_base", "l": "nextvit_large"}
 
 
+class _Share:
+    """A fused.run backend: Triton for this worker's steps, the reference for the others."""
+
+    def __init__(self, ops, part, parts):
+        self.ops, self.part, self.parts, self.step, self.mine = ops, part, parts, 0, 0
+
+    def __getattr__(self, op):
+        if op.startswith("_"):
+            raise AttributeError(op)
+        fn = getattr(self.ops, op)
+
+        def call(*args, impl=None, **kwargs):
+            mine = self.step % self.parts == self.part
+            self.step += 1
+            self.mine += mine
+            return fn(*args, impl="triton" if mine else "reference", **kwargs)
+        return call
+
+
 def _work(job):
-    variant, dtype_name, batch, res = job
+    variant, dtype_name, batch, res, part, parts, device = job
     import torch
 
     import nextvit_kernels as nk
+    from nextvit_kernels import fused, ops
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     t = time.perf_counter()
-    model = getattr(nk, variant)().eval().cuda().to(dtype)
-    x = torch.randn(batch, 3, res, res, device="cuda", dtype=dtype)
+    if device == "cpu":  # --cpu-check: a tiny model under the interpreter
+        model = nk.NextViT(depths=(1, 1, 5, 1), num_classes=10).eval()
+    else:
+        model = getattr(nk, variant)().eval()
+    plan = fused.fold(model, device, dtype)
+    x = torch.randn(batch, 3, res, res, device=device, dtype=dtype)
+    share = _Share(ops, part, parts)
     with torch.no_grad():
-        model(x)
-        model.forward_features(x)
-    torch.cuda.synchronize()
-    return f"{variant} {dtype_name} batch {batch} @{res}: {time.perf_counter() - t:.1f} s"
+        fused.run(plan, x, backend=share)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (f"{variant} {dtype_name} batch {batch} @{res} part {part + 1}/{parts}: {share.mine} of "
+            f"{share.step} steps on Triton, {time.perf_counter() - t:.1f} s", share.mine, share.step)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="s,b,l")
+    p.add_argument("--variants", default="s")
     p.add_argument("--dtype", default="fp16,bf16")
     p.add_argument("--batch", default="1,8,64,256")
     p.add_argument("--res", default="224")
     p.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--parts", type=int, default=0, help="parts per forward (default: --jobs)")
+    p.add_argument("--cpu-check", action="store_true")
     args = p.parse_args(argv)
+    if args.cpu_check:
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.variants, args.dtype, args.batch, args.res, args.jobs = "s", "fp32", "1", "32", 2
     import torch
 
-    if not torch.cuda.is_available():
-        print("warm_cache: needs a CUDA GPU (it compiles by running the kernels)", file=sys.stderr)
+    device = "cpu" if args.cpu_check else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("warm_cache: needs a CUDA GPU (it compiles by running the kernels); --cpu-check checks "
+              "the partition logic here", file=sys.stderr)
         return 2
-    jobs = list(itertools.product([VARIANTS[v] for v in args.variants.split(",")], args.dtype.split(","),
-                                  [int(b) for b in args.batch.split(",")], [int(r) for r in args.res.split(",")]))
+    parts = args.parts or args.jobs
+    jobs = [(VARIANTS[v], d, b, r, k, parts, device)
+            for v, d, b, r in itertools.product(args.variants.split(","), args.dtype.split(","),
+                                                [int(b) for b in args.batch.split(",")],
+                                                [int(r) for r in args.res.split(",")])
+            for k in range(parts)]
     t = time.perf_counter()
     # Largest batches first so the memory-heavy forwards do not all run at the end together.
     jobs.sort(key=lambda j: -j[2])
+    mine, total = 0, 0
     with mp.get_context("spawn").Pool(args.jobs) as pool:
-        for i, msg in enumerate(pool.imap_unordered(_work, jobs), 1):
+        for i, (msg, n_mine, n_steps) in enumerate(pool.imap_unordered(_work, jobs), 1):
             print(f"[{i}/{len(jobs)}] {msg}", flush=True)
-    print(f"warm_cache: {len(jobs)} forwards in {time.perf_counter() - t:.0f} s", flush=True)
-    return 0
+            mine, total = mine + n_mine, total + n_steps
+    forwards = len(jobs) // parts
+    print(f"warm_cache: {forwards} forwards in {parts} parts each, {mine} of {total // parts * forwards} "
+          f"steps on Triton, in {time.perf_counter() - t:.0f} s", flush=True)
+    # every step of every forward ran on Triton in exactly one part
+    return 0 if mine * parts == total else 1
 
 
 if __name__ == "__main__":

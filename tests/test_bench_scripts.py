@@ -34,3 +34,8 @@ def test_ops_bench_smoke_writes_results(tmp_path):
 def test_tune_plan_lists_candidates(tmp_path):
     out = _run(["bench/tune.py", "--plan", "--ops", "mlp"], tmp_path)
     assert "split" in out and "configs to compile and time" in out
+
+
+def test_warm_cache_partition_covers_every_step(tmp_path):
+    out = _run(["bench/warm_cache.py", "--cpu-check"], tmp_path)
+    assert "2 parts each, 31 of 31 steps on Triton" in out, out
