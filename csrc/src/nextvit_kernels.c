@@ -438,6 +438,20 @@ nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* ou
 static size_t elem_size(nvk_dtype dt) { return dt == NVK_F32 ? 4 : 2; }
 static size_t align256(size_t v) { return (v + 255) & ~(size_t)255; }
 
+/* The second GEMM of the ops that run split (ops/mlp.py gemm_from_scratch): out = h @ w^T
+ * (+ bias) (+ x), rows x c -> rows x c_out, with the MLP's fc2 kernel (class kernel `kidx`).
+ * x2 and the fc1 weight/bias are not read there, nor the bias when NULL (HAS_B2 is compiled
+ * in): dummies. */
+static nvk_status launch_scratch_gemm(nvk_ctx_t* cx, int op, int kidx, const void* x, const void* h,
+                                      const void* w, const void* bias, void* out, long long rows, int c, int c_out,
+                                      int block_m, int block_n, void* stream) {
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, x); arg_p(&A, w); arg_p(&A, w); arg_p(&A, w); arg_p(&A, bias ? bias : w);
+  arg_p(&A, h); arg_p(&A, out);
+  arg_i(&A, rows); arg_i(&A, c); arg_i(&A, 0); arg_i(&A, c); arg_i(&A, c_out);
+  return launch(cx, op, kidx, &A, cdiv(rows, block_m), cdiv(c_out, block_n), 1, stream);
+}
+
 /* Bytes that cover every MHCA call with at most `rows` pixels: the classes of split mode
  * (two kernels) need the [pixels, c] hidden activation, up to their probe range's end. */
 size_t nvk_mhca_workspace_size(int batch, int h, int w_, int c, int c_out, int residual, nvk_dtype dt) {
@@ -483,13 +497,8 @@ nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const
     arg_i(&A, 32 * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1); arg_i(&A, 1);
     st = launch(cx, NVK_OP_MHCA, sc->kernels[0], &A, cdiv(m, sc->consts[2]), c / 32, 1, stream);
     if (st) return st;
-    /* the projection + residual: the MLP's fc2 kernel reading h from the workspace (x2, fc1
-     * weight and bias, fc2 bias are unused there: dummies) */
-    nvk_args_t P = {0};
-    arg_p(&P, x); arg_p(&P, x); arg_p(&P, proj_w); arg_p(&P, proj_w); arg_p(&P, proj_w); arg_p(&P, proj_w);
-    arg_p(&P, workspace); arg_p(&P, out);
-    arg_i(&P, m); arg_i(&P, c); arg_i(&P, 0); arg_i(&P, c); arg_i(&P, c_out);
-    st = launch(cx, NVK_OP_MHCA, sc->kernels[1], &P, cdiv(m, sc->consts[3]), cdiv(c_out, sc->consts[4]), 1, stream);
+    st = launch_scratch_gemm(cx, NVK_OP_MHCA, sc->kernels[1], x, workspace, proj_w, NULL, out, m, c, c_out,
+                             sc->consts[3], sc->consts[4], stream);
     if (!st) ok();
     return st;
   }
@@ -632,13 +641,8 @@ nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const voi
     arg_i(&H, n); arg_i(&H, c); arg_i(&H, nk); arg_f(&H, scale);
     st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &H, cdiv(n, sc->consts[3]), c / head_dim, batch, stream);
     if (st) return st;
-    /* the MLP's fc2 kernel reading o: x2 and the fc1 weight/bias are unused dummies */
-    nvk_args_t P = {0};
-    arg_p(&P, x); arg_p(&P, x); arg_p(&P, proj_w); arg_p(&P, proj_w); arg_p(&P, proj_w); arg_p(&P, proj_b);
-    arg_p(&P, o); arg_p(&P, out);
-    arg_i(&P, (long long)batch * n); arg_i(&P, c); arg_i(&P, 0); arg_i(&P, c); arg_i(&P, c_out);
-    st = launch(cx, NVK_OP_E_MHSA, sc->kernels[2], &P, cdiv((long long)batch * n, sc->consts[4]),
-                cdiv(c_out, sc->consts[5]), 1, stream);
+    st = launch_scratch_gemm(cx, NVK_OP_E_MHSA, sc->kernels[2], x, o, proj_w, proj_b, out, (long long)batch * n, c,
+                             c_out, sc->consts[4], sc->consts[5], stream);
     if (!st) ok();
     return st;
   }
