@@ -316,6 +316,34 @@ int32_t NextViTPluginBase::configurePlugin(nvinfer1::DynamicPluginTensorDesc con
     return validateIO(dims.data(), nbInputs, nbOutputs) ? 0 : 1;
 }
 
+size_t NextViTPluginBase::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+    nvinfer1::DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+{
+    nvk_dtype dt{};
+    if (inputs == nullptr || nbInputs != expectedNbInputs() || !toNvkDtype(inputs[0].desc.type, dt))
+    {
+        return 0;
+    }
+    try
+    {
+        std::vector<nvinfer1::Dims> maxDims;
+        for (int32_t i = 0; i < nbInputs; ++i)
+        {
+            maxDims.push_back(inputs[i].max);
+        }
+        return checkInputs(maxDims.data(), nbInputs).empty() ? workspaceBytes(maxDims.data(), dt) : 0;
+    }
+    catch (...)
+    {
+        return 0;
+    }
+}
+
+size_t NextViTPluginBase::workspaceBytes(nvinfer1::Dims const* /*maxDims*/, nvk_dtype /*dt*/) const noexcept
+{
+    return 0;
+}
+
 int32_t NextViTPluginBase::getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs,
     nvinfer1::DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, nvinfer1::DimsExprs* outputs,
     int32_t nbOutputs, nvinfer1::IExprBuilder& exprBuilder) noexcept

@@ -106,6 +106,9 @@ public:
     int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
     char const* getMetadataString() noexcept override;
+    //! workspaceBytes() at the profile's upper bounds, once the inputs pass checkInputs.
+    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
+        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
 
     // IPluginV3OneRuntime
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
@@ -133,6 +136,9 @@ protected:
     //! supported; returns 0 or the (logged, see checkNvk) non-zero C library status.
     virtual int32_t launch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
         void* workspace, nvk_dtype dt, void* stream) const noexcept = 0;
+    //! Device scratch (bytes) that covers every input shape up to `maxDims` (the profile's upper
+    //! bounds, already checked by checkInputs); the ops that need none keep the default 0.
+    virtual size_t workspaceBytes(nvinfer1::Dims const* maxDims, nvk_dtype dt) const noexcept;
 
     int32_t field(char const* name) const noexcept;
     bool validateIO(nvinfer1::Dims const* inDims, int32_t nbInputs, int32_t nbOutputs) const noexcept;

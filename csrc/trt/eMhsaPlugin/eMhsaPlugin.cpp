@@ -64,22 +64,10 @@ bool EMhsaPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprB
     return sameSpatialShape(inputs[0], inputs[7], output);
 }
 
-size_t EMhsaPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+size_t EMhsaPlugin::workspaceBytes(Dims const* maxDims, nvk_dtype dt) const noexcept
 {
-    if (inputs == nullptr || nbInputs != expectedNbInputs() || inputs[0].max.nbDims != 4
-        || inputs[7].max.nbDims != 2)
-    {
-        return 0;
-    }
-    nvk_dtype dt{};
-    if (!toNvkDtype(inputs[0].desc.type, dt))
-    {
-        return 0;
-    }
-    // The workspace must cover every shape of the profile: size it for the upper bounds.
-    Dims const& m = inputs[0].max;
-    return nvk_e_mhsa_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), dim(inputs[7].max, 0),
+    Dims const& m = maxDims[0];
+    return nvk_e_mhsa_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), dim(maxDims[7], 0),
         field("sr_ratio"), field("head_dim"), field("residual"), dt);
 }
 

@@ -37,9 +37,6 @@ public:
 
     using NextViTPlugin::NextViTPlugin;
 
-    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-
 protected:
     int32_t expectedNbInputs() const noexcept override
     {
@@ -50,6 +47,7 @@ protected:
         nvinfer1::IExprBuilder& exprBuilder) const noexcept override;
     int32_t launch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
         void* workspace, nvk_dtype dt, void* stream) const noexcept override;
+    size_t workspaceBytes(nvinfer1::Dims const* maxDims, nvk_dtype dt) const noexcept override;
 };
 
 using EMhsaPluginCreator = NextViTPluginCreator<EMhsaPlugin>;

@@ -49,22 +49,11 @@ bool MhcaPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprBu
     return sameSpatialShape(inputs[0], inputs[3], output);
 }
 
-size_t MhcaPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+size_t MhcaPlugin::workspaceBytes(Dims const* maxDims, nvk_dtype dt) const noexcept
 {
-    if (inputs == nullptr || nbInputs != expectedNbInputs() || inputs[0].max.nbDims != 4
-        || inputs[3].max.nbDims != 2)
-    {
-        return 0;
-    }
-    nvk_dtype dt{};
-    if (!toNvkDtype(inputs[0].desc.type, dt))
-    {
-        return 0;
-    }
-    // Sized at the upper bounds: nvk_mhca_workspace_size covers every shape with fewer pixels.
-    Dims const& m = inputs[0].max;
-    return nvk_mhca_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), dim(inputs[3].max, 0),
+    // nvk_mhca_workspace_size covers every shape with fewer pixels than the upper bound.
+    Dims const& m = maxDims[0];
+    return nvk_mhca_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), dim(maxDims[3], 0),
         field("residual"), dt);
 }
 

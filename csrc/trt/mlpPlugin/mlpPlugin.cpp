@@ -69,25 +69,13 @@ bool MlpPlugin::outputShape(DimsExprs const* inputs, DimsExprs& output, IExprBui
     return sameSpatialShape(inputs[0], inputs[weightOffset() + 2], output);
 }
 
-size_t MlpPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-    DynamicPluginTensorDesc const* /*outputs*/, int32_t /*nbOutputs*/) const noexcept
+size_t MlpPlugin::workspaceBytes(Dims const* maxDims, nvk_dtype dt) const noexcept
 {
     int32_t const o = weightOffset();
-    if (inputs == nullptr || nbInputs != expectedNbInputs() || inputs[0].max.nbDims != 4
-        || inputs[o].max.nbDims != 2 || inputs[o + 2].max.nbDims != 2)
-    {
-        return 0;
-    }
-    nvk_dtype dt{};
-    if (!toNvkDtype(inputs[0].desc.type, dt))
-    {
-        return 0;
-    }
-    // The workspace must cover every shape of the profile: size it for the upper bounds.
-    Dims const& m = inputs[0].max;
-    int32_t const c2 = o == 2 ? dim(inputs[1].max, 3) : 0;
-    return nvk_mlp_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), c2, dim(inputs[o].max, 0),
-        dim(inputs[o + 2].max, 0), field("residual"), dt);
+    Dims const& m = maxDims[0];
+    int32_t const c2 = o == 2 ? dim(maxDims[1], 3) : 0;
+    return nvk_mlp_workspace_size(dim(m, 0), dim(m, 1), dim(m, 2), dim(m, 3), c2, dim(maxDims[o], 0),
+        dim(maxDims[o + 2], 0), field("residual"), dt);
 }
 
 int32_t MlpPlugin::launch(PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,

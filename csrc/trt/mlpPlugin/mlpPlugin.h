@@ -34,9 +34,6 @@ public:
 
     using NextViTPlugin::NextViTPlugin;
 
-    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-
 protected:
     int32_t expectedNbInputs() const noexcept override;
     std::string checkInputs(nvinfer1::Dims const* dims, int32_t nbInputs) const override;
@@ -44,6 +41,7 @@ protected:
         nvinfer1::IExprBuilder& exprBuilder) const noexcept override;
     int32_t launch(nvinfer1::PluginTensorDesc const* inputDesc, void const* const* inputs, void* output,
         void* workspace, nvk_dtype dt, void* stream) const noexcept override;
+    size_t workspaceBytes(nvinfer1::Dims const* maxDims, nvk_dtype dt) const noexcept override;
 
 private:
     //! Index of fc1_w among the inputs (1 without x2, 2 with it).
