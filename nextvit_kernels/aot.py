@@ -149,11 +149,29 @@ def _patch_embed_calls(key, dtype, _probe):
             dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"]))
 
 
+def _mlp_kernel_args(c1, c2, hid, co):
+    """Runtime arguments of mlp._mlp_kernel, in its launchers' order (the MLP's own fc2, and
+    gemm_from_scratch for the split ops, where c1 = hid = C and c2 = 0)."""
+    def args(b, h, w):
+        return [("x_ptr", "p"), ("x2_ptr", "p"), ("w1_ptr", "p"), ("b1_ptr", "p"), ("w2_ptr", "p"),
+                ("b2_ptr", "p"), ("h_ptr", "p"), ("out_ptr", "p"),
+                ("M", b * h * w), ("C1", c1), ("C2", c2), ("HID", hid), ("COUT", co)]
+    return args
+
+
+def _scratch_gemm_call(cfg, c, co, residual, has_bias):
+    """The KernelCall of mlp.gemm_from_scratch: _mlp_kernel reading a [rows, c] scratch."""
+    g = dict(cfg)
+    warps, stages = g.pop("num_warps"), g.pop("num_stages")
+    return KernelCall("_mlp_kernel", dict(HAS_X2=False, RESIDUAL=residual, H_IN_MEMORY=True, HAS_B2=has_bias, **g),
+                      warps, stages, _mlp_kernel_args(c, 0, c, co))
+
+
 def _mhca_calls(key, dtype, m_pixels):
     m = _mod("mhca")
     c, co, res = key["c"], key["c_out"], bool(key["residual"])
     cfg = m._config(c, co, torch.empty((), dtype=dtype).element_size(), m_pixels)
-    f, cv, pj = dict(cfg["fused"]), dict(cfg["conv"]), dict(cfg["proj"])
+    f, cv = dict(cfg["fused"]), dict(cfg["conv"])
     prec = "ieee" if dtype == torch.float32 else "tf32"
     x_strides = lambda b, h, w: list(zip(("sxb", "sxc", "sxh", "sxw"), _nhwc(b, c, h, w)))  # noqa: E731
     cw_strides = list(zip(("scw0", "scw1", "scw2", "scw3"), (32 * 9, 9, 3, 1))) + [("scb", 1)]
@@ -168,17 +186,10 @@ def _mhca_calls(key, dtype, m_pixels):
         return ([("x_ptr", "p"), ("cw_ptr", "p"), ("cb_ptr", "p"), ("h_ptr", "p"),
                  ("M", b * h * w), ("H", h), ("W", w), ("C", c)] + x_strides(b, h, w) + cw_strides)
 
-    def proj_args(b, h, w):  # mlp._mlp_kernel as the projection GEMM (see ops/mhca.py)
-        return [("x_ptr", "p"), ("x2_ptr", "p"), ("w1_ptr", "p"), ("b1_ptr", "p"), ("w2_ptr", "p"),
-                ("b2_ptr", "p"), ("h_ptr", "p"), ("out_ptr", "p"),
-                ("M", b * h * w), ("C1", c), ("C2", 0), ("HID", c), ("COUT", co)]
-
     if cfg["split"]:
         cw_warps, cw_stages = cv.pop("num_warps"), cv.pop("num_stages")
-        pj_warps, pj_stages = pj.pop("num_warps"), pj.pop("num_stages")
         calls = [KernelCall("_mhca_conv_kernel", cv, cw_warps, cw_stages, conv_args),
-                 KernelCall("_mlp_kernel", dict(HAS_X2=False, RESIDUAL=res, H_IN_MEMORY=True, HAS_B2=False, **pj),
-                            pj_warps, pj_stages, proj_args)]
+                 _scratch_gemm_call(cfg["proj"], c, co, res, has_bias=False)]
     else:
         const = dict(RESIDUAL=res, BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"], DOT_PRECISION=prec)
         calls = [KernelCall("_mhca_kernel", const, f["num_warps"], f["num_stages"], fused_args)]
@@ -199,12 +210,8 @@ def _mlp_calls(key, dtype, _probe):
     def fc1_args(b, h, w):
         return inputs + [("h_ptr", "p"), ("M", b * h * w), ("C1", c1), ("C2", c2), ("HID", hid)]
 
-    def mlp_args(b, h, w):
-        return inputs + [("w2_ptr", "p"), ("b2_ptr", "p"), ("h_ptr", "p"), ("out_ptr", "p"),
-                         ("M", b * h * w), ("C1", c1), ("C2", c2), ("HID", hid), ("COUT", co)]
-
     calls = [KernelCall("_mlp_kernel", dict(HAS_X2=c2 > 0, RESIDUAL=res, H_IN_MEMORY=split, HAS_B2=True, **g),
-                        g_warps, g_stages, mlp_args)]
+                        g_warps, g_stages, _mlp_kernel_args(c1, c2, hid, co))]
     if split:  # fc1 into the workspace first (the C side: two kernels <=> split)
         calls.insert(0, KernelCall("_fc1_kernel", dict(HAS_X2=c2 > 0, **f), f_warps, f_stages, fc1_args))
     return calls, dict(BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"], FC1_BLOCK_M=f["BLOCK_M"],
@@ -240,28 +247,22 @@ def _e_mhsa_calls(key, dtype, n_keys):
         return [("x_ptr", "p"), ("kv_ptr", "p"), ("qw_ptr", "p"), ("qb_ptr", "p"), ("o_ptr", "p"),
                 ("N", n), ("C", c), ("NK", n // r), ("scale", float(hd) ** -0.5)]
 
-    def proj_args(b, h, w):  # mlp._mlp_kernel as the projection GEMM (see ops/e_mhsa.py)
-        return [("x_ptr", "p"), ("x2_ptr", "p"), ("w1_ptr", "p"), ("b1_ptr", "p"), ("w2_ptr", "p"),
-                ("b2_ptr", "p"), ("h_ptr", "p"), ("out_ptr", "p"),
-                ("M", b * h * w), ("C1", c), ("C2", 0), ("HID", c), ("COUT", co)]
-
     # The launcher passes no num_stages to these: Triton's default, as the JIT uses it.
     from triton.backends.nvidia.compiler import CUDAOptions
     stages = CUDAOptions.__dataclass_fields__["num_stages"].default
     calls = [KernelCall("_kv_kernel", dict(DOT_PREC=prec, **kvc), kv_warps, stages, kv_args)]
-    hc, pj = dict(cfg["heads"]), dict(cfg["proj"])
+    hc = dict(cfg["heads"])
     h_warps = hc.pop("num_warps")
-    pj_warps, pj_stages = pj.pop("num_warps"), pj.pop("num_stages")
     if cfg["split"]:
         calls += [KernelCall("_attn_heads_kernel", dict(HEAD_DIM=hd, DOT_PREC=prec, **hc), h_warps, stages,
                              heads_args),
-                  KernelCall("_mlp_kernel", dict(HAS_X2=False, RESIDUAL=res, H_IN_MEMORY=True, HAS_B2=True,
-                                                 DOT_PRECISION=prec, **pj), pj_warps, pj_stages, proj_args)]
+                  _scratch_gemm_call(dict(cfg["proj"], DOT_PRECISION=prec), c, co, res, has_bias=True)]
     else:
         calls.append(KernelCall("_attn_kernel", dict(HEAD_DIM=hd, RESIDUAL=res, DOT_PREC=prec, **atc),
                                 at_warps, stages, attn_args))
     return calls, dict(KV_BLOCK_NK=kvc["BLOCK_NK"], BLOCK_M=atc["BLOCK_M"], BLOCK_CO=atc["BLOCK_CO"],
-                       HEADS_BLOCK_M=hc["BLOCK_M"], PROJ_BLOCK_M=pj["BLOCK_M"], PROJ_BLOCK_N=pj["BLOCK_N"])
+                       HEADS_BLOCK_M=hc["BLOCK_M"], PROJ_BLOCK_M=cfg["proj"]["BLOCK_M"],
+                       PROJ_BLOCK_N=cfg["proj"]["BLOCK_N"])
 
 
 def _head_calls(key, dtype, hw):
