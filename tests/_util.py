@@ -25,6 +25,14 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, tol: 
     )
 
 
+def force_split(monkeypatch, module, split: bool):
+    """Makes an op with two modes (ops.mlp, ops.mhca, ops.e_mhsa: one kernel, or split into
+    kernels through a scratch) run the given one whatever the shape, keeping the tiles its
+    _config picks for the shape."""
+    orig = module._config
+    monkeypatch.setattr(module, "_config", lambda *a, **k: dict(orig(*a, **k), split=split))
+
+
 def rand_like_dtype(*shape, dtype, device="cpu", scale=1.0):
     """Random values already rounded to ``dtype``, plus their float64 copy for the reference."""
     x = (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype).to(device)

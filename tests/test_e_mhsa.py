@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nextvit_kernels import ops
-from _util import assert_close, rand_like_dtype
+from _util import assert_close, force_split, rand_like_dtype
 
 mod = importlib.import_module("nextvit_kernels.ops.e_mhsa")
 
@@ -58,18 +58,11 @@ CASES = [
 ]
 
 
-def forced_mode(monkeypatch, split):
-    """Fused (kv + one attention/projection kernel, q recomputed per 256-channel output slice)
-    or split (kv + per-head attention into a scratch + projection GEMM), whatever Cout is."""
-    orig = mod._config
-    monkeypatch.setattr(mod, "_config", lambda *a, **k: dict(orig(*a, **k), split=split))
-
-
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}-C{c[1]}-{c[2]}x{c[3]}-sr{c[4]}-co{c[5]}" for c in CASES])
 def test_triton_matches_float64(case, dtype, split, monkeypatch):
-    forced_mode(monkeypatch, split)
+    force_split(monkeypatch, mod, split)
     b, c, h, w, sr, cout, residual, cl = case
     run_case(b, c, h, w, sr, cout, residual, cl, dtype)
 
@@ -215,7 +208,7 @@ def test_gpu_stage_shapes(stage, dtype, res):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("stage", STAGES[:3], ids=[f"C{s[0]}-sr{s[2]}" for s in STAGES[:3]])
 def test_gpu_both_modes(stage, dtype, split, monkeypatch):
-    forced_mode(monkeypatch, split)
+    force_split(monkeypatch, mod, split)
     c, h, sr = stage
     for b in (1, 16):
         run_case(b, c, h, h, sr, None, True, True, dtype, device="cuda")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nextvit_kernels import ops
-from _util import assert_close
+from _util import assert_close, force_split
 
 GUARD = 4096  # elements of NaN on each side
 
@@ -79,9 +79,7 @@ CASES = {
 def test_no_out_of_bounds_reads(name, monkeypatch):
     fn, _, args64, kwargs64 = CASES[name]()
     if name == "mhca_fused":
-        mod = importlib.import_module("nextvit_kernels.ops.mhca")
-        orig = mod._config
-        monkeypatch.setattr(mod, "_config", lambda *a, **k: dict(orig(*a, **k), split=False))
+        force_split(monkeypatch, importlib.import_module("nextvit_kernels.ops.mhca"), False)
     dtype = torch.float32
     args = [banded(a.to(dtype)) for a in args64]
     kwargs = {k: banded(v.to(dtype)) if isinstance(v, torch.Tensor) else v for k, v in kwargs64.items()}

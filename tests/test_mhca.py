@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nextvit_kernels import ops
-from _util import assert_close, rand_like_dtype
+from _util import assert_close, force_split, rand_like_dtype
 
 mod = importlib.import_module("nextvit_kernels.ops.mhca")
 
@@ -41,19 +41,13 @@ CASES = [
 ]
 
 
-def forced_mode(monkeypatch, split):
-    """Runs the fused (one kernel) or split (conv kernel + projection GEMM) mode whatever the
-    pixel count; _config picks split below SPLIT_BELOW_PIXELS, so these small cases would
-    otherwise never reach the fused kernel."""
-    orig = mod._config
-    monkeypatch.setattr(mod, "_config", lambda *a, **k: dict(orig(*a, **k), split=split))
-
-
+# _config picks split below SPLIT_BELOW_PIXELS, so without forcing these small cases would
+# never reach the fused kernel.
 @pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("b,c,h,w,c_out,residual", CASES)
 def test_triton_matches_float64(b, c, h, w, c_out, residual, dtype, split, monkeypatch):
-    forced_mode(monkeypatch, split)
+    force_split(monkeypatch, mod, split)
     args, args64 = make(b, c, h, w, c_out, dtype)
     x = args[0].contiguous(memory_format=CL)
     out = ops.mhca(x, *args[1:], residual=residual, impl="triton")
@@ -75,7 +69,7 @@ def test_triton_any_input_layout_and_4d_proj(layout):
 def test_registered_op_reads_strided_input(split, monkeypatch):
     # The fused kernel reads x through its strides and split mode makes it channels_last,
     # so the raw op also takes NCHW input.
-    forced_mode(monkeypatch, split)
+    force_split(monkeypatch, mod, split)
     args, args64 = make(1, 64, 3, 4, 64, torch.float32)
     out = mod._mhca_op(args[0].contiguous(), *args[1:], True)
     assert_close(out, oracle(args64, True), torch.float32)
@@ -169,7 +163,7 @@ def test_gpu_stage_shapes(c, hw, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("c,hw", [(192, 28), (384, 14), (768, 7)])
 def test_gpu_both_modes_at_batch_1_and_32(c, hw, dtype, split, monkeypatch):
-    forced_mode(monkeypatch, split)
+    force_split(monkeypatch, mod, split)
     for b in (1, 32):
         args, args64 = make(b, c, hw, hw, c, dtype, device="cuda")
         assert_close(ops.mhca(args[0], *args[1:]), oracle(args64, True), dtype, what=f"b={b}")

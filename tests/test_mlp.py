@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nextvit_kernels import ops
-from _util import assert_close, rand_like_dtype
+from _util import assert_close, force_split, rand_like_dtype
 
 mlp_mod = importlib.import_module("nextvit_kernels.ops.mlp")
 
@@ -75,13 +75,6 @@ def test_reference_matches_float64(case, dtype):
     assert_close(out, oracle(t64, residual), dtype)
 
 
-def forced_mode(monkeypatch, split):
-    """Makes the launcher run fused (one kernel, fc1 recomputed per N block) or split
-    (two kernels through the scratch) whatever the width, keeping the tiles _config picks."""
-    orig = mlp_mod._config
-    monkeypatch.setattr(mlp_mod, "_config", lambda *a, **k: dict(orig(*a, **k), split=split))
-
-
 # Shapes where the two modes differ in how the work is cut: narrow (fused by default) and
 # wide (split by default), with and without concat, hidden not a multiple of any tile.
 MODE_CASES = [(2, 64, 0, 96, None, 3, 3), (1, 64, 32, 160, None, 2, 5), (1, 288, 0, 96, None, 2, 2),
@@ -92,7 +85,7 @@ MODE_CASES = [(2, 64, 0, 96, None, 3, 3), (1, 64, 32, 160, None, 2, 5), (1, 288,
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", MODE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_both_modes_match_float64(case, dtype, split, monkeypatch):
-    forced_mode(monkeypatch, split)
+    force_split(monkeypatch, mlp_mod, split)
     b, c1, c2, hidden, c_out, h, w = case
     residual = c_out is None
     c_out = c1 + c2 if residual else c_out
@@ -231,7 +224,7 @@ def test_gpu_small_cases(case, dtype):
 @pytest.mark.parametrize("shape", [(192, 64, 512, 28), (384, 0, 1152, 14), (768, 256, 2048, 7)],
                          ids=lambda s: "-".join(map(str, s)))
 def test_gpu_both_modes(shape, dtype, split, monkeypatch):
-    forced_mode(monkeypatch, split)
+    force_split(monkeypatch, mlp_mod, split)
     c1, c2, hidden, hw = shape
     t, t64 = make_case(3, c1, c2, hidden, c1 + c2, hw, hw, dtype, device="cuda")
     assert_close(run(t, "triton"), oracle(t64), dtype)
