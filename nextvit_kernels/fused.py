@@ -8,13 +8,16 @@ the reference path, ONNX export and the C library.
 """
 import importlib
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import ops
-from .model import NCB, NTB, NextViT, affine_then_linear, bn_scale_shift, compose_affine
+from .blocks import NCB, NTB, affine_then_linear, bn_scale_shift, compose_affine
+
+if TYPE_CHECKING:
+    from .model import NextViT
 
 Tensor = torch.Tensor
 
@@ -142,7 +145,7 @@ def weights_key(tensors: List[Tensor]) -> tuple:
 
 
 @torch.no_grad()
-def fold(model: NextViT, device=None, dtype=None) -> Plan:
+def fold(model: "NextViT", device=None, dtype=None) -> Plan:
     if model.training:
         raise ValueError("the fused graph uses BatchNorm running statistics: call model.eval() first")
     p = next(model.parameters())
