@@ -109,3 +109,9 @@ def fake_output(like: torch.Tensor, b: int, c: int, h: int, w: int) -> torch.Ten
 def pooled_size(n: int, stride: int) -> int:
     """Output length of ceil-mode pooling with kernel == stride and no padding."""
     return -(-n // stride)
+
+
+def channels_last_strides(b: int, c: int, h: int, w: int) -> tuple:
+    """The strides of a dense channels_last [b, c, h, w] tensor (what ``to_channels_last``
+    returns: the kernels only read a size-1 dimension at index 0, so its stride is moot)."""
+    return (h * w * c, 1, w * c, c)

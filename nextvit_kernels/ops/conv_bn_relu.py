@@ -135,28 +135,32 @@ def _fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int) -> tor
     return _common.fake_output(x, bsz, w.shape[0], out_size(h, stride), out_size(wd, stride))
 
 
-@register(OP, fake=_fake)
-def _conv_bn_relu_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int) -> torch.Tensor:
-    bsz, c_in, h, wd = x.shape
+def bind(x_shape, w: torch.Tensor, b: torch.Tensor, *, stride: int):
+    """Everything that depends only on the shapes, done once: returns ``(run, out_shape)``
+    with ``run(x, x2=None) -> out`` for a channels_last x of ``x_shape`` (x2 unused)."""
+    bsz, c_in, h, wd = x_shape
     c_out = w.shape[0]
     ho, wo = out_size(h, stride), out_size(wd, stride)
-    out = _common.new_output(x, bsz, c_out, ho, wo)
-    cfg = _config(c_in, c_out, x.element_size())
+    cfg = _config(c_in, c_out, w.element_size())
     m = bsz * ho * wo
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)
-    _conv_bn_relu_kernel[grid](
-        x, w, b, out,
-        m, h, wd, ho, wo, c_in, c_out,
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        w.stride(0), w.stride(1), w.stride(2), w.stride(3),
-        b.stride(0),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        STRIDE=stride, FLAT_K=cfg["FLAT_K"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return out
+    kernel = _conv_bn_relu_kernel[(triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(c_out, cfg["BLOCK_N"]),)]
+    shapes = (m, h, wd, ho, wo, c_in, c_out, *_common.channels_last_strides(bsz, c_in, h, wd), *w.stride(),
+              b.stride(0), *_common.channels_last_strides(bsz, c_out, ho, wo))
+    kw = dict(STRIDE=stride, DOT_PRECISION="ieee" if w.dtype == torch.float32 else "tf32", **cfg)
+
+    def run(x: torch.Tensor, x2=None) -> torch.Tensor:
+        out = _common.new_output(x, bsz, c_out, ho, wo)
+        kernel(x, w, b, out, *shapes, **kw)
+        return out
+
+    return run, (bsz, c_out, ho, wo)
+
+
+@register(OP, fake=_fake)
+def _conv_bn_relu_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int) -> torch.Tensor:
+    x = _common.to_channels_last(x)
+    run, _ = bind(x.shape, w, b, stride=stride)
+    return run(x)
 
 
 # --------------------------------------------------------------------------- public

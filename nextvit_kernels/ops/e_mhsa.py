@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import _common
 from ._registry import register
-from .mlp import _mlp_kernel, gemm_from_scratch  # noqa: F401  (aot.py compiles _mlp_kernel as this op's 2nd GEMM)
+from .mlp import _mlp_kernel, bind_gemm_from_scratch  # noqa: F401  (aot.py compiles _mlp_kernel as this op's 2nd GEMM)
 
 OP = "e_mhsa"
 
@@ -317,47 +317,67 @@ def _fake(x, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, sr_ratio, head_dim, r
     return _common.fake_output(x, x.shape[0], proj_w.shape[0], x.shape[2], x.shape[3])
 
 
+def bind(x_shape, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int, head_dim: int = 32,
+         residual: bool = True):
+    """Everything that depends only on the shapes, done once: returns ``(run, out_shape)``
+    with ``run(x, x2=None) -> out`` for a channels_last x of ``x_shape`` (x2 unused)."""
+    B, C, H, W = x_shape
+    N = H * W
+    q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b = (
+        t.contiguous() for t in (q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b))
+    cout = proj_w.shape[0]
+    r = sr_ratio * sr_ratio
+    nk = N // r
+    cfg = _config(N, C, cout, nk, head_dim, sr_ratio)
+    prec = "ieee" if q_w.dtype == torch.float32 else "tf32"
+    scale = float(head_dim) ** -0.5
+    rows = B * nk
+    kvc = dict(cfg["kv"])
+    kv_kernel = _kv_kernel[(triton.cdiv(rows, kvc["BLOCK_NK"]),)]
+    kv_kw = dict(DOT_PREC=prec, **kvc)
+
+    def keys_values(x):
+        kv = _common.new_scratch(x, B, nk, 2 * C)
+        pooled = _common.new_scratch(x, B, nk, C) if r > 1 else kv
+        kv_kernel(x, pooled, k_w, k_b, v_w, v_b, kv, N, C, nk, r, rows, **kv_kw)
+        return kv
+
+    if cfg["split"]:
+        hc = dict(cfg["heads"])
+        heads = _attn_heads_kernel[(triton.cdiv(N, hc["BLOCK_M"]), C // head_dim, B)]
+        heads_kw = dict(HEAD_DIM=head_dim, DOT_PREC=prec, **hc)
+        proj = bind_gemm_from_scratch(B * N, C, cout, True, residual, dict(cfg["proj"], DOT_PRECISION=prec))
+
+        def run(x: torch.Tensor, x2=None) -> torch.Tensor:
+            kv = keys_values(x)
+            out = _common.new_output(x, B, cout, H, W)
+            o = _common.new_scratch(x, B * N, C)
+            heads(x, kv, q_w, q_b, o, N, C, nk, scale, **heads_kw)
+            proj(x, o, proj_w, proj_b, out)
+            return out
+
+        return run, (B, cout, H, W)
+    atc = dict(cfg["attn"])
+    attn = _attn_kernel[(triton.cdiv(N, atc["BLOCK_M"]), triton.cdiv(cout, atc["BLOCK_CO"]), B)]
+    attn_kw = dict(HEAD_DIM=head_dim, RESIDUAL=residual, DOT_PREC=prec, **atc)
+
+    def run(x: torch.Tensor, x2=None) -> torch.Tensor:
+        kv = keys_values(x)
+        out = _common.new_output(x, B, cout, H, W)
+        attn(x, kv, q_w, q_b, proj_w, proj_b, out, N, C, cout, nk, C // head_dim, scale, **attn_kw)
+        return out
+
+    return run, (B, cout, H, W)
+
+
 @register(OP, fake=_fake)
 def _launch(x: torch.Tensor, q_w: torch.Tensor, q_b: torch.Tensor, k_w: torch.Tensor,
             k_b: torch.Tensor, v_w: torch.Tensor, v_b: torch.Tensor, proj_w: torch.Tensor,
             proj_b: torch.Tensor, sr_ratio: int, head_dim: int, residual: bool) -> torch.Tensor:
     x = _common.to_channels_last(x)
-    B, C, H, W = x.shape
-    N = H * W
-    cout = proj_w.shape[0]
-    r = sr_ratio * sr_ratio
-    nk = N // r
-    cfg = _config(N, C, cout, nk, head_dim, sr_ratio)
-    kvc, atc = dict(cfg["kv"]), dict(cfg["attn"])
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    q_w, k_w, v_w, proj_w = (w.contiguous() for w in (q_w, k_w, v_w, proj_w))
-    q_b, k_b, v_b, proj_b = (t.contiguous() for t in (q_b, k_b, v_b, proj_b))
-
-    kv = _common.new_scratch(x, B, nk, 2 * C)
-    pooled = _common.new_scratch(x, B, nk, C) if r > 1 else kv
-    rows = B * nk
-    kv_warps = kvc.pop("num_warps")
-    _kv_kernel[(triton.cdiv(rows, kvc["BLOCK_NK"]),)](
-        x, pooled, k_w, k_b, v_w, v_b, kv, N, C, nk, r, rows,
-        DOT_PREC=prec, num_warps=kv_warps, **kvc)
-
-    out = _common.new_output(x, B, cout, H, W)
-    scale = float(head_dim) ** -0.5
-    if cfg["split"]:
-        o = _common.new_scratch(x, B * N, C)
-        hc = dict(cfg["heads"])
-        h_warps = hc.pop("num_warps")
-        _attn_heads_kernel[(triton.cdiv(N, hc["BLOCK_M"]), C // head_dim, B)](
-            x, kv, q_w, q_b, o, N, C, nk, scale, HEAD_DIM=head_dim, DOT_PREC=prec, num_warps=h_warps, **hc)
-        gemm_from_scratch(x, o, proj_w, proj_b, out, residual, dict(cfg["proj"], DOT_PRECISION=prec))
-        return out
-    at_warps = atc.pop("num_warps")
-    grid = (triton.cdiv(N, atc["BLOCK_M"]), triton.cdiv(cout, atc["BLOCK_CO"]), B)
-    _attn_kernel[grid](
-        x, kv, q_w, q_b, proj_w, proj_b, out, N, C, cout, nk, C // head_dim,
-        scale, HEAD_DIM=head_dim, RESIDUAL=residual, DOT_PREC=prec,
-        num_warps=at_warps, **atc)
-    return out
+    run, _ = bind(x.shape, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, sr_ratio=sr_ratio,
+                  head_dim=head_dim, residual=residual)
+    return run(x)
 
 
 # ---------------------------------------------------------------------------

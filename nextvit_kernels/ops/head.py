@@ -68,23 +68,33 @@ def _fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=x.dtype)
 
 
+def bind(x_shape, w: torch.Tensor, b: torch.Tensor):
+    """Everything that depends only on the shapes, done once: returns ``(run, out_shape)``
+    with ``run(x, x2=None) -> out`` for a channels_last x of ``x_shape`` (x2 unused)."""
+    bsz, c, h, wd = x_shape
+    w, b = w.reshape(w.shape[0], -1).contiguous(), b.contiguous()
+    n = w.shape[0]
+    cfg = _config(h * wd, c, n)
+    kernel = _head_kernel[(bsz, triton.cdiv(n, cfg["BLOCK_N"]))]
+    x_strides = _common.channels_last_strides(bsz, c, h, wd)
+    # channels_last: the pixel stride is stride(3) == C
+    shapes = (h * wd, c, n, x_strides[0], x_strides[1], x_strides[3], w.stride(0), w.stride(1), n, 1)
+
+    def run(x: torch.Tensor, x2=None) -> torch.Tensor:
+        out = torch.empty((bsz, n), device=x.device, dtype=x.dtype)
+        if _common.POISON_OUTPUTS:
+            out.fill_(float("nan"))
+        kernel(x, w, b, out, *shapes, **cfg)
+        return out
+
+    return run, (bsz, n)
+
+
 @register(OP, fake=_fake)
 def _head_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    bsz, c, h, wd = x.shape
-    n = w.shape[0]
-    out = torch.empty((bsz, n), device=x.device, dtype=x.dtype)
-    if _common.POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    cfg = _config(h * wd, c, n)
-    grid = (bsz, triton.cdiv(n, cfg["BLOCK_N"]))
-    _head_kernel[grid](
-        x, w, b, out, h * wd, c, n,
-        x.stride(0), x.stride(1), x.stride(3),   # channels_last: pixel stride == stride(3) == C
-        w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        BLOCK_HW=cfg["BLOCK_HW"], BLOCK_K=cfg["BLOCK_K"], BLOCK_N=cfg["BLOCK_N"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
-    return out
+    x = _common.to_channels_last(x)
+    run, _ = bind(x.shape, w, b)
+    return run(x)
 
 
 # --------------------------------------------------------------------------- public

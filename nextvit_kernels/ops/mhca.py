@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import _common
 from ._registry import register
-from .mlp import _mlp_kernel, gemm_from_scratch  # noqa: F401  (aot.py compiles _mlp_kernel as this op's 2nd GEMM)
+from .mlp import _mlp_kernel, bind_gemm_from_scratch  # noqa: F401  (aot.py compiles _mlp_kernel as this op's 2nd GEMM)
 
 OP = "mhca"
 HEAD_DIM = 32
@@ -204,40 +204,51 @@ def _fake(x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, proj_w: t
     return _common.fake_output(x, b, proj_w.shape[0], h, w)
 
 
+def bind(x_shape, conv_w: torch.Tensor, conv_b: torch.Tensor, proj_w: torch.Tensor, *, residual: bool = True):
+    """Everything that depends only on the shapes, done once: returns ``(run, out_shape)``
+    with ``run(x, x2=None) -> out`` for a channels_last x of ``x_shape`` (x2 unused)."""
+    b, c, h, w = x_shape
+    c_out = proj_w.shape[0]
+    proj_w = proj_w.reshape(c_out, c).contiguous()
+    m = b * h * w
+    esize = torch.empty((), dtype=conv_w.dtype).element_size()
+    cfg = _config(c, c_out, esize, m)
+    prec = "ieee" if conv_w.dtype == torch.float32 else "tf32"
+    x_strides = _common.channels_last_strides(b, c, h, w)
+    cw_strides = conv_w.stride()
+    out_strides = _common.channels_last_strides(b, c_out, h, w)
+    if cfg["split"]:
+        f = cfg["conv"]
+        conv = _mhca_conv_kernel[(triton.cdiv(m, f["BLOCK_M"]), c // HEAD_DIM)]
+        proj = bind_gemm_from_scratch(m, c, c_out, False, residual, cfg["proj"])
+
+        def run(x: torch.Tensor, x2=None) -> torch.Tensor:
+            out = _common.new_output(x, b, c_out, h, w)
+            hid = _common.new_scratch(x, m, c)
+            conv(x, conv_w, conv_b, hid, m, h, w, c, *x_strides, *cw_strides, conv_b.stride(0), **f)
+            proj(x, hid, proj_w, None, out)
+            return out
+
+        return run, (b, c_out, h, w)
+    f = cfg["fused"]
+    fused = _mhca_kernel[(triton.cdiv(m, f["BLOCK_M"]) * triton.cdiv(c_out, f["BLOCK_N"]),)]
+    kw = dict(RESIDUAL=residual, DOT_PRECISION=prec, **f)
+
+    def run(x: torch.Tensor, x2=None) -> torch.Tensor:
+        out = _common.new_output(x, b, c_out, h, w)
+        fused(x, conv_w, conv_b, proj_w, out, m, h, w, c, c_out, *x_strides, *cw_strides, conv_b.stride(0),
+              proj_w.stride(0), proj_w.stride(1), *out_strides, **kw)
+        return out
+
+    return run, (b, c_out, h, w)
+
+
 @register(OP, fake=_fake)
 def _mhca_op(x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, proj_w: torch.Tensor,
              residual: bool) -> torch.Tensor:
-    b, c, h, w = x.shape
-    c_out = proj_w.shape[0]
-    out = _common.new_output(x, b, c_out, h, w)
-    m = b * h * w
-    cfg = _config(c, c_out, x.element_size(), m)
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"
-    cw_strides = (conv_w.stride(0), conv_w.stride(1), conv_w.stride(2), conv_w.stride(3))
-    if cfg["split"]:
-        # The projection GEMM reads the residual as NHWC rows (a no-op when x comes from the
-        # public function, which already made it channels_last).
-        x = _common.to_channels_last(x)
-    x_strides = (x.stride(0), x.stride(1), x.stride(2), x.stride(3))
-    if cfg["split"]:
-        hid = _common.new_scratch(x, m, c)
-        f = cfg["conv"]
-        _mhca_conv_kernel[(triton.cdiv(m, f["BLOCK_M"]), c // HEAD_DIM)](
-            x, conv_w, conv_b, hid, m, h, w, c, *x_strides, *cw_strides, conv_b.stride(0), **f)
-        gemm_from_scratch(x, hid, proj_w.reshape(c_out, c).contiguous(), None, out, residual, cfg["proj"])
-        return out
-    f = cfg["fused"]
-    grid = (triton.cdiv(m, f["BLOCK_M"]) * triton.cdiv(c_out, f["BLOCK_N"]),)
-    _mhca_kernel[grid](
-        x, conv_w, conv_b, proj_w, out,
-        m, h, w, c, c_out,
-        *x_strides, *cw_strides,
-        conv_b.stride(0),
-        proj_w.stride(0), proj_w.stride(1),   # [O, I] or an [O, I, 1, 1] view: same two strides
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        RESIDUAL=residual, DOT_PRECISION=prec, **f,
-    )
-    return out
+    x = _common.to_channels_last(x)
+    run, _ = bind(x.shape, conv_w, conv_b, proj_w, residual=residual)
+    return run(x)
 
 
 # --------------------------------------------------------------------------- public

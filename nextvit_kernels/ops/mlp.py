@@ -200,62 +200,68 @@ def _config(c1: int, c2: int, hidden: int, c_out: int, dtype: torch.dtype) -> di
 # ----------------------------------------------------------------------------------------
 # Launchers (torch.ops.nextvit.mlp, and the scratch GEMM the other split ops share)
 # ----------------------------------------------------------------------------------------
-def gemm_from_scratch(x: Tensor, h: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor,
-                      residual: bool, cfg: dict) -> None:
-    """out = h @ w^T (+ bias) (+ x when residual), rows = pixels/tokens: the second kernel of
-    the ops that run split (MHCA's projection, E-MHSA's output projection). x: the op's
-    channels_last input [B, C, H, W] (C == h's width), h: [rows, C] scratch, w: [COUT, C]
-    contiguous, out: channels_last [B, COUT, H, W]; cfg: _mlp_kernel's launch parameters."""
-    m, c = h.shape
-    c_out = w.shape[0]
-    # x2 and the fc1 weight/bias are not read with H_IN_MEMORY and no HAS_X2: dummies.
-    _mlp_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))](
-        x, x, w, w, w, w if bias is None else bias, h, out, m, c, 0, c, c_out,
-        HAS_X2=False, RESIDUAL=residual, H_IN_MEMORY=True, HAS_B2=bias is not None, **cfg)
+def bind_gemm_from_scratch(m: int, c: int, c_out: int, has_bias: bool, residual: bool, cfg: dict):
+    """The second kernel of the ops that run split (MHCA's projection, E-MHSA's output
+    projection): returns ``launch(x, h, w, bias, out)`` computing out = h @ w^T (+ bias)
+    (+ x when residual), rows = pixels/tokens. x: the op's channels_last input [B, C, H, W]
+    (C == h's width), h: [m, c] scratch, w: [c_out, c] contiguous, bias [c_out] or None,
+    out: channels_last [B, c_out, H, W]; cfg: _mlp_kernel's launch parameters."""
+    kernel = _mlp_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))]
+    kw = dict(HAS_X2=False, RESIDUAL=residual, H_IN_MEMORY=True, HAS_B2=has_bias, **cfg)
+
+    def launch(x, h, w, bias, out):
+        # x2 and the fc1 weight/bias are not read with H_IN_MEMORY and no HAS_X2: dummies.
+        kernel(x, x, w, w, w, w if bias is None else bias, h, out, m, c, 0, c, c_out, **kw)
+
+    return launch
 
 
-
-def _out_shape(x: Tensor, fc2_w: Tensor):
+def _fake(x: Tensor, x2: Optional[Tensor], fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
+          fc2_b: Tensor, residual: bool) -> Tensor:
     b, _, h, w = x.shape
-    return b, fc2_w.shape[0], h, w
+    return _common.fake_output(x, b, fc2_w.shape[0], h, w)
 
 
-def _mlp_fake(x: Tensor, x2: Optional[Tensor], fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
-              fc2_b: Tensor, residual: bool) -> Tensor:
-    return _common.fake_output(x, *_out_shape(x, fc2_w))
+def bind(x_shape, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, *,
+         x2_channels: int = 0, residual: bool = True):
+    """Everything that depends only on the shapes, done once: returns ``(run, out_shape)``
+    with ``run(x, x2=None) -> out`` for channels_last x of ``x_shape`` (and x2 with
+    ``x2_channels`` channels, the NTB concat-MLP), weights as ``mlp`` takes them, 2-D."""
+    b, c1, h, w = x_shape
+    fc1_w, fc1_b, fc2_w, fc2_b = (t.contiguous() for t in (fc1_w, fc1_b, fc2_w, fc2_b))
+    hidden, c_out = fc1_w.shape[0], fc2_w.shape[0]
+    m, c2 = b * h * w, x2_channels
+    cfg = _config(c1, c2, hidden, c_out, fc1_w.dtype)
+    split, has_x2 = cfg["split"], c2 > 0
+    f, g = cfg["fc1"], cfg["mlp"]
+    fc1 = _fc1_kernel[(triton.cdiv(m, f["BLOCK_M"]), triton.cdiv(hidden, f["BLOCK_H"]))]
+    fc1_kw = dict(HAS_X2=has_x2, **f)
+    fc2 = _mlp_kernel[(triton.cdiv(m, g["BLOCK_M"]), triton.cdiv(c_out, g["BLOCK_N"]))]
+    fc2_kw = dict(HAS_X2=has_x2, RESIDUAL=residual, H_IN_MEMORY=split, HAS_B2=True, **g)
+
+    def run(x: Tensor, x2: Optional[Tensor] = None) -> Tensor:
+        x2 = x if x2 is None else x2  # a dummy pointer without HAS_X2
+        out = _common.new_output(x, b, c_out, h, w)
+        h_buf = x  # dummy pointer in fused mode
+        if split:
+            h_buf = _common.new_scratch(x, m, hidden)
+            fc1(x, x2, fc1_w, fc1_b, h_buf, m, c1, c2, hidden, **fc1_kw)
+        fc2(x, x2, fc1_w, fc1_b, fc2_w, fc2_b, h_buf, out, m, c1, c2, hidden, c_out, **fc2_kw)
+        return out
+
+    return run, (b, c_out, h, w)
 
 
-@register(_OP, fake=_mlp_fake)
+@register(_OP, fake=_fake)
 def _mlp_triton(x: Tensor, x2: Optional[Tensor], fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor,
                 fc2_b: Tensor, residual: bool) -> Tensor:
     """x [B, C1, H, W], x2 [B, C2, H, W] or None, fc1_w [HID, C1 + C2], fc2_w [COUT, HID]."""
     x = _common.to_channels_last(x)
-    b, c1, h, w = x.shape
-    if x2 is None:
-        x2_arg, c2 = x, 0
-    else:
-        x2_arg = _common.to_channels_last(x2)
-        c2 = x2_arg.shape[1]
-    fc1_w, fc2_w = fc1_w.contiguous(), fc2_w.contiguous()
-    hidden, c_out = fc1_w.shape[0], fc2_w.shape[0]
-    fc1_b = fc1_b.contiguous()
-    out = _common.new_output(x, *_out_shape(x, fc2_w))
-    m = b * h * w
-    cfg = _config(c1, c2, hidden, c_out, x.dtype)
-    has_x2 = x2 is not None
-    h_buf = x  # dummy pointer in fused mode
-    if cfg["split"]:
-        f = cfg["fc1"]
-        h_buf = _common.new_scratch(x, m, hidden)
-        _fc1_kernel[(triton.cdiv(m, f["BLOCK_M"]), triton.cdiv(hidden, f["BLOCK_H"]))](
-            x, x2_arg, fc1_w, fc1_b, h_buf, m, c1, c2, hidden, HAS_X2=has_x2, **f)
-    g = cfg["mlp"]
-    _mlp_kernel[(triton.cdiv(m, g["BLOCK_M"]), triton.cdiv(c_out, g["BLOCK_N"]))](
-        x, x2_arg, fc1_w, fc1_b, fc2_w, fc2_b.contiguous(), h_buf, out,
-        m, c1, c2, hidden, c_out,
-        HAS_X2=has_x2, RESIDUAL=residual, H_IN_MEMORY=cfg["split"], HAS_B2=True, **g,
-    )
-    return out
+    if x2 is not None:
+        x2 = _common.to_channels_last(x2)
+    run, _ = bind(x.shape, fc1_w, fc1_b, fc2_w, fc2_b, x2_channels=0 if x2 is None else x2.shape[1],
+                  residual=residual)
+    return run(x, x2)
 
 
 # ----------------------------------------------------------------------------------------

@@ -117,29 +117,37 @@ def _config(c_in: int, c_out: int, stride: int, dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------------------
 # Launcher (torch.ops.nextvit.patch_embed)
 # ----------------------------------------------------------------------------------------
-def _out_shape(x: Tensor, w: Tensor, stride: int):
-    b, _, h, wd = x.shape
-    return b, w.shape[0], _common.pooled_size(h, stride), _common.pooled_size(wd, stride)
-
-
 def _patch_embed_fake(x: Tensor, w: Tensor, b: Tensor, stride: int) -> Tensor:
-    return _common.fake_output(x, *_out_shape(x, w, stride))
+    bsz, _, h, wd = x.shape
+    return _common.fake_output(x, bsz, w.shape[0], _common.pooled_size(h, stride), _common.pooled_size(wd, stride))
+
+
+def bind(x_shape, w: Tensor, b: Tensor, *, stride: int):
+    """Everything that depends only on the shapes, done once: returns ``(run, out_shape)``
+    with ``run(x, x2=None) -> out`` for a channels_last x of ``x_shape`` (x2 unused)."""
+    bsz, c_in, h, wd = x_shape
+    w, b = w.reshape(w.shape[0], -1).contiguous(), b.contiguous()
+    c_out = w.shape[0]
+    oh, ow = _common.pooled_size(h, stride), _common.pooled_size(wd, stride)
+    m = bsz * oh * ow
+    cfg = _config(c_in, c_out, stride, w.dtype)
+    kernel = _patch_embed_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))]
+    kw = dict(STRIDE=stride, **cfg)
+
+    def run(x: Tensor, x2=None) -> Tensor:
+        out = _common.new_output(x, bsz, c_out, oh, ow)
+        kernel(x, w, b, out, m, h, wd, oh, ow, c_in, c_out, **kw)
+        return out
+
+    return run, (bsz, c_out, oh, ow)
 
 
 @register(_OP, fake=_patch_embed_fake)
 def _patch_embed_triton(x: Tensor, w: Tensor, b: Tensor, stride: int) -> Tensor:
     """x [B, CIN, H, W], w [COUT, CIN], b [COUT], stride 1 or 2."""
     x = _common.to_channels_last(x)
-    w = w.contiguous()
-    bsz, c_in, h, wd = x.shape
-    _, c_out, oh, ow = _out_shape(x, w, stride)
-    out = _common.new_output(x, bsz, c_out, oh, ow)
-    m = bsz * oh * ow
-    cfg = _config(c_in, c_out, stride, x.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(c_out, cfg["BLOCK_N"]))
-    _patch_embed_kernel[grid](x, w, b.contiguous(), out, m, h, wd, oh, ow, c_in, c_out,
-                              STRIDE=stride, **cfg)
-    return out
+    run, _ = bind(x.shape, w, b, stride=stride)
+    return run(x)
 
 
 # ----------------------------------------------------------------------------------------
