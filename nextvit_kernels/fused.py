@@ -7,6 +7,9 @@ then cast once), and ``run(plan, x, impl)`` executes them with the ops of
 the reference path, ONNX export and the C library.
 """
 import importlib
+import operator
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .graphs import GraphCache
 from .blocks import NCB, NTB, affine_then_linear, bn_scale_shift, compose_affine
 
 if TYPE_CHECKING:
@@ -88,9 +92,28 @@ class Plan:
     extra_norms: Optional[List[Tuple[Tensor, Tensor]]] = None
     source: List[Tensor] = field(default_factory=list)  # the model tensors it was folded from
     key: tuple = ()
+    programs: dict = field(default_factory=dict)  # (shape, features) -> Program
+    graphs: GraphCache = field(default_factory=GraphCache)
 
     def is_current(self) -> bool:
         return self.key == weights_key(self.source)
+
+    def program(self, shape, features: bool = False) -> "Program":
+        """The bound forward for inputs of ``shape`` (cached; the oldest of more than
+        ``MAX_PROGRAMS`` shapes is dropped)."""
+        key = (tuple(shape), features)
+        prog = self.programs.get(key)
+        if prog is None:
+            prog = Program(self, key[0], features)
+            if len(self.programs) >= MAX_PROGRAMS:
+                self.programs.pop(next(iter(self.programs)))
+            self.programs[key] = prog
+        return prog
+
+    def release(self):
+        """Frees what this plan holds beyond its weights: bound programs and CUDA graphs."""
+        self.graphs.clear()
+        self.programs.clear()
 
     def launches(self, batch: int = 1, height: int = 224, width: int = 224) -> int:
         """Kernel launches of one forward at this input size: one per op, two for E-MHSA
@@ -138,10 +161,15 @@ def model_tensors(model: nn.Module) -> List[Tensor]:
     return list(model.parameters()) + list(model.buffers())
 
 
+_version = operator.attrgetter("_version")
+
+
 def weights_key(tensors: List[Tensor]) -> tuple:
     """Changes whenever one of ``tensors`` gets new storage (``.to()``, ``.half()``,
-    ``.data =``) or is modified in place (optimizer steps, ``load_state_dict``)."""
-    return tuple((t.data_ptr(), t._version) for t in tensors)
+    ``.data =``) or is modified in place (optimizer steps, ``load_state_dict``, an EMA
+    update): version counters only grow, so their sum grows with any in-place write.
+    Two passes in C over the tensors (~60 ns a tensor), no Python per tensor."""
+    return sum(map(_version, tensors)), sum(map(Tensor.data_ptr, tensors))
 
 
 @torch.no_grad()
@@ -190,6 +218,82 @@ def fold(model: "NextViT", device=None, dtype=None) -> Plan:
 
 
 # ------------------------------------------------------------------ running
+MAX_PROGRAMS = 64
+COMPILE_NOTICE_S = 1.0  # a first launch slower than this compiled a kernel
+_compile_noticed = False
+
+
+class Program:
+    """The forward for one input shape with every op bound once (``ops.<op>.bind``: grids,
+    strides, launch configurations, scratch sizes), so a call only allocates outputs and
+    launches kernels: no custom-op dispatch and no per-op checks. Inputs are checked once,
+    by the caller, against the shape the program was bound for. Used in eager mode; under
+    tracing (``torch.compile``, export) ``run`` goes through the registered ops."""
+
+    def __init__(self, plan: Plan, shape, features: bool):
+        self.shape, self.features = tuple(shape), features
+        self.calls = []
+        main, branch = self.shape, None
+        for s in plan.steps:
+            kwargs = dict(s.kwargs)
+            if s.x2_branch:
+                kwargs["x2_channels"] = branch[1]
+            run_op, out = ops.module(s.op).bind(branch if s.from_branch else main, *s.tensors, **kwargs)
+            norm = None
+            if features and s.stage_end >= 0 and plan.extra_norms is not None:
+                norm = tuple(t.view(1, -1, 1, 1) for t in plan.extra_norms[s.stage_end])
+            self.calls.append((run_op, s.from_branch, s.to_branch, s.x2_branch, s.stage_end >= 0, norm))
+            if s.to_branch:
+                branch = out
+            else:
+                main = out
+        self.head, _ = ops.module("head").bind(main, *plan.head)
+        self.compiled = False
+
+    def __call__(self, x: Tensor):
+        if not self.compiled and x.is_cuda:
+            return self._first_call(x)
+        return self._run(x, None)
+
+    def _run(self, x: Tensor, on_step):
+        x = x.contiguous(memory_format=torch.channels_last)
+        branch = None
+        outs = []
+        for run_op, from_branch, to_branch, x2_branch, stage_end, norm in self.calls:
+            y = run_op(branch if from_branch else x, branch if x2_branch else None)
+            if on_step is not None:
+                on_step()
+            if to_branch:
+                branch = y
+                continue
+            x = y
+            if self.features and stage_end:
+                if norm is not None:  # applied in line, as the published detection backbone does
+                    x = torch.addcmul(norm[1], x, norm[0])
+                outs.append(x)
+        return outs if self.features else self.head(x)
+
+    def _first_call(self, x: Tensor):
+        """The first call on a GPU JIT-compiles the kernels not yet in Triton's on-disk cache
+        (seconds each): say so as soon as one compile is seen, once per process."""
+        last = [time.perf_counter()]
+
+        def on_step():
+            global _compile_noticed
+            now = time.perf_counter()
+            if not _compile_noticed and now - last[0] > COMPILE_NOTICE_S:
+                _compile_noticed = True
+                warnings.warn(
+                    f"nextvit_kernels: compiling the fused kernels for this input shape (up to "
+                    f"{len(self.calls) + 1} ops, a few seconds each). Triton caches them on disk, so "
+                    "this happens once per machine and kernel configuration.", stacklevel=6)
+            last[0] = now
+
+        out = self._run(x, on_step)
+        self.compiled = True
+        return out
+
+
 def run(plan: Plan, x: Tensor, impl: str = "auto", features: bool = False, backend=ops):
     """Executes the plan. Returns logits, or the per-stage feature maps with ``features``.
 

@@ -5,6 +5,7 @@ loads with plain ``load_state_dict``. The forward here is plain PyTorch (it is
 what training runs and what the fused path is checked against); in eval mode on
 CUDA it runs the fused graph of ``fused`` instead.
 """
+import warnings
 from typing import List, Optional
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from .blocks import NCB, NTB, ConvBNReLU, _bn
 
 KERNELS = ("auto", "triton", "reference")
+CUDA_GRAPHS = ("auto", "off")
 HEAD_DIM = 32
 STEM_CHS = (64, 32, 64)
 SR_RATIOS = (8, 4, 2, 1)
@@ -38,7 +40,8 @@ def stage_sizes(h: int, w: int) -> List[tuple]:
 class NextViT(nn.Module):
     def __init__(self, stem_chs=STEM_CHS, depths=(3, 4, 10, 3), path_dropout=0.1, attn_drop=0.0, drop=0.0,
                  num_classes=1000, strides=STRIDES, sr_ratios=SR_RATIOS, head_dim=HEAD_DIM, mix_block_ratio=0.75,
-                 use_checkpoint=False, with_extra_norm=False, kernels="auto"):
+                 use_checkpoint=False, with_extra_norm=False, kernels="auto", cuda_graphs="auto",
+                 max_cuda_graphs=8):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.depths = tuple(depths)
@@ -47,7 +50,15 @@ class NextViT(nn.Module):
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.kernels = kernels
+        if cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs must be one of {CUDA_GRAPHS}, got {cuda_graphs!r}")
+        self.cuda_graphs = cuda_graphs
+        self.max_cuda_graphs = max_cuda_graphs
         self._fused_plan = None
+        self._grad_warned = False
+        # load_state_dict writes the weights in place: the version check would see it, but
+        # releasing the plan here also frees its CUDA graphs at once.
+        self.register_load_state_dict_post_hook(lambda module, keys: module.invalidate_fused())
         self.stage_out_channels = [[96] * (depths[0]),
                                    [192] * (depths[1] - 1) + [256],
                                    [384, 384, 384, 384, 512] * (depths[2] // 5),
@@ -110,7 +121,7 @@ class NextViT(nn.Module):
         self.eval()
         for m in self.features:
             m.merge_bn()
-        self._fused_plan = None  # modules were replaced: fold again
+        self.invalidate_fused()  # modules were replaced: fold again
         return self
 
     @property
@@ -125,11 +136,17 @@ class NextViT(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"NextViT expects a 4-D [B, 3, H, W] tensor, got shape {tuple(x.shape)}")
         if x.shape[1] != 3:
-            raise ValueError(f"NextViT expects 3 input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+            hint = (": it looks like NHWC [B, H, W, 3]; pass x.permute(0, 3, 1, 2) (keeping channels_last memory "
+                    "is fine)" if x.shape[3] == 3 else "")
+            raise ValueError(f"NextViT expects 3 input channels, got {x.shape[1]} (shape {tuple(x.shape)}){hint}")
         if x.shape[0] == 0:
             raise ValueError("NextViT got an empty batch")
         if not x.is_floating_point():
             raise ValueError(f"NextViT expects a floating-point tensor, got {x.dtype}")
+        p = next(self.parameters())
+        if x.dtype != p.dtype or x.device != p.device:
+            raise ValueError(f"input is {x.dtype} on {x.device} but the model is {p.dtype} on {p.device}: "
+                             f"convert one of them (x.to(device, dtype) or model.to(...))")
         h, w = x.shape[2:]
         for stage, ((sh, sw), sr) in enumerate(zip(stage_sizes(h, w), self.sr_ratios)):
             has_attention = NTB in self.stage_block_types[stage]
@@ -160,11 +177,12 @@ class NextViT(nn.Module):
     # ------------------------------------------------------------ fused path
     def fused_impl(self, x) -> Optional[str]:
         """The ops ``impl`` the fused graph runs with for ``x``, or None when the
-        module graph runs (training, CPU under "auto", kernels="reference")."""
+        module graph runs (training, CPU under "auto", kernels="reference", or a
+        forward whose result autograd needs: the fused ops have no backward)."""
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
-        if self.kernels == "reference":
-            return None
+        if self.kernels == "reference" or not isinstance(x, torch.Tensor):
+            return None  # (check_input rejects a non-tensor)
         if self.training:
             if self.kernels == "triton":
                 raise ValueError("kernels='triton' is inference-only (BatchNorms are folded): call model.eval(), "
@@ -172,29 +190,76 @@ class NextViT(nn.Module):
             return None
         if self.kernels == "auto" and not x.is_cuda:
             return None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            self.check_input(x)  # a bad input is reported as such first
+            how = ("run it under torch.inference_mode() or torch.no_grad(), or call "
+                   "model.requires_grad_(False)")
+            if self.kernels == "triton":
+                raise ValueError(f"kernels='triton' has no backward, and autograd needs this forward: {how}, "
+                                 "or use kernels='auto' (reference path when gradients are needed)")
+            if not self._grad_warned:
+                self._grad_warned = True
+                warnings.warn(f"NextViT: autograd needs this forward, so it runs the PyTorch reference path; "
+                              f"for the fused kernels {how}.", stacklevel=3)
+            return None
         return "triton"
+
+    def invalidate_fused(self):
+        """Drops the folded plan with its bound programs and CUDA graphs; the next fused
+        forward folds again. ``.to()``, ``load_state_dict``/``load_checkpoint`` and
+        ``merge_bn`` call it; in-place weight updates are seen without it."""
+        plan, self._fused_plan = getattr(self, "_fused_plan", None), None
+        if plan is not None:
+            plan.release()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.invalidate_fused()
+        return super()._apply(fn, *args, **kwargs)
 
     def fused_plan(self, device, dtype):
         """The BatchNorm-folded parameters of the fused graph for ``device``/``dtype``,
         cached and rebuilt when a weight, the device or the dtype changes. (A module
-        or Parameter replaced by assignment is not seen: set ``_fused_plan = None``.)"""
+        or Parameter replaced by assignment is not seen: call ``invalidate_fused()``.)"""
         from . import fused
 
         plan = self._fused_plan
         if plan is not None and torch.compiler.is_compiling():
             return plan  # validated by the eager call that built it; dynamo guards on it
         if plan is None or plan.device != device or plan.dtype != dtype or not plan.is_current():
+            self.invalidate_fused()
             plan = fused.fold(self, device, dtype)
+            plan.graphs.max_graphs = self.max_cuda_graphs
             self._fused_plan = plan
         return plan
 
     def _run_fused(self, x, impl, features):
         from . import fused
 
-        p = next(self.parameters())
-        if x.dtype != p.dtype or x.device != p.device:
-            raise ValueError(f"input is {x.dtype} on {x.device} but the model is {p.dtype} on {p.device}")
-        return fused.run(self.fused_plan(x.device, x.dtype), x, impl, features=features)
+        if _tracing(x):
+            self.check_input(x)
+            return fused.run(self.fused_plan(x.device, x.dtype), x, impl, features=features)
+        plan = self._fused_plan
+        if plan is None or plan.device != x.device or plan.dtype != x.dtype or not plan.is_current():
+            self.check_input(x)
+            plan = self.fused_plan(x.device, x.dtype)
+        prog = plan.programs.get((tuple(x.shape), features))
+        if prog is None:  # a new shape: checked once, then bound once
+            self.check_input(x)
+            prog = plan.program(x.shape, features)
+        if not x.is_cuda:
+            return prog(x)
+        if x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):  # Triton launches on the current device
+                return self._launch(plan, prog, x, features)
+        return self._launch(plan, prog, x, features)
+
+    def _launch(self, plan, prog, x, features):
+        from . import graphs
+
+        if self.cuda_graphs == "auto" and graphs.capture_allowed(x):
+            plan.graphs.max_graphs = self.max_cuda_graphs
+            return plan.graphs.run(graphs.signature(x, features), x, prog)
+        return prog(x)
 
     def cuda_graph(self, example: torch.Tensor, warmup: int = 3):
         """Captures the fused forward for ``example``'s shape, dtype and device in a
@@ -203,20 +268,28 @@ class NextViT(nn.Module):
 
     def forward_features(self, x) -> List[torch.Tensor]:
         """Per-stage feature maps (strides 4, 8, 16, 32; channels 96, 256, 512, 1024)."""
-        self.check_input(x)
         impl = self.fused_impl(x)
         if impl is not None:
             return self._run_fused(x, impl, features=True)
+        self.check_input(x)
         return self._run_features(x, collect=True)
 
     def forward(self, x):
-        self.check_input(x)
         impl = self.fused_impl(x)
         if impl is not None:
             return self._run_fused(x, impl, features=False)
+        self.check_input(x)
         x = self._run_features(x, collect=False)
         x = self.avgpool(self.norm(x)).flatten(1)
         return self.proj_head(x)
+
+
+def _tracing(x) -> bool:
+    """True under torch.compile / export, TorchScript tracing, or a dispatch mode (FakeTensor,
+    make_fx): the registered ops must run there, not the bound programs."""
+    return (type(x) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+            or torch.utils._python_dispatch._get_current_dispatch_mode() is not None)
 
 
 class GraphedForward:
