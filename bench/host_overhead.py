@@ -1,0 +1,176 @@
+"""Host time of the fused forward: what Python costs around the kernels.
+
+At batch 1 the GPU work of a Next-ViT forward is well under a millisecond, so the host's
+time per forward decides the latency unless a CUDA graph replays it.
+
+CPU mode (no GPU, or --cpu): every Triton launch is replaced by a no-op and the fused
+forward runs on CPU tensors, so what is timed is exactly the host work of one forward:
+the lean path (``model(x)``: bound programs), and the registered-op path it replaced
+(``fused.run``: custom-op dispatch, checks and launch set-up per op), per forward and per
+op. Triton's own launch cost comes on top on a GPU.
+
+GPU mode: ``model(x)`` with automatic CUDA graphs and without, ``model.cuda_graph(x)``'s
+replay, and the sum of the kernels' device times (torch.profiler), per forward.
+
+    python bench/host_overhead.py                     # CPU: S, B, L at batch 1
+    python bench/host_overhead.py --variants s --batch 1,8 --iters 200
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None):
+    from nextvit_kernels import cli
+
+    p = cli.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--variants", type=cli.variants, default=["s", "b", "l"], help="comma list of s, b, l")
+    p.add_argument("--batch", type=cli.csv("batch", conv=cli.positive_int), default=[1],
+                   help="comma list of batch sizes")
+    p.add_argument("--res", type=cli.positive_int, default=224, help="square input size")
+    p.add_argument("--iters", type=cli.positive_int, default=100, help="timed forwards per row (median)")
+    p.add_argument("--cpu", action="store_true", help="CPU mode even where a GPU is present")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="folder for the JSON")
+    return p.parse_args(argv)
+
+
+def _stub_launches():
+    """Every Triton kernel launch becomes a no-op (JIT and interpreter alike)."""
+    from triton.runtime import interpreter, jit
+
+    for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+        cls.run = lambda self, *args, **kwargs: None
+
+
+def _median_us(fn, iters):
+    fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def cpu_rows(args):
+    import torch
+
+    import nextvit_kernels as nk
+    from nextvit_kernels import cli, fused
+
+    _stub_launches()
+    torch.set_num_threads(1)
+    rows = []
+    for v in args.variants:
+        model = getattr(nk, cli.VARIANTS[v])(kernels="triton").eval()
+        for b in args.batch:
+            x = torch.randn(b, 3, args.res, args.res)
+            with torch.inference_mode():
+                lean = _median_us(lambda: model(x), args.iters)
+                plan = model.fused_plan(x.device, x.dtype)
+                dispatch = _median_us(lambda: fused.run(plan, x, impl="triton"), args.iters)
+                check = _median_us(plan.is_current, args.iters)
+                prog = plan.program(x.shape)
+                per_op = defaultdict(list)
+                for _ in range(max(3, args.iters // 10)):
+                    stamps = [time.perf_counter()]
+                    prog._run(x, lambda: stamps.append(time.perf_counter()))
+                    for (run_op, *_), t0, t1 in zip(prog.calls, stamps, stamps[1:]):
+                        per_op[run_op.__module__.rsplit(".", 1)[-1]].append((t1 - t0) * 1e6)
+            row = dict(variant=v, batch=b, res=args.res, ops=len(prog.calls) + 1,
+                       launches=plan.launches(b, args.res, args.res),
+                       lean_us=lean, registered_ops_us=dispatch, weight_check_us=check,
+                       per_op_us={op: statistics.median(ts) for op, ts in sorted(per_op.items())})
+            rows.append(row)
+            print(f"{v} batch {b:>3}: lean {lean:8.1f} us/forward   registered ops {dispatch:8.1f} us   "
+                  f"weight check {check:6.1f} us   ({row['ops']} ops, {row['launches']} launches)", flush=True)
+            print("    per op (lean, us/call): " + ", ".join(f"{k} {u:.1f}" for k, u in row["per_op_us"].items()))
+    return rows
+
+
+def gpu_rows(args):
+    import torch
+
+    import nextvit_kernels as nk
+    from nextvit_kernels import cli
+
+    rows = []
+    for v in args.variants:
+        model = getattr(nk, cli.VARIANTS[v])().eval().cuda().half()
+        for b in args.batch:
+            x = torch.randn(b, 3, args.res, args.res, device="cuda", dtype=torch.half)
+
+            def per_forward_us(fn):
+                fn()
+                fn()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(args.iters):
+                    fn()
+                issue = (time.perf_counter() - t) / args.iters * 1e6
+                torch.cuda.synchronize()
+                return issue, (time.perf_counter() - t) / args.iters * 1e6
+
+            with torch.inference_mode():
+                model.cuda_graphs = "auto"
+                auto_issue, auto_wall = per_forward_us(lambda: model(x))
+                model.cuda_graphs = "off"
+                off_issue, off_wall = per_forward_us(lambda: model(x))
+                graphed = model.cuda_graph(x)
+                fixed_issue, fixed_wall = per_forward_us(lambda: graphed(x))
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        model(x)
+                    torch.cuda.synchronize()
+                kernels_us = sum(e.device_time_total for e in prof.key_averages()) / 5
+            model.cuda_graphs = "auto"
+            row = dict(variant=v, batch=b, res=args.res, auto_graph_issue_us=auto_issue, auto_graph_us=auto_wall,
+                       no_graph_issue_us=off_issue, no_graph_us=off_wall, cuda_graph_issue_us=fixed_issue,
+                       cuda_graph_us=fixed_wall, kernel_sum_us=kernels_us)
+            rows.append(row)
+            print(f"{v} batch {b:>3}: model(x) auto graphs {auto_wall:8.1f} us (host {auto_issue:.1f})   "
+                  f"graphs off {off_wall:8.1f} us (host {off_issue:.1f})   cuda_graph() {fixed_wall:8.1f} us   "
+                  f"kernels {kernels_us:8.1f} us", flush=True)
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cpu = args.cpu or not _cuda_available()
+    if cpu:
+        # The launches are stubbed, but the kernels must exist as interpreter functions on CPU tensors.
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    import triton
+
+    print(f"host_overhead: {'CPU mode, Triton launches stubbed' if cpu else 'GPU mode'}; torch {torch.__version__}, "
+          f"triton {triton.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    rows = cpu_rows(args) if cpu else gpu_rows(args)
+    meta = dict(mode="cpu" if cpu else "gpu", date=datetime.datetime.now().isoformat(timespec="seconds"),
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                machine=platform.machine(), cores=os.cpu_count(),
+                card=None if cpu else torch.cuda.get_device_name(), iters=args.iters)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"host_overhead-{meta['mode']}-{datetime.date.today():%Y%m%d}.json"
+    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+def _cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()

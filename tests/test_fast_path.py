@@ -1,0 +1,298 @@
+"""The lean eager path (bound programs) and the automatic CUDA graphs.
+
+CPU: the bound programs are bit-identical to the registered-op path under the interpreter,
+and the graph policy (signatures, LRU, failure fallback, invalidation) is exercised with a
+stand-in graph. GPU-marked: the real graphs.
+"""
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import nextvit_kernels as nk
+from nextvit_kernels import fused, graphs
+from _util import randomize_
+
+REPO = Path(__file__).resolve().parents[1]
+interpreter = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="CPU interpreter check")
+TINY = dict(depths=(1, 1, 5, 1), num_classes=10)
+
+
+def _inputs(b, h, w, dtype=torch.float32, device="cpu"):
+    # Different statistics per image: random-weight logits of same-statistics noise are nearly equal.
+    x = torch.randn(b, 3, h, w) * torch.linspace(1, 3, b).view(b, 1, 1, 1) + torch.linspace(0, 1, b).view(b, 1, 1, 1)
+    return x.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------- lean path, interpreter
+@interpreter
+@pytest.mark.parametrize("batch,h,w", [(1, 25, 25), (2, 33, 40)])
+def test_lean_path_bit_identical_nextvit_small(batch, h, w):
+    """model(x) runs the bound program; fused.run runs the registered ops, which is what the
+    eager path was before the programs and what torch.compile traces."""
+    m = randomize_(nk.nextvit_small(kernels="triton"), gain=0.7).eval()
+    x = _inputs(batch, h, w)
+    with torch.no_grad():
+        lean = m(x)
+        plan = m._fused_plan
+        assert (tuple(x.shape), False) in plan.programs  # the lean path did run
+        ops_path = fused.run(plan, x, impl="triton")
+    assert torch.equal(lean, ops_path)
+    assert torch.isfinite(lean).all()
+
+
+@interpreter
+def test_lean_path_after_weight_change_and_features():
+    m = randomize_(nk.NextViT(**TINY, kernels="triton", with_extra_norm=True), gain=0.7).eval()
+    x = _inputs(2, 32, 32)
+    with torch.no_grad():
+        before = m(x)
+        plan = m._fused_plan
+        m.proj_head[0].bias.add_(1.0)            # in place: seen by the version check
+        m.features[2].mlp.conv2.weight.mul_(1.5)
+        after = m(x)
+        assert m._fused_plan is not plan and not plan.programs  # old plan released
+        assert torch.equal(after, fused.run(m._fused_plan, x, impl="triton"))
+        assert not torch.allclose(after, before)
+        ref = nk.NextViT(**TINY, kernels="reference", with_extra_norm=True).eval()
+        ref.load_state_dict(m.state_dict())
+        assert (after - ref(x)).abs().max() <= 1e-4 * ref(x).abs().max()
+        feats = m.forward_features(x)
+        feats_ops = fused.run(m._fused_plan, x, impl="triton", features=True)
+    assert len(feats) == 4 and all(torch.equal(a, b) for a, b in zip(feats, feats_ops))
+
+
+def test_program_cache_is_bounded_and_shapes_are_checked_once(monkeypatch):
+    m = nk.NextViT(**TINY, kernels="reference").eval()
+    plan = fused.fold(m, "cpu", torch.float32)
+    monkeypatch.setattr(fused, "MAX_PROGRAMS", 3)
+    progs = [plan.program((1, 3, 32 + i, 32)) for i in range(5)]
+    assert len(plan.programs) == 3 and plan.program((1, 3, 36, 32)) is progs[-1]
+    assert plan.program((1, 3, 32, 32)) is not progs[0]  # evicted, rebound
+
+
+def test_weights_key_sees_in_place_and_new_storage():
+    lin = torch.nn.Linear(4, 4)
+    ts = [lin.weight, lin.bias]
+    k0 = fused.weights_key(ts)
+    with torch.no_grad():
+        lin.bias.add_(0.0)
+    k1 = fused.weights_key(ts)
+    lin.weight.data = torch.zeros(4, 4)
+    k2 = fused.weights_key(ts)
+    assert len({k0, k1, k2}) == 3
+
+
+def test_invalidation_hooks_release_plan():
+    m = nk.NextViT(**TINY).eval()
+    plan = m.fused_plan(torch.device("cpu"), torch.float32)
+    plan.program((1, 3, 32, 32))
+    for action in (lambda: m.to(torch.float32), lambda: m.load_state_dict(m.state_dict()), m.merge_bn):
+        assert m._fused_plan is plan
+        action()
+        assert m._fused_plan is None and not plan.programs
+        plan = m.fused_plan(torch.device("cpu"), torch.float32)
+        plan.program((1, 3, 32, 32))
+
+
+# ------------------------------------------------------------- graph policy (CPU)
+class _FakeGraph:
+    """Stands in for graphs._Graph: records captures, replays by calling fn."""
+    made = []
+
+    def __init__(self, x, fn):
+        self.fn, self.released = fn, False
+        _FakeGraph.made.append(self)
+
+    def replay(self, x):
+        return self.fn(x).clone()
+
+    def release(self):
+        self.released = True
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    _FakeGraph.made = []
+    monkeypatch.setattr(graphs.GraphCache, "make_graph", staticmethod(_FakeGraph))
+    return _FakeGraph.made
+
+
+def test_graph_cache_captures_on_second_sight_and_evicts_lru(fake_graphs):
+    cache = graphs.GraphCache(max_graphs=2)
+    fn = lambda x: x * 2  # noqa: E731
+    xs = {k: torch.full((2,), float(i)) for i, k in enumerate("abc")}
+    assert torch.equal(cache.run("a", xs["a"], fn), xs["a"] * 2) and len(cache) == 0  # seen once
+    cache.run("a", xs["a"], fn)
+    assert len(cache) == 1 and len(fake_graphs) == 1
+    cache.run("b", xs["b"], fn)
+    cache.run("b", xs["b"], fn)
+    cache.run("a", xs["a"], fn)  # a becomes the most recent
+    cache.run("c", xs["c"], fn)
+    out = cache.run("c", xs["c"], fn)  # third graph: evicts b, the least recently used
+    assert torch.equal(out, xs["c"] * 2)
+    assert set(cache.graphs) == {"a", "c"} and fake_graphs[1].released and not fake_graphs[0].released
+    cache.clear()
+    assert len(cache) == 0 and all(g.released for g in fake_graphs)
+
+
+def test_graph_failure_falls_back_with_one_warning(monkeypatch):
+    def broken(x, fn):
+        raise RuntimeError("capture not supported")
+
+    monkeypatch.setattr(graphs.GraphCache, "make_graph", staticmethod(broken))
+    cache = graphs.GraphCache()
+    x = torch.ones(3)
+    cache.run("k", x, lambda t: t + 1)
+    with pytest.warns(RuntimeWarning, match="capture failed"):
+        out = cache.run("k", x, lambda t: t + 1)
+    assert torch.equal(out, x + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(cache.run("k", x, lambda t: t + 1), x + 1)  # no second warning, no capture
+    assert "k" in cache.failed and len(cache) == 0
+
+
+def test_signature_and_capture_rules():
+    x = torch.randn(2, 3, 8, 8)
+    assert graphs.signature(x, False) != graphs.signature(x.contiguous(memory_format=torch.channels_last), False)
+    assert graphs.signature(x, False) != graphs.signature(x, True)
+    assert graphs.signature(x, False) != graphs.signature(x.half(), False)
+    assert not graphs.capture_allowed(x)  # CPU
+
+
+def test_cuda_graphs_argument():
+    with pytest.raises(ValueError, match="cuda_graphs must be one of"):
+        nk.NextViT(**TINY, cuda_graphs="on")
+    assert nk.nextvit_small().cuda_graphs == "auto"
+
+
+@interpreter
+def test_autograd_needed_never_runs_kernels_without_backward():
+    m = randomize_(nk.NextViT(**TINY, kernels="triton"), gain=0.7).eval()
+    x = _inputs(1, 32, 32)
+    with pytest.raises(ValueError, match="no backward"):
+        m(x)                                   # parameters require grad, grad mode on
+    m.requires_grad_(False)
+    with pytest.raises(ValueError, match="no backward"):
+        m(x.clone().requires_grad_(True))      # the input needs a gradient
+    x = x.detach()
+    out = m(x)                                 # nothing needs autograd: the kernels run
+    assert (tuple(x.shape), False) in m._fused_plan.programs and not out.requires_grad
+
+
+def test_fused_impl_checks_tensor_type_first():
+    m = nk.NextViT(**TINY).eval()
+    with pytest.raises(ValueError, match="expects a torch.Tensor"):
+        m([1, 2, 3])
+
+
+def test_host_overhead_cpu_smoke(tmp_path):
+    """bench/host_overhead.py's CPU mode runs (no timing is asserted)."""
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "host_overhead.py"), "--variants", "s", "--iters", "3",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "us/forward" in r.stdout and list(tmp_path.glob("host_overhead-cpu-*.json"))
+
+
+# ------------------------------------------------------------------------ GPU
+gpu = pytest.mark.gpu
+
+
+def _gpu_model(**kw):
+    return randomize_(nk.nextvit_small(**kw), gain=0.7).eval().cuda().half()
+
+
+@gpu
+def test_auto_graph_matches_and_owns_output():
+    m = _gpu_model()
+    x = _inputs(2, 224, 224, torch.half, "cuda")
+    with torch.inference_mode():
+        m.cuda_graphs = "off"
+        ref = m(x)
+        m.cuda_graphs = "auto"
+        a = m(x)                       # first sight: no graph
+        b = m(x)                       # captured and replayed
+        assert len(m._fused_plan.graphs) == 1
+        assert torch.equal(a, ref) and torch.equal(b, ref)
+        b.fill_(0)                     # the caller owns it: the next call is unaffected
+        c = m(x)
+        assert torch.equal(c, ref) and c.data_ptr() != b.data_ptr()
+        y = _inputs(2, 224, 224, torch.half, "cuda") * 0.5
+        assert torch.equal(m(y), fused.run(m._fused_plan, y, impl="triton"))
+
+
+@gpu
+def test_auto_graph_lru_frees_memory_and_weight_change_invalidates():
+    m = _gpu_model(max_cuda_graphs=1)
+    with torch.inference_mode():
+        x1 = _inputs(64, 224, 224, torch.half, "cuda")
+        x2 = _inputs(1, 224, 224, torch.half, "cuda")
+        for _ in range(2):
+            m(x1)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_reserved()
+        for _ in range(2):
+            m(x2)                      # evicts the batch-64 graph
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        assert torch.cuda.memory_reserved() < held
+        plan = m._fused_plan
+        m.proj_head[0].bias.add_(1.0)
+        out = m(x2)
+        assert m._fused_plan is not plan and len(plan.graphs) == 0
+        m.cuda_graphs = "off"
+        assert torch.equal(out, m(x2))
+
+
+@gpu
+def test_auto_graph_side_stream_outer_capture_and_compile():
+    m = _gpu_model()
+    x = _inputs(1, 224, 224, torch.half, "cuda")
+    with torch.inference_mode():
+        m.cuda_graphs = "off"
+        ref = m(x)
+        m.cuda_graphs = "auto"
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            outs = [m(x) for _ in range(3)]
+        torch.cuda.current_stream().wait_stream(s)
+        assert all(torch.equal(o, ref) for o in outs)
+        n = len(m._fused_plan.graphs)
+        g = torch.cuda.CUDAGraph()     # the caller's own capture: ours must not nest
+        with torch.cuda.graph(g):
+            static = m(x)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static, ref) and len(m._fused_plan.graphs) == n
+    compiled = torch.compile(m, fullgraph=True)
+    with torch.no_grad():
+        m.requires_grad_(False)
+        assert (compiled(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
+        assert len(m._fused_plan.graphs) == n
+
+
+@gpu
+def test_autograd_on_gpu_runs_reference_path_with_one_warning():
+    m = randomize_(nk.NextViT(**TINY), gain=0.7).eval().cuda()
+    ref = nk.NextViT(**TINY, kernels="reference").eval().cuda()
+    ref.load_state_dict(m.state_dict())
+    x = _inputs(2, 64, 64, device="cuda").requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with pytest.warns(UserWarning, match="autograd needs this forward"):
+        m(x).square().sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m(x.detach())                          # still needed for the parameters: no second warning
+    ref(x_ref).square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+    for p, q in zip(m.parameters(), ref.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
