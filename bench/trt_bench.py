@@ -16,7 +16,7 @@ Writes bench/results/trt_bench_<variant>_<dtype>_<time>.json with the card, driv
 torch and nextvit_kernels versions, and prints a ratio table. Exits 2 with a message saying
 what is missing when TensorRT, a GPU or the plugin library is not there.
 
-    python bench/trt_bench.py --plugins build/csrc/trt/libnextvit_trt_plugins.so
+    python bench/trt_bench.py --plugins build/csrc/trt/libnextvit_trt_plugins_trt10.so
 """
 import argparse
 import datetime as _dt
@@ -29,10 +29,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PLUGIN_PATHS = [
-    ROOT / "build" / "csrc" / "trt" / "libnextvit_trt_plugins.so",
-    ROOT / "build" / "libnextvit_trt_plugins.so",
-]
+
+
+def default_plugin_paths(trt_major: int):
+    """Where the build puts the plugin library for this TensorRT major (one build per major)."""
+    name = f"libnextvit_trt_plugins_trt{trt_major}.so"
+    return [ROOT / f"build-trt{trt_major}" / "csrc" / "trt" / name, ROOT / "build" / "csrc" / "trt" / name]
 
 
 def parse_args(argv=None):
@@ -44,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     p.add_argument("--batches", default="1,8,64,256", help="comma-separated batch sizes")
     p.add_argument("--plugins", default=os.environ.get("NEXTVIT_TRT_PLUGINS"),
-                   help="path of libnextvit_trt_plugins.so (env NEXTVIT_TRT_PLUGINS; default: build/...)")
+                   help="path of libnextvit_trt_plugins_trt<major>.so (env NEXTVIT_TRT_PLUGINS; default: build/...)")
     p.add_argument("--kernels-lib", default=os.environ.get("NEXTVIT_KERNELS_LIB"),
                    help="libnextvit_kernels.so to preload when it is not on the loader path")
     p.add_argument("--stock-only", action="store_true", help="skip the plugin engine")
@@ -79,12 +81,13 @@ def check_environment(args):
         fail("no CUDA GPU is visible to torch (torch.cuda.is_available() is False): the benchmark needs one")
     plugin_path = None
     if not args.stock_only:
-        candidates = [Path(args.plugins)] if args.plugins else DEFAULT_PLUGIN_PATHS
+        candidates = [Path(args.plugins)] if args.plugins else default_plugin_paths(int(trt.__version__.split(".")[0]))
         plugin_path = next((c for c in candidates if c.is_file()), None)
         if plugin_path is None:
-            fail("the plugin library libnextvit_trt_plugins.so was not found (looked at: "
+            fail("the plugin library libnextvit_trt_plugins_trt<major>.so was not found (looked at: "
                  + ", ".join(str(c) for c in candidates) + "). Build it with "
-                 "`cmake -B build -DNEXTVIT_TRT=ON -DTENSORRT_ROOT=... && cmake --build build`, pass --plugins PATH, "
+                 "`cmake -B build -DNEXTVIT_TRT=ON -DTENSORRT_ROOT=... && cmake --build build` (once per TensorRT "
+                 "major), pass --plugins PATH, "
                  "or run with --stock-only.")
     return trt, torch, plugin_path
 

@@ -29,8 +29,8 @@ Two flavours:
   An NTB's concat-MLP takes the branch tensor as a second activation input
   (``has_x2=1``), so the concat is never materialized.
 
-``PLUGINS`` is the single table of plugin names, inputs and fields; the tests
-check it against the C++ creator sources.
+``PLUGINS`` is the single table of plugin names, inputs and fields;
+tests/test_trt_contract.py checks the nodes against the creators of the built plugin library.
 """
 from collections import Counter
 from dataclasses import dataclass

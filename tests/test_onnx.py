@@ -1,10 +1,9 @@
 """ONNX export (nextvit_kernels.onnx_export): the standard graph runs in onnxruntime with the
-model's logits; the plugin graph carries one node per fused op whose names / attributes match
-the TensorRT plugin creators in csrc/trt (parsed from the C++ sources)."""
+model's logits; the plugin graph carries one node per fused op with the attributes of the
+PLUGINS table (tests/test_trt_contract.py checks the nodes against the creators of the built
+TensorRT plugin library)."""
 import copy
-import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, numpy_helper  # noqa: E402
 
-TRT_DIR = Path(__file__).resolve().parents[1] / "csrc" / "trt"
 GAIN = 0.7  # see test_model.py
 ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
               torch.bfloat16: TensorProto.BFLOAT16}
@@ -208,51 +206,3 @@ def test_plugin_graph_structure(small, dtype, dynamic):
     vis = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]] for vi in mp.graph.value_info}
     assert vis[plugin_nodes[3].output[0]] == [56, 56, 64]   # after the stem, NHWC
     assert [d.dim_value for d in mp.graph.output[0].type.tensor_type.shape.dim[1:]] == [1000]
-
-
-# ------------------------------------------------------------------ names / fields vs the C++ creators
-_NAME_RE = re.compile(r'constexpr\s+char\s+const\s*\*\s*k\w+_PLUGIN_NAME\s*\{\s*"(\w+)"\s*\}')
-# a plugin's field table: static constexpr std::array<IntFieldSpec, N> kFIELDS{{ {"name", default, min, max}, ... }};
-_TABLE_RE = re.compile(r"static\s+constexpr\s+std::array<IntFieldSpec,\s*(\d+)>\s+kFIELDS\s*\{(.*?)\};", re.S)
-_ROW_RE = re.compile(r'\{\s*"(\w+)"\s*,\s*-?\w+\s*,\s*-?\w+\s*,\s*-?\w+\s*\}')
-# the shared creator (common/) advertises every IntFieldSpec as this PluginField
-_FIELD_TYPE_RE = re.compile(r"PluginField\(\s*spec\.name\s*,\s*nullptr\s*,\s*(?:nvinfer1::)?PluginFieldType::(k\w+)\s*,\s*1\s*\)")
-_VERSION_RE = re.compile(r'kNEXTVIT_PLUGIN_VERSION\s*\{\s*"([^"]*)"\s*\}')
-_NAMESPACE_RE = re.compile(r'kNEXTVIT_PLUGIN_NAMESPACE\s*\{\s*"([^"]*)"\s*\}')
-
-
-def _cpp_creators():
-    """{plugin name: [(field, type), ...]} from csrc/trt/<folder>/<folder>.h and the shared creator."""
-    field_types = _FIELD_TYPE_RE.findall((TRT_DIR / "common" / "nextvitPluginCommon.cpp").read_text())
-    assert len(field_types) == 1, field_types
-    out = {}
-    for folder in sorted(p for p in TRT_DIR.iterdir() if p.is_dir() and p.name.endswith("Plugin")):
-        header = (folder / f"{folder.name}.h").read_text()
-        names = _NAME_RE.findall(header)
-        assert len(names) == 1, folder
-        tables = _TABLE_RE.findall(header)  # the plugin class's field table, read by its creator
-        assert len(tables) == 1, folder
-        size, body = tables[0]
-        fields = _ROW_RE.findall(body)
-        assert len(fields) == int(size), folder  # every row parsed, none left value-initialized
-        assert re.fullmatch(r"[\s,{}]*", re.sub(r"//[^\n]*", "", _ROW_RE.sub("", body))), folder  # nothing else
-        out[names[0]] = [(f, field_types[0]) for f in fields]
-    return out
-
-
-def test_plugin_table_matches_cpp_creators():
-    creators = _cpp_creators()
-    assert set(creators) == {s.name for s in PLUGINS.values()}
-    for spec in PLUGINS.values():
-        fields = creators[spec.name]
-        assert tuple(f for f, _ in fields) == spec.fields, spec.name
-        assert all(t == "kINT32" for _, t in fields), spec.name  # ONNX int attributes -> kINT32
-    common = (TRT_DIR / "common" / "nextvitPluginCommon.h").read_text()
-    assert _VERSION_RE.findall(common) == [PLUGIN_VERSION]
-    assert _NAMESPACE_RE.findall(common) == [PLUGIN_NAMESPACE]
-    registry = (TRT_DIR / "plugin_registry.cpp").read_text()
-    assert 'extern "C"' in registry and "getCreators(int32_t& nbCreators)" in registry
-    for folder in TRT_DIR.iterdir():
-        if folder.is_dir() and folder.name.endswith("Plugin"):
-            assert f'"{folder.name}/{folder.name}.h"' in registry
-            assert f"{folder.name}/{folder.name}.cpp" in (TRT_DIR / "CMakeLists.txt").read_text()

@@ -3,6 +3,7 @@
  */
 #include "nextvitPluginCommon.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <iostream>
@@ -38,69 +39,39 @@ void logMessage(nvinfer1::ILogger::Severity severity, std::string const& msg) no
     }
 }
 
-//! Copies the int fields of fc into fields (by name). Unknown names are ignored with a
-//! warning; a known name with a non-integer type or no data is an error (returns false).
-bool readIntFields(nvinfer1::PluginFieldCollection const* fc, std::vector<IntField>& fields,
-    char const* pluginName) noexcept
+//! The integer value of one PluginField, widened to 64 bits so that the range check sees what
+//! was passed (a kINT64 of 2^32 + 2 must not become 2). False for a non-integer type, no data
+//! or a length other than 1.
+bool fieldValue(nvinfer1::PluginField const& f, int64_t& value) noexcept
 {
-    if (fc == nullptr)
+    if (f.data == nullptr || f.length != 1)
     {
-        return true; // all defaults
-    }
-    if (fc->nbFields > 0 && fc->fields == nullptr)
-    {
-        logError(std::string(pluginName) + ": PluginFieldCollection has fields but a null field array");
         return false;
     }
-    for (int32_t i = 0; i < fc->nbFields; ++i)
+    switch (f.type)
     {
-        nvinfer1::PluginField const& f = fc->fields[i];
-        if (f.name == nullptr)
-        {
-            continue;
-        }
-        IntField* target = nullptr;
-        for (auto& field : fields)
-        {
-            if (std::strcmp(field.name, f.name) == 0)
-            {
-                target = &field;
-            }
-        }
-        if (target == nullptr)
-        {
-            logWarning(std::string(pluginName) + ": ignoring unknown field '" + f.name + "'");
-            continue;
-        }
-        if (f.data == nullptr || f.length < 1)
-        {
-            logError(std::string(pluginName) + ": field '" + f.name + "' has no data");
-            return false;
-        }
-        switch (f.type)
-        {
-        case nvinfer1::PluginFieldType::kINT32: target->value = *static_cast<int32_t const*>(f.data); break;
-        case nvinfer1::PluginFieldType::kINT64:
-            target->value = static_cast<int32_t>(*static_cast<int64_t const*>(f.data));
-            break;
-        case nvinfer1::PluginFieldType::kINT16:
-            target->value = static_cast<int32_t>(*static_cast<int16_t const*>(f.data));
-            break;
-        case nvinfer1::PluginFieldType::kINT8:
-            target->value = static_cast<int32_t>(*static_cast<int8_t const*>(f.data));
-            break;
-        default:
-            logError(std::string(pluginName) + ": field '" + f.name + "' must be an integer (kINT32)");
-            return false;
-        }
+    case nvinfer1::PluginFieldType::kINT32: value = *static_cast<int32_t const*>(f.data); return true;
+    case nvinfer1::PluginFieldType::kINT64: value = *static_cast<int64_t const*>(f.data); return true;
+    case nvinfer1::PluginFieldType::kINT16: value = *static_cast<int16_t const*>(f.data); return true;
+    case nvinfer1::PluginFieldType::kINT8: value = *static_cast<int8_t const*>(f.data); return true;
+    default: return false;
     }
-    return true;
+}
+
+std::string rangeText(IntFieldSpec const& spec)
+{
+    return spec.max == kNO_MAX ? ">= " + std::to_string(spec.min)
+        : spec.max == spec.min + 1 ? std::to_string(spec.min) + " or " + std::to_string(spec.max)
+                                   : "in [" + std::to_string(spec.min) + ", " + std::to_string(spec.max) + "]";
 }
 } // namespace
 
 void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept
 {
-    gLoggerFinder.store(finder);
+    if (finder != nullptr)
+    {
+        gLoggerFinder.store(finder);
+    }
 }
 
 void logError(std::string const& msg) noexcept
@@ -491,28 +462,51 @@ bool NextViTCreatorBase::readFields(nvinfer1::PluginFieldCollection const* fc, s
 {
     try
     {
+        std::string const plugin = getPluginName();
+        int32_t const nbFields = fc != nullptr ? fc->nbFields : 0;
+        if (nbFields > 0 && fc->fields == nullptr)
+        {
+            logError(plugin + ": PluginFieldCollection has fields but a null field array");
+            return false;
+        }
+        for (int32_t i = 0; i < nbFields; ++i)
+        {
+            char const* name = fc->fields[i].name;
+            bool const known = name != nullptr
+                && std::any_of(mSpecs.begin(), mSpecs.end(), [name](IntFieldSpec const& s) { return std::strcmp(s.name, name) == 0; });
+            if (!known)
+            {
+                logWarning(plugin + ": ignoring unknown field '" + (name != nullptr ? name : "(null)") + "'");
+            }
+        }
         values.clear();
         for (auto const& spec : mSpecs)
         {
-            values.push_back({spec.name, spec.defaultValue});
-        }
-        if (!readIntFields(fc, values, getPluginName()))
-        {
-            return false;
-        }
-        for (size_t i = 0; i < mSpecs.size(); ++i)
-        {
-            IntFieldSpec const& spec = mSpecs[i];
-            int32_t const v = values[i].value;
-            if (v >= spec.min && v <= spec.max)
+            nvinfer1::PluginField const* f = nullptr;
+            for (int32_t i = 0; i < nbFields; ++i)
             {
-                continue;
+                if (fc->fields[i].name != nullptr && std::strcmp(fc->fields[i].name, spec.name) == 0)
+                {
+                    f = &fc->fields[i];
+                }
             }
-            std::string const range = spec.max == kNO_MAX ? ">= " + std::to_string(spec.min)
-                : spec.max == spec.min + 1 ? std::to_string(spec.min) + " or " + std::to_string(spec.max)
-                                           : "in [" + std::to_string(spec.min) + ", " + std::to_string(spec.max) + "]";
-            logError(std::string(getPluginName()) + ": " + spec.name + " must be " + range + ", got " + std::to_string(v));
-            return false;
+            if (f == nullptr)
+            {
+                logError(plugin + ": missing field '" + spec.name + "' (int32, " + rangeText(spec) + ")");
+                return false;
+            }
+            int64_t v = 0;
+            if (!fieldValue(*f, v))
+            {
+                logError(plugin + ": field '" + spec.name + "' must be one integer (kINT32, length 1)");
+                return false;
+            }
+            if (v < spec.min || v > spec.max)
+            {
+                logError(plugin + ": " + spec.name + " must be " + rangeText(spec) + ", got " + std::to_string(v));
+                return false;
+            }
+            values.push_back({spec.name, static_cast<int32_t>(v)});
         }
         return true;
     }

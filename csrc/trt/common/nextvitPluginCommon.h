@@ -44,6 +44,7 @@ constexpr char const* kNEXTVIT_PLUGIN_VERSION{"1"};
 constexpr char const* kNEXTVIT_PLUGIN_NAMESPACE{"nextvit"};
 
 //! Logging through the logger TensorRT hands to the library (setLoggerFinder), else stderr.
+//! A null finder is ignored: it does not take the logger away from the plugins.
 void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept;
 void logError(std::string const& msg) noexcept;
 void logWarning(std::string const& msg) noexcept;
@@ -55,12 +56,12 @@ bool toNvkDtype(nvinfer1::DataType type, nvk_dtype& out) noexcept;
 int32_t checkNvk(nvk_status status, char const* what, std::string const& layer) noexcept;
 
 //! One row of a plugin's field table. Every field is an int32 PluginField (kINT32, length 1):
-//! the ONNX parser hands integer node attributes over as such.
+//! the ONNX parser hands integer node attributes over as such. Every field is required (the
+//! ONNX export writes them all, and a silently defaulted stride would build a wrong engine).
 struct IntFieldSpec
 {
     char const* name;
-    int32_t defaultValue; //!< used when the field is absent
-    int32_t min;          //!< accepted range, inclusive
+    int32_t min; //!< accepted range, inclusive
     int32_t max;
 };
 
@@ -194,9 +195,9 @@ public:
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
 
 protected:
-    //! The field values for createPlugin: the table's defaults overridden by fc (by name),
-    //! each checked against its range. Logs and returns false on a malformed or out-of-range
-    //! field; unknown names are ignored with a warning.
+    //! The field values for createPlugin: every field of the table, read from fc by name and
+    //! checked against its range (in 64 bits, before narrowing to int32). Logs and returns false
+    //! on a missing, malformed or out-of-range field; unknown names are ignored with a warning.
     bool readFields(nvinfer1::PluginFieldCollection const* fc, std::vector<IntField>& values) const noexcept;
 
 private:

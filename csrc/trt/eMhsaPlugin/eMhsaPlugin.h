@@ -28,11 +28,11 @@ class EMhsaPlugin final : public NextViTPlugin<EMhsaPlugin>
 {
 public:
     static constexpr char const* kNAME{kE_MHSA_PLUGIN_NAME};
-    //! {name, default, min, max}
+    //! {name, min, max}
     static constexpr std::array<IntFieldSpec, 3> kFIELDS{{
-        {"sr_ratio", 1, 1, kNO_MAX},
-        {"head_dim", 32, 1, kNO_MAX},
-        {"residual", 1, 0, 1},
+        {"sr_ratio", 1, kNO_MAX},
+        {"head_dim", 1, kNO_MAX},
+        {"residual", 0, 1},
     }};
 
     using NextViTPlugin::NextViTPlugin;

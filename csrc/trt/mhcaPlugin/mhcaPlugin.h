@@ -25,9 +25,9 @@ class MhcaPlugin final : public NextViTPlugin<MhcaPlugin>
 {
 public:
     static constexpr char const* kNAME{kMHCA_PLUGIN_NAME};
-    //! {name, default, min, max}
+    //! {name, min, max}
     static constexpr std::array<IntFieldSpec, 1> kFIELDS{{
-        {"residual", 1, 0, 1},
+        {"residual", 0, 1},
     }};
 
     using NextViTPlugin::NextViTPlugin;

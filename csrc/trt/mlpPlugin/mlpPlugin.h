@@ -26,10 +26,10 @@ class MlpPlugin final : public NextViTPlugin<MlpPlugin>
 {
 public:
     static constexpr char const* kNAME{kMLP_PLUGIN_NAME};
-    //! {name, default, min, max}
+    //! {name, min, max}
     static constexpr std::array<IntFieldSpec, 2> kFIELDS{{
-        {"residual", 1, 0, 1},
-        {"has_x2", 0, 0, 1},
+        {"residual", 0, 1},
+        {"has_x2", 0, 1},
     }};
 
     using NextViTPlugin::NextViTPlugin;

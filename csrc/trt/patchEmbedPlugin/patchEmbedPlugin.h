@@ -22,9 +22,9 @@ class PatchEmbedPlugin final : public NextViTPlugin<PatchEmbedPlugin>
 {
 public:
     static constexpr char const* kNAME{kPATCH_EMBED_PLUGIN_NAME};
-    //! {name, default, min, max}
+    //! {name, min, max}
     static constexpr std::array<IntFieldSpec, 1> kFIELDS{{
-        {"stride", 1, 1, 2},
+        {"stride", 1, 2},
     }};
 
     using NextViTPlugin::NextViTPlugin;
