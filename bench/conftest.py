@@ -126,6 +126,13 @@ def pytest_report_header(config):
     return lines
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    s = getattr(config, "_nextvit", None)
+    if s is not None and not s.gpu:  # also with -q, which hides the header
+        terminalreporter.write_line("nextvit benchmarks: CPU mode: tiny shapes, interpreter; the times mean nothing"
+                                    + (f"; not applied without a GPU: {', '.join(s.ignored)}" if s.ignored else ""))
+
+
 def pytest_collection_modifyitems(config, items):
     if CLOCK is None:
         return
