@@ -29,6 +29,8 @@ from nextvit_kernels import cli  # noqa: E402
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 ob._import_torch_stack(smoke=not GPU)
 CLOCK = ob.EventClock() if GPU else None
+if GPU:
+    torch.backends.cudnn.benchmark = True  # the strongest eager baseline (recorded in the machine info)
 
 
 def _nonneg(text):

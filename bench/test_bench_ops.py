@@ -59,7 +59,8 @@ def test_op(measure, settings, case, impl):
         fn = lambda: compiled(*c.args)
     measure(fn, group=f"{op} {label} B{batch} {dtype}",
             info=dict(kind="op", op=op, label=label, shape=shape, batch=batch, dtype=dtype, impl=impl,
-                      eager_sequence=ob.OP_SPECS[op]["eager"]),
+                      eager_sequence=ob.OP_SPECS[op]["eager"]
+                      + (f" [{ob.M['e_mhsa_source']}]" if op == "e_mhsa" else "")),
             check=None if impl == "eager" else (lambda out: ob.rel_error(as_ref(out), ref)),
             tol=ob.TOLERANCE[dtype], cost=ob.costs(op, shape, batch, dtype), compile_row=impl == "compile")
 
