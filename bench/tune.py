@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Launch-configuration sweep for the fused Next-ViT kernels (DESIGN.md §3, §7).
+"""Launch-configuration sweep for the fused Next-ViT kernels.
 
 For every op at the Next-ViT-S stage shapes of bench/ops_bench.py (batch 256, fp16 by
 default) it times the configuration the op's ``_config`` returns today and a small,
@@ -19,7 +19,6 @@ Everything op-specific is in the table TUNE below (module, ``_config`` arguments
 moves, register estimate, problem extents); shapes, costs, eager baselines, timer and
 environment come from ops_bench. See bench/README.md ("Config sweep").
 """
-import argparse
 import copy
 import importlib
 import json
@@ -34,47 +33,15 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 import ops_bench as ob  # noqa: E402  (no torch at import time)
+from nextvit_kernels import cli  # noqa: E402
 
-ALL_OPS = ob.ALL_OPS + ("head",)
+ALL_OPS = ob.ALL_OPS
 MAX_CANDIDATES = 12           # hard cap per shape (the brief's bound)
 TRITON_DEFAULT_STAGES = 3     # what Triton uses when a launcher passes no num_stages
 REG_LIMIT = 128               # fp32 tile values per thread we allow (half of 255 registers)
 MAX_WIDE = 256                # widest N / CO tile: wider fp32 accumulators spill (static report)
 
 log = ob.log
-
-
-# ---------------------------------------------------------------------------------------
-# head: not in ops_bench's table (it has no eager baseline there), so its spec lives here.
-# Next-ViT-S: 7x7x1024 -> 1000 classes.
-# ---------------------------------------------------------------------------------------
-def _cost_head(s, b, esize):
-    hw, c, n = s["hw"], s["c"], s["n"]
-    return ob._macs_bytes(b * hw * hw * c, n * c + n, b * n, b * n * c, esize)
-
-
-def build_head(s, b, dev, dtype):
-    torch = ob.torch
-    x = ob._act(b, s["c"], s["hw"], s["hw"], dev, dtype)
-    w = (torch.randn(s["n"], s["c"], device=dev) / math.sqrt(s["c"])).to(dtype)
-    bias = torch.randn(s["n"], device=dev).to(dtype)
-
-    def eager():  # global average pool + Linear (the BatchNorm folded into w, bias)
-        return ob.F.linear(x.mean(dim=(2, 3)), w, bias)
-
-    return eager, (), lambda: ob.ops.head(x, w, bias, impl="triton"), ob._same
-
-
-HEAD_SPEC = dict(shapes=[dict(hw=7, c=1024, n=1000)], smoke=[dict(hw=3, c=32, n=20)],
-                 label=lambda s: f"{s['hw']}x{s['hw']}x{s['c']} -> {s['n']}", cost=_cost_head)
-
-
-def _spec(op):
-    return HEAD_SPEC if op == "head" else ob.OP_SPECS[op]
-
-
-def _builder(op):
-    return build_head if op == "head" else ob.BUILDERS[op]
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,40 +328,50 @@ def _args_repr(args):
 # CLI and plan
 # ---------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Time each fused op's current _config against a few hand-picked alternatives.")
-    p.add_argument("--ops", type=ob._csv("op", ALL_OPS), default=list(ALL_OPS),
-                   help=f"comma list from {','.join(ALL_OPS)} (default: all)")
-    p.add_argument("--batch", type=ob._csv("batch", conv=int), default=[256],
-                   help="comma list of batch sizes (default 256)")
-    p.add_argument("--dtype", type=ob._csv("dtype", ("fp16", "bf16")), default=["fp16"],
-                   help="comma list from fp16,bf16 (default fp16)")
+    p = cli.parser("Time each fused op's current _config against a few hand-picked alternatives "
+                   "(needs a CUDA GPU; --plan and --smoke run on the CPU).")
+    p.add_argument("--ops", type=cli.csv("op", ALL_OPS), default=list(ALL_OPS),
+                   help=f"comma list from {','.join(ALL_OPS)}")
+    p.add_argument("--batch", type=cli.csv("batch", conv=cli.positive_int), default=[256],
+                   help="comma list of batch sizes (GPU; --smoke uses 1)")
+    p.add_argument("--dtype", type=cli.csv("dtype", ("fp16", "bf16")), default=["fp16"],
+                   help="comma list from fp16,bf16 (GPU; --smoke uses fp32)")
     p.add_argument("--budget-s", type=float, default=170.0,
                    help="start no new shape after this many seconds (warm-up included); the results "
-                        "are still written (default 170; 0 = no limit)")
+                        "are still written (0 = no limit)")
     p.add_argument("--max-candidates", type=int, default=8,
-                   help=f"alternatives per shape besides the current config (default 8, at most {MAX_CANDIDATES})")
+                   help=f"alternatives per shape besides the current config, 0..{MAX_CANDIDATES} (--smoke: at most 2)")
     p.add_argument("-j", "--jobs", type=int, default=None,
                    help="processes that compile every planned config in parallel first, filling Triton's "
-                        "cache (default min(8, CPUs) on a GPU, 2 with --smoke; 0 = no warm-up)")
+                        "cache (None: min(8, CPUs) on a GPU, 2 with --smoke; 0 = no warm-up)")
     p.add_argument("--warm-s", type=float, default=None,
-                   help="time limit of that warm-up (default 0.55 x --budget-s)")
+                   help="time limit of that warm-up (None: 0.55 x --budget-s)")
     p.add_argument("--min-gain", type=float, default=0.03,
                    help="a candidate must beat the current config by this fraction and by the "
-                        "current config's own run-to-run spread to count as a change (default 0.03)")
-    p.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up (default 10)")
-    p.add_argument("--rep-ms", type=float, default=40.0, help="do_bench measuring time (default 40)")
+                        "current config's own run-to-run spread to count as a change")
+    p.add_argument("--warmup-ms", type=float, default=10.0,
+                   help="warm-up time per timing (ops_bench.time_device; --smoke: one wall-clock call)")
+    p.add_argument("--rep-ms", type=float, default=40.0, help="measured time per timing")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results",
-                   help="folder for the JSON / Markdown results (default bench/results)")
+                   help="folder for the JSON / Markdown results")
     p.add_argument("--plan", action="store_true",
                    help="print shapes, current configs and candidates (pruned ones with reasons); no GPU")
     p.add_argument("--smoke", action="store_true",
                    help="CPU, TRITON_INTERPRET=1, ops_bench's tiny shapes, batch 1, float32, "
                         "1-call timer, 2 candidates per shape, plus two synthetic failures")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first shape's inputs (+1 per shape)")
     args = p.parse_args(argv)
     if not 0 <= args.max_candidates <= MAX_CANDIDATES:
         p.error(f"--max-candidates must be in [0, {MAX_CANDIDATES}]")
+    for name in ("budget_s", "warm_s", "min_gain", "warmup_ms", "rep_ms", "jobs"):
+        v = getattr(args, name)
+        if v is not None and v < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if args.smoke and args.plan:
+        p.error("--smoke and --plan: choose one")
+    ignored = [f for f, d in (("--batch", [256]), ("--dtype", ["fp16"])) if getattr(args, f[2:]) != d]
+    if args.smoke and ignored:
+        log(f"tune --smoke: {', '.join(ignored)} not applied (the CPU run is batch 1, fp32)")
     if args.smoke:
         args.max_candidates = min(args.max_candidates, 2)
     if args.jobs is None:
@@ -415,7 +392,7 @@ def plan_rows(args):
         group = []
         for b in batches:
             for op in args.ops:
-                spec = _spec(op)
+                spec = ob.OP_SPECS[op]
                 for s in (spec["smoke"] if args.smoke else spec["shapes"]):
                     esize = tdt.itemsize
                     nbytes, flops = spec["cost"](s, b, esize)
@@ -460,9 +437,8 @@ def _sync(dev):
 
 
 def _build(row, dev):
-    dtype = getattr(ob.torch, ob.DTYPE_NAMES[row["dtype"]])
     ob.torch.manual_seed(row.get("seed", 0))
-    return _builder(row["op"])(row["shape"], row["batch"], dev, dtype)
+    return ob.build(row["op"], row["shape"], row["batch"], dev, row["dtype"])
 
 
 def run_config(mod, fused, cfg, dev, selftest=None):
@@ -510,7 +486,6 @@ _W = {}
 
 def _worker_init(smoke):
     ob._import_torch_stack(smoke)
-    ob.M.update(ob._make_modules())
     _W["dev"] = ob.torch.device("cpu") if smoke else ob.torch.device("cuda", 0)
 
 
@@ -527,7 +502,7 @@ def _worker(job):
             _W.pop("case", None)
             _W["case"] = _build(row, dev)
             _W["key"] = key
-        fused = _W["case"][2]
+        fused = _W["case"].call("triton")
         mod = importlib.import_module(TUNE[row["op"]]["module"])
         with ob.torch.no_grad():
             run_config(mod, fused, cfg, dev)
@@ -581,8 +556,9 @@ def tune_row(row, dev, timer, args):
     mod = importlib.import_module(TUNE[row["op"]]["module"])
     row.update(status="FAIL", error=None, tol=ob.TOLERANCE[row["dtype"]], results=[])
     try:
-        eager, eargs, fused, as_ref = _build(row, dev)
-        ref = eager(*eargs)
+        case = _build(row, dev)
+        fused, as_ref = case.call("triton"), case.as_ref
+        ref = case.eager(*case.args)
         _sync(dev)
     except Exception as e:
         row["error"] = "build/reference: " + ob._err(e)
@@ -816,8 +792,19 @@ def _jsonable(v):
     return repr(v)  # torch.dtype in _config arguments
 
 
+def _json_safe(v):
+    """Strict JSON: non-finite floats become strings ("inf"), tuples lists."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 def write_results(base, meta, rows):
-    data = ob._json_safe(_jsonable(dict(meta=meta, rows=rows)))
+    data = _json_safe(_jsonable(dict(meta=meta, rows=rows)))
     base.with_suffix(".json").write_text(json.dumps(data, indent=1, allow_nan=False))
     base.with_suffix(".md").write_text(markdown(meta, rows))
 
@@ -841,7 +828,6 @@ def main(argv=None):
             return 2
     # --plan only calls the pure-Python _config functions: the interpreter setting is harmless.
     ob._import_torch_stack(args.smoke or args.plan)
-    ob.M.update(ob._make_modules())
     torch = ob.torch
     rows = plan_rows(args)
     for i, r in enumerate(rows, 1):

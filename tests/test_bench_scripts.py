@@ -23,12 +23,39 @@ def test_profile_plan_cpu_check(tmp_path):
         assert f"| {op} |" in out, op
 
 
-def test_ops_bench_smoke_writes_results(tmp_path):
-    _run(["bench/ops_bench.py", "--smoke", "--out", str(tmp_path)], tmp_path)
-    js = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
-    assert len(js) == 1
-    rows = json.load(open(tmp_path / js[0]))["rows"]
-    assert rows and all(r["status"] == "ok" and r["rel_err"] <= r["tol"] for r in rows), rows
+def test_op_cases_are_the_model_calls():
+    """The op benchmarks' shapes are exactly the distinct op calls of NextViT-S, B and L at 224x224."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import nextvit_kernels as nk
+    import ops_bench as ob
+    from test_bench_model import plan_calls
+
+    ob._import_torch_stack(smoke=True)
+    want = sorted({(op, json.dumps(s, sort_keys=True)) for op, s, _ in ob.cases(tiny=False)})
+    for name in ("nextvit_small", "nextvit_base", "nextvit_large"):
+        calls = plan_calls(getattr(nk, name)().eval(), 224)
+        assert sorted({(op, json.dumps(s, sort_keys=True)) for op, s in calls}) == want, name
+
+
+def test_bench_suite_saves_compares_and_prints(tmp_path):
+    """CPU mode of the pytest-benchmark suite (one op): a saved run with machine info, a
+    --benchmark-compare against it, and ops_bench's table from the JSON."""
+    store = f"file://{tmp_path}/store"
+    base = ["-m", "pytest", "bench/test_bench_ops.py", "-k", "head", "--benchmark-only", "-q",
+            "-p", "no:cacheprovider", f"--benchmark-storage={store}"]
+    _run(base + ["--benchmark-save=before"], tmp_path)
+    saved = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "store") for f in fs if f.endswith(".json")]
+    assert len(saved) == 1, saved
+    data = json.load(open(saved[0]))
+    info = data["machine_info"]["nextvit"]
+    assert info["mode"] == "cpu" and info["torch"] and info["triton"] and "ceilings" in info
+    rows = {b["extra_info"]["impl"]: b["extra_info"] for b in data["benchmarks"]}
+    assert set(rows) == {"triton", "reference", "eager"}, rows  # compile: one conv case only on a CPU
+    assert all(r["check"] == "ok" and r["bytes"] > 0 and r["flops"] > 0 and "pct_floor" in r for r in rows.values())
+    out = _run(base + ["--benchmark-compare=0001", "--benchmark-group-by=group"], tmp_path)
+    assert "0001_before" in out and "NOW" in out, out[-2000:]
+    table = _run(["bench/ops_bench.py", "--from-json", saved[0]], tmp_path)
+    assert "head" in table and "3x3x32->20" in table and " ok " in table, table
 
 
 def test_tune_plan_lists_candidates(tmp_path):
