@@ -1,9 +1,10 @@
 """The whole model: NextViT-S/B/L at 224x224 (the documented batch sizes 1 and 256), one group
 per variant, batch and dtype, with
 
-- ``triton``: the fused plan on the Triton kernels (``fused.run(model.fused_plan(...), x, "triton")``,
-  what ``model(x)`` runs on a GPU), and ``triton_graph``: the same replayed from a CUDA graph
-  (``model.cuda_graph``; GPU only);
+- ``triton``: ``model(x)`` on the Triton kernels without CUDA graphs (``cuda_graphs="off"``: the
+  bound programs, launched from Python each call); ``triton_auto``: ``model(x)`` as it runs by
+  default on a GPU (automatic CUDA graphs, output copied out); ``triton_graph``: the zero-copy
+  fixed-shape replay of ``model.cuda_graph`` (the last two GPU only);
 - ``reference``: the same fused plan on the ops' PyTorch references;
 - ``eager``: the model's module graph with its BatchNorms merged (``merge_bn``, the deploy mode),
   i.e. eager PyTorch; ``compile``: ``torch.compile`` of that module (GPU only).
@@ -20,7 +21,7 @@ import ops_bench as ob
 import profile_plan
 from nextvit_kernels import cli, fused
 
-IMPLS = ("triton", "triton_graph", "reference", "eager", "compile")
+IMPLS = ("triton", "triton_auto", "triton_graph", "reference", "eager", "compile")
 _MODEL = {}  # the last built model: its benchmarks run one after the other
 
 
@@ -82,13 +83,22 @@ def _built(case, settings):
 @torch.no_grad()
 def test_model(measure, settings, case, impl):
     variant, batch, dtype = case
-    if not settings.gpu and impl in ("triton_graph", "compile"):
-        pytest.skip({"triton_graph": "CUDA graphs need a GPU",
+    if not settings.gpu and impl in ("triton_auto", "triton_graph", "compile"):
+        pytest.skip({"triton_auto": "CUDA graphs need a GPU", "triton_graph": "CUDA graphs need a GPU",
                      "compile": "torch.compile of the whole model on a CPU takes minutes; CPU mode compiles "
                                 "one op case (test_bench_ops)"}[impl])
     b = _built(case, settings)
     m, x = b["model"], b["x"]
-    if impl in ("triton", "reference"):
+    if impl in ("triton", "triton_auto"):
+        graphs = "off" if impl == "triton" else "auto"
+
+        def fn():
+            m.kernels, m.cuda_graphs = "triton", graphs
+            try:
+                return m(x)
+            finally:
+                m.kernels, m.cuda_graphs = "reference", "auto"
+    elif impl == "reference":
         plan = m.fused_plan(x.device, x.dtype)
         fn = lambda: fused.run(plan, x, impl=impl)
     elif impl == "triton_graph":

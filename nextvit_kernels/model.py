@@ -310,13 +310,17 @@ class GraphedForward:
         self.static_in = example.detach().clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.no_grad(), torch.cuda.stream(stream):
-            for _ in range(warmup):  # builds the folded plan and compiles the kernels
-                model(self.static_in)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.static_out = model(self.static_in)
+        auto, model.cuda_graphs = model.cuda_graphs, "off"  # this graph is the only one wanted
+        try:
+            with torch.no_grad(), torch.cuda.stream(stream):
+                for _ in range(warmup):  # builds the folded plan and compiles the kernels
+                    model(self.static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), torch.cuda.graph(self.graph):
+                self.static_out = model(self.static_in)
+        finally:
+            model.cuda_graphs = auto
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape != self.static_in.shape or x.dtype != self.static_in.dtype or x.device != self.static_in.device:
