@@ -121,7 +121,7 @@ def split_mode(module_name: str, split: bool):
 
 
 # --------------------------------------------------------------------------- conv_bn_relu
-@fuzz(12)
+@fuzz(150)
 @given(case=common(c_in=st.sampled_from([3, 16, 32, 64]), c_out=st.sampled_from([32, 64]),
                    stride=st.sampled_from([1, 2])))
 def test_fuzz_conv_bn_relu(case):
@@ -135,7 +135,7 @@ def test_fuzz_conv_bn_relu(case):
 
 
 # --------------------------------------------------------------------------- patch_embed
-@fuzz(12)
+@fuzz(200)
 @given(case=common(c_in=st.sampled_from([32, 40, 64, 96]), c_out=st.sampled_from([32, 64, 96]),
                    stride=st.sampled_from([1, 2]), w4d=st.booleans()))
 def test_fuzz_patch_embed(case):
@@ -160,7 +160,7 @@ def mhca_cases(draw):
                        split=st.booleans(), proj_4d=st.booleans()))
 
 
-@fuzz(12)
+@fuzz(150)
 @given(case=mhca_cases())
 def test_fuzz_mhca(case):
     torch.manual_seed(case["seed"])
@@ -185,7 +185,7 @@ def mlp_cases(draw):
                        split=st.booleans(), w4d=st.booleans()))
 
 
-@fuzz(12)
+@fuzz(200)
 @given(case=mlp_cases())
 def test_fuzz_mlp(case):
     torch.manual_seed(case["seed"])
@@ -215,7 +215,7 @@ def e_mhsa_cases(draw):
                        split=st.booleans(), w4d=st.booleans()))
 
 
-@fuzz(12)
+@fuzz(150)
 @given(case=e_mhsa_cases())
 # More than 64 key tokens: the online-softmax path (key tiles), in both modes.
 @example(case=dict(seed=1, dtype=torch.float32, b=2, h=9, w=8, x_layout=("slice_c", 1), c=32, head_dim=32,
@@ -241,7 +241,7 @@ def test_fuzz_e_mhsa(case):
 
 
 # --------------------------------------------------------------------------- head
-@fuzz(12)
+@fuzz(200)
 @given(case=common(c=st.sampled_from([32, 40, 64, 96]), n=st.sampled_from([1, 10, 17, 32]),
                    w4d=st.booleans()))
 def test_fuzz_head(case):
@@ -257,7 +257,7 @@ def test_fuzz_head(case):
 # --------------------------------------------------------------------------- rejection
 # The attention ops cut channels into heads: any other channel count is a one-line ValueError
 # (raised before any kernel runs, so these are cheap).
-@fuzz(40)
+@fuzz(50)
 @given(c=st.integers(1, 200).filter(lambda c: c % 32), seed=st.integers(0, 2**31 - 1),
        dtype=st.sampled_from([torch.float32, torch.float16]))
 def test_fuzz_mhca_rejects_channels_not_multiple_of_32(c, seed, dtype):
@@ -267,7 +267,7 @@ def test_fuzz_mhca_rejects_channels_not_multiple_of_32(c, seed, dtype):
         ops.mhca(*args, impl="triton")
 
 
-@fuzz(40)
+@fuzz(50)
 @given(data=st.data(), head_dim=st.sampled_from([16, 32, 64, 128]), seed=st.integers(0, 2**31 - 1))
 def test_fuzz_e_mhsa_rejects_channels_not_multiple_of_head_dim(data, head_dim, seed):
     c = data.draw(st.integers(1, 200).filter(lambda c: c % head_dim), label="c")
