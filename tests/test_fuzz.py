@@ -1,15 +1,18 @@
 """Property-based fuzzing (hypothesis) of every fused op under the interpreter against its
 float64 reference: random batch (1 included), H and W (1, odd, prime, non-square), channel
-counts, fp32/fp16, residual on/off, both modes of the two-mode ops, and inputs handed over
-as channels_last, NCHW, non-contiguous views and views with a storage offset (the elements
-of the backing tensor outside the view are NaN, so a read outside the view shows up, and
-the backing tensor must come back unchanged).
+counts (the attention ops' must be multiples of their head size, anything else is a
+ValueError; the other ops take any), fp32/fp16, residual on/off, both modes of the two-mode
+ops, and inputs handed over as channels_last, NCHW, non-contiguous views and views with a
+storage offset (the elements of the backing tensor outside the view are NaN, so a read
+outside the view shows up, and the backing tensor must come back unchanged).
 
 The examples are a fixed, derandomized sequence sized to keep this file near 3 minutes on
-2 cores. A failure prints the falsifying ``case`` (a dict whose ``seed`` fixes every random
-value) and a ``@reproduce_failure`` blob; pasting ``@example(case={...})`` above the test
-replays it. NEXTVIT_FUZZ_SCALE=k runs k times as many examples; NEXTVIT_FUZZ_RANDOM=1 draws
-a fresh sequence per run (replay one with ``--hypothesis-seed``).
+2 cores. A failure prints the falsifying ``case``, a dict whose ``seed`` fixes every random
+value, and a ``@reproduce_failure`` blob. Replay: ``@example(case={...})`` above the test,
+or ``test_fuzz_<op>.hypothesis.inner_test(case={...})`` with TRITON_INTERPRET=1.
+Environment: NEXTVIT_FUZZ_SCALE=k runs k times as many examples, NEXTVIT_FUZZ_RANDOM=1 a
+fresh sequence per run (replay one with ``--hypothesis-seed``), NEXTVIT_FUZZ_SHRINK=1
+shrinks a failure to a smaller case (slow under the interpreter).
 """
 import contextlib
 import importlib
@@ -17,7 +20,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import HealthCheck, Phase, event, example, given, settings
 from hypothesis import strategies as st
 
 from nextvit_kernels import ops
@@ -87,6 +90,9 @@ def as_layout(x: torch.Tensor, lay):
     else:
         raise AssertionError(kind)
     view.copy_(x)
+    # --hypothesis-show-statistics lists these: how often each layout reached the kernel as is.
+    event(f"x {kind}" + (" (kernel reads the view)" if view.is_contiguous(memory_format=CL) and kind != "channels_last"
+                         else ""))
     return view, base
 
 
@@ -105,16 +111,28 @@ def call_checked(what, fn, views_bases, ref, dtype, *args, **kwargs):
 
 
 def common(**extra):
-    """A case: the seed of every random value, dtype, batch, map size, x's layout, + extra."""
+    """A case: the seed of every random value, dtype, batch, map size, x's layout, + extra
+    (which may also replace those)."""
     fields = dict(seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from([torch.float32, torch.float16]),
-                  b=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), x_layout=layout, **extra)
+                  b=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), x_layout=layout)
+    fields.update(extra)
     # Keys in this order in the printed reproducer.
     return st.fixed_dictionaries(fields).map(lambda d: {k: d[k] for k in fields})
+
+
+def two_mode_case(draw, c_in: int, drawn: dict, **fields):
+    """A case of mlp, mhca or e_mhsa: common() + the values already drawn + fields, with or
+    without the residual (which needs c_out == c_in), in the fused or the split mode."""
+    residual = draw(st.booleans())
+    return draw(common(**{k: st.just(v) for k, v in drawn.items()}, **fields, residual=st.just(residual),
+                       c_out=st.just(c_in) if residual else st.sampled_from([32, 48, 96]),
+                       split=st.booleans()))
 
 
 @contextlib.contextmanager
 def split_mode(module_name: str, split: bool):
     """Runs a two-mode op in its fused or its split mode (tests/_util.force_split)."""
+    event("split mode" if split else "fused mode")
     with pytest.MonkeyPatch.context() as mp:
         force_split(mp, importlib.import_module(f"nextvit_kernels.ops.{module_name}"), split)
         yield
@@ -153,11 +171,8 @@ def test_fuzz_patch_embed(case):
 # --------------------------------------------------------------------------- mhca
 @st.composite
 def mhca_cases(draw):
-    residual = draw(st.booleans())
     c = draw(st.sampled_from([32, 64, 96]))
-    return draw(common(c=st.just(c), residual=st.just(residual),
-                       c_out=st.just(c) if residual else st.sampled_from([32, 48, 96]),
-                       split=st.booleans(), proj_4d=st.booleans()))
+    return two_mode_case(draw, c, dict(c=c), proj_4d=st.booleans())
 
 
 @fuzz(150)
@@ -176,13 +191,10 @@ def test_fuzz_mhca(case):
 # --------------------------------------------------------------------------- mlp
 @st.composite
 def mlp_cases(draw):
-    residual = draw(st.booleans())
     c1 = draw(st.sampled_from([32, 40, 64, 96]))
     c2 = draw(st.sampled_from([0, 32, 64]))
-    return draw(common(c1=st.just(c1), c2=st.just(c2), x2_layout=layout,
-                       hidden=st.sampled_from([32, 64, 96, 128]), residual=st.just(residual),
-                       c_out=st.just(c1 + c2) if residual else st.sampled_from([32, 48, 96]),
-                       split=st.booleans(), w4d=st.booleans()))
+    return two_mode_case(draw, c1 + c2, dict(c1=c1, c2=c2), x2_layout=layout,
+                         hidden=st.sampled_from([32, 64, 96, 128]), w4d=st.booleans())
 
 
 @fuzz(200)
@@ -206,13 +218,11 @@ def test_fuzz_mlp(case):
 # --------------------------------------------------------------------------- e_mhsa
 @st.composite
 def e_mhsa_cases(draw):
-    residual = draw(st.booleans())
     head_dim = draw(st.sampled_from([16, 32, 64]))
     c = head_dim * draw(st.integers(1, 96 // head_dim))
-    return draw(common(c=st.just(c), head_dim=st.just(head_dim), sr_ratio=st.integers(1, 3),
-                       residual=st.just(residual),
-                       c_out=st.just(c) if residual else st.sampled_from([32, 48, 96]),
-                       split=st.booleans(), w4d=st.booleans()))
+    # Maps up to 12x12 so that some examples have more than 64 key tokens (online softmax).
+    return two_mode_case(draw, c, dict(c=c, head_dim=head_dim), h=st.integers(1, 12), w=st.integers(1, 12),
+                         sr_ratio=st.integers(1, 3), w4d=st.booleans())
 
 
 @fuzz(150)
@@ -232,9 +242,11 @@ def test_fuzz_e_mhsa(case):
         params = [p[:, :, None, None] if p.dim() == 2 else p for p in params]
     kwargs = dict(sr_ratio=sr, head_dim=hd, residual=case["residual"], impl="triton")
     if case["h"] * case["w"] < sr * sr:  # not even one pooling window of key tokens
+        event("rejected: fewer tokens than sr_ratio^2")
         with pytest.raises(ValueError, match="fewer than one pooling window"):
             ops.e_mhsa(vb[0], *params, **kwargs)
         return
+    event("one key tile" if case["h"] * case["w"] // (sr * sr) <= 64 else "online softmax (several key tiles)")
     ref = test_e_mhsa.mod.reference(x64, *params64, sr, hd, case["residual"])
     with split_mode("e_mhsa", case["split"]):
         call_checked(f"e_mhsa {case}", ops.e_mhsa, [vb], ref, case["dtype"], vb[0], *params, **kwargs)
