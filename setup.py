@@ -82,7 +82,7 @@ setup(
         # timm (the independent oracle) needs torchvision; onnx/onnxruntime for the export tests;
         # pybind11/cmake/ninja for the C library tests; matplotlib for the benchmark plots.
         "test": ["pytest", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxruntime",
-                 "pybind11", "cmake", "ninja", "matplotlib", "pytest-benchmark"],
+                 "pybind11", "cmake", "ninja", "matplotlib", "pytest-benchmark", "hypothesis"],
         "bench": ["timm>=1.0", "torchvision", "matplotlib"],
     },
     ext_modules=[Extension("nextvit_kernels._C", sources=[])],
