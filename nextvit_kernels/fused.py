@@ -93,7 +93,7 @@ class Plan:
     source: List[Tensor] = field(default_factory=list)  # the model tensors it was folded from
     key: tuple = ()
     programs: dict = field(default_factory=dict)  # (shape, features) -> Program
-    graphs: GraphCache = field(default_factory=GraphCache)
+    graphs: Optional[GraphCache] = None  # made on first use (eager only: dynamo traces fold)
 
     def is_current(self) -> bool:
         return self.key == weights_key(self.source)
@@ -110,9 +110,16 @@ class Plan:
             self.programs[key] = prog
         return prog
 
+    def graph_cache(self, max_graphs: int) -> GraphCache:
+        if self.graphs is None:
+            self.graphs = GraphCache(max_graphs)
+        self.graphs.max_graphs = max_graphs
+        return self.graphs
+
     def release(self):
         """Frees what this plan holds beyond its weights: bound programs and CUDA graphs."""
-        self.graphs.clear()
+        if self.graphs is not None:
+            self.graphs.clear()
         self.programs.clear()
 
     def launches(self, batch: int = 1, height: int = 224, width: int = 224) -> int:
@@ -169,6 +176,8 @@ def weights_key(tensors: List[Tensor]) -> tuple:
     ``.data =``) or is modified in place (optimizer steps, ``load_state_dict``, an EMA
     update): version counters only grow, so their sum grows with any in-place write.
     Two passes in C over the tensors (~60 ns a tensor), no Python per tensor."""
+    if torch.compiler.is_compiling():
+        return ()  # dynamo cannot trace the C passes; the next eager call folds once more
     return sum(map(_version, tensors)), sum(map(Tensor.data_ptr, tensors))
 
 

@@ -228,7 +228,6 @@ class NextViT(nn.Module):
         if plan is None or plan.device != device or plan.dtype != dtype or not plan.is_current():
             self.invalidate_fused()
             plan = fused.fold(self, device, dtype)
-            plan.graphs.max_graphs = self.max_cuda_graphs
             self._fused_plan = plan
         return plan
 
@@ -257,8 +256,7 @@ class NextViT(nn.Module):
         from . import graphs
 
         if self.cuda_graphs == "auto" and graphs.capture_allowed(x):
-            plan.graphs.max_graphs = self.max_cuda_graphs
-            return plan.graphs.run(graphs.signature(x, features), x, prog)
+            return plan.graph_cache(self.max_cuda_graphs).run(graphs.signature(x, features), x, prog)
         return prog(x)
 
     def cuda_graph(self, example: torch.Tensor, warmup: int = 3):
