@@ -4,6 +4,7 @@ Every op follows the same contract (DESIGN.md §3): activations are logically
 [B, C, H, W] in any memory format, kernels work in channels_last, outputs are
 channels_last, and ``impl`` picks the Triton kernel or the PyTorch reference.
 """
+import contextlib
 import os
 
 import torch
@@ -115,3 +116,11 @@ def channels_last_strides(b: int, c: int, h: int, w: int) -> tuple:
     """The strides of a dense channels_last [b, c, h, w] tensor (what ``to_channels_last``
     returns: the kernels only read a size-1 dimension at index 0, so its stride is moot)."""
     return (h * w * c, 1, w * c, c)
+
+
+def on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device for the call
+    (a no-op context where it already is, or on a CPU)."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()

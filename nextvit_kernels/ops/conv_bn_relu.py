@@ -107,7 +107,7 @@ def _conv_bn_relu_kernel(
             acc = tl.dot(a, wb, acc, input_precision=DOT_PRECISION)
 
     bias = tl.load(b_ptr + offs_n * sbias, mask=mask_n, other=0.0).to(tl.float32)
-    y = tl.maximum(acc + bias[None, :], 0.0)
+    y = tl.maximum(acc + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch.relu
     o_ptrs = out_ptr + (b_i.to(tl.int64) * sob + ho * soh + wo * sow)[:, None] + (offs_n * soc)[None, :]
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -160,7 +160,8 @@ def bind(x_shape, w: torch.Tensor, b: torch.Tensor, *, stride: int):
 def _conv_bn_relu_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride: int) -> torch.Tensor:
     x = _common.to_channels_last(x)
     run, _ = bind(x.shape, w, b, stride=stride)
-    return run(x)
+    with _common.on_device(x):
+        return run(x)
 
 
 # --------------------------------------------------------------------------- public

@@ -64,7 +64,8 @@ def _head_conv(x_ptr, cw_ptr, cb_ptr, img, h_i, w_i, mask_m, c0, H, W,
         wb = tl.load(wb_ptrs)
         conv = tl.dot(a, wb, conv, input_precision=DOT_PRECISION)
     bias = tl.load(cb_ptr + (c0 + offs_k) * scb).to(tl.float32)
-    return tl.maximum(conv + bias[None, :], 0.0).to(x_ptr.dtype.element_ty)
+    # NaN in, NaN out, as torch.relu (the default max returns the non-NaN operand on a GPU)
+    return tl.maximum(conv + bias[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(x_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -248,7 +249,8 @@ def _mhca_op(x: torch.Tensor, conv_w: torch.Tensor, conv_b: torch.Tensor, proj_w
              residual: bool) -> torch.Tensor:
     x = _common.to_channels_last(x)
     run, _ = bind(x.shape, conv_w, conv_b, proj_w, residual=residual)
-    return run(x)
+    with _common.on_device(x):
+        return run(x)
 
 
 # --------------------------------------------------------------------------- public

@@ -71,7 +71,8 @@ def _hidden_tile(x_rows, x2_rows, w1_ptr, b1_ptr, offs_h, m_mask, C1, C2, HID,
                         mask=k_mask[:, None] & h_mask[None, :], other=0.0)
             hacc = tl.dot(a, w, hacc, input_precision=DOT_PRECISION)
     b1 = tl.load(b1_ptr + offs_h, mask=h_mask, other=0.0).to(tl.float32)
-    return tl.maximum(hacc + b1[None, :], 0.0).to(x_rows.dtype.element_ty)
+    # NaN in, NaN out, as torch.relu (the default max returns the non-NaN operand on a GPU)
+    return tl.maximum(hacc + b1[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL).to(x_rows.dtype.element_ty)
 
 
 @triton.jit
@@ -234,7 +235,7 @@ def bind(x_shape, fc1_w: Tensor, fc1_b: Tensor, fc2_w: Tensor, fc2_b: Tensor, *,
     cfg = _config(c1, c2, hidden, c_out, fc1_w.dtype)
     split, has_x2 = cfg["split"], c2 > 0
     f, g = cfg["fc1"], cfg["mlp"]
-    fc1 = _fc1_kernel[(triton.cdiv(m, f["BLOCK_M"]), triton.cdiv(hidden, f["BLOCK_H"]))]
+    fc1 = _fc1_kernel[(triton.cdiv(m, f["BLOCK_M"]), triton.cdiv(hidden, f["BLOCK_H"]))] if split else None
     fc1_kw = dict(HAS_X2=has_x2, **f)
     fc2 = _mlp_kernel[(triton.cdiv(m, g["BLOCK_M"]), triton.cdiv(c_out, g["BLOCK_N"]))]
     fc2_kw = dict(HAS_X2=has_x2, RESIDUAL=residual, H_IN_MEMORY=split, HAS_B2=True, **g)
@@ -261,7 +262,8 @@ def _mlp_triton(x: Tensor, x2: Optional[Tensor], fc1_w: Tensor, fc1_b: Tensor, f
         x2 = _common.to_channels_last(x2)
     run, _ = bind(x.shape, fc1_w, fc1_b, fc2_w, fc2_b, x2_channels=0 if x2 is None else x2.shape[1],
                   residual=residual)
-    return run(x, x2)
+    with _common.on_device(x):
+        return run(x, x2)
 
 
 # ----------------------------------------------------------------------------------------
