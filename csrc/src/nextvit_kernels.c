@@ -639,7 +639,8 @@ nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const voi
     nvk_args_t H = {0};
     arg_p(&H, x); arg_p(&H, kv); arg_p(&H, q_w); arg_p(&H, q_b); arg_p(&H, o);
     arg_i(&H, n); arg_i(&H, c); arg_i(&H, nk); arg_f(&H, scale);
-    st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &H, cdiv(n, sc->consts[3]), c / head_dim, batch, stream);
+    st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &H, (long long)batch * cdiv(n, sc->consts[3]), c / head_dim, 1,
+                stream);
     if (st) return st;
     st = launch_scratch_gemm(cx, NVK_OP_E_MHSA, sc->kernels[2], x, o, proj_w, proj_b, out, (long long)batch * n, c,
                              c_out, sc->consts[4], sc->consts[5], stream);
@@ -650,8 +651,8 @@ nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const voi
   arg_p(&B, x); arg_p(&B, kv); arg_p(&B, q_w); arg_p(&B, q_b); arg_p(&B, proj_w); arg_p(&B, proj_b); arg_p(&B, out);
   arg_i(&B, n); arg_i(&B, c); arg_i(&B, c_out); arg_i(&B, nk); arg_i(&B, c / head_dim);
   arg_f(&B, scale);
-  st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &B, cdiv(n, sc->consts[1]), cdiv(c_out, sc->consts[2]), batch,
-              stream);
+  st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &B, (long long)batch * cdiv(n, sc->consts[1]),
+              cdiv(c_out, sc->consts[2]), 1, stream);
   if (!st) ok();
   return st;
 }

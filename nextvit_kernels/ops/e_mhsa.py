@@ -204,12 +204,15 @@ def _attn_kernel(x_ptr, kv_ptr, qw_ptr, qb_ptr, pw_ptr, pb_ptr, out_ptr,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr, ONE_TILE: tl.constexpr,
                  RESIDUAL: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Fused mode: per (batch, BLOCK_M query tokens, BLOCK_CO output channels), for each head
+    """Fused mode: per ((batch, BLOCK_M query tokens), BLOCK_CO output channels), for each head
     _attend_head, then acc += o_h @ proj_w[co, head]^T; epilogue bias + residual."""
     dt = x_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
+    # (batch, query tile) share grid x: grid y/z are limited to 65535, and the batch is not.
+    n_tiles = tl.cdiv(N, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_tiles
+    b = (pid // n_tiles).to(tl.int64)
     pid_co = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
@@ -241,12 +244,14 @@ def _attn_heads_kernel(x_ptr, kv_ptr, qw_ptr, qb_ptr, o_ptr,
                        N, C, NK, scale,
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, ONE_TILE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Split mode: program (query tile, head, batch) writes o_h, rounded to the input dtype,
+    """Split mode: program ((batch, query tile), head) writes o_h, rounded to the input dtype,
     into the scratch o_ptr [B*N, C]; the projection, its bias and the residual are then one
     GEMM (ops.mlp's _mlp_kernel reading o from memory)."""
-    pid_m = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_M)  # (batch, query tile) on grid x, as in _attn_kernel
+    pid = tl.program_id(0)
+    pid_m = pid % n_tiles
+    b = (pid // n_tiles).to(tl.int64)
     hc = tl.program_id(1) * HEAD_DIM
-    b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < N
     o = _attend_head(x_ptr + b * N * C, kv_ptr + b * NK * (2 * C), qw_ptr, qb_ptr, offs_m, m_mask, hc,
@@ -344,7 +349,7 @@ def bind(x_shape, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int
 
     if cfg["split"]:
         hc = dict(cfg["heads"])
-        heads = _attn_heads_kernel[(triton.cdiv(N, hc["BLOCK_M"]), C // head_dim, B)]
+        heads = _attn_heads_kernel[(B * triton.cdiv(N, hc["BLOCK_M"]), C // head_dim)]
         heads_kw = dict(HEAD_DIM=head_dim, DOT_PREC=prec, **hc)
         proj = bind_gemm_from_scratch(B * N, C, cout, True, residual, dict(cfg["proj"], DOT_PRECISION=prec))
 
@@ -358,7 +363,7 @@ def bind(x_shape, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int
 
         return run, (B, cout, H, W)
     atc = dict(cfg["attn"])
-    attn = _attn_kernel[(triton.cdiv(N, atc["BLOCK_M"]), triton.cdiv(cout, atc["BLOCK_CO"]), B)]
+    attn = _attn_kernel[(B * triton.cdiv(N, atc["BLOCK_M"]), triton.cdiv(cout, atc["BLOCK_CO"]))]
     attn_kw = dict(HEAD_DIM=head_dim, RESIDUAL=residual, DOT_PREC=prec, **atc)
 
     def run(x: torch.Tensor, x2=None) -> torch.Tensor:
@@ -377,7 +382,8 @@ def _launch(x: torch.Tensor, q_w: torch.Tensor, q_b: torch.Tensor, k_w: torch.Te
     x = _common.to_channels_last(x)
     run, _ = bind(x.shape, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, sr_ratio=sr_ratio,
                   head_dim=head_dim, residual=residual)
-    return run(x)
+    with _common.on_device(x):
+        return run(x)
 
 
 # ---------------------------------------------------------------------------

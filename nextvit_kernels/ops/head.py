@@ -94,7 +94,8 @@ def bind(x_shape, w: torch.Tensor, b: torch.Tensor):
 def _head_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     x = _common.to_channels_last(x)
     run, _ = bind(x.shape, w, b)
-    return run(x)
+    with _common.on_device(x):
+        return run(x)
 
 
 # --------------------------------------------------------------------------- public

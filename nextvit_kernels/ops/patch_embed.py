@@ -147,7 +147,8 @@ def _patch_embed_triton(x: Tensor, w: Tensor, b: Tensor, stride: int) -> Tensor:
     """x [B, CIN, H, W], w [COUT, CIN], b [COUT], stride 1 or 2."""
     x = _common.to_channels_last(x)
     run, _ = bind(x.shape, w, b, stride=stride)
-    return run(x)
+    with _common.on_device(x):
+        return run(x)
 
 
 # ----------------------------------------------------------------------------------------
