@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-PHASES=${PHASES:-"warm e2e profile ops tests"}
+PHASES=${PHASES:-"warm e2e profile host ops tests"}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for phase in $PHASES; do
@@ -19,9 +19,11 @@ for phase in $PHASES; do
     # Compiles the kernels the e2e preset uses in 8 processes at once (Triton compiles serially per
     # process): each forward split into 8 parts; S covers B and L (same channel widths).
     warm)  timeout 90 python bench/warm_cache.py --variants s --dtype fp16 --batch 1,256 -j 8 2>&1 | tee "$OUT/warm.log" ;;
-    e2e)   timeout 240 python -m nextvit_kernels.bench --preset targets --iters 30 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" ;;
+    e2e)   timeout 210 python -m nextvit_kernels.bench --preset targets --iters 30 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" ;;
     # Per-step kernel times of NextViT-S at batch 1 and 256 (kernels already compiled by warm/e2e).
     profile) timeout 45 python bench/profile_plan.py --variant s --dtype fp16 --batch 1,256 --iters 5 --out "$OUT" 2>&1 | tee "$OUT/profile.log" ;;
+    # model(x) with automatic CUDA graphs and without, cuda_graph() and the kernels' sum, S at batch 1 and 8.
+    host)  timeout 30 python bench/host_overhead.py --variants s --batch 1,8 --iters 100 --out "$OUT" 2>&1 | tee "$OUT/host.log" ;;
     # The op suite (pytest-benchmark) at fp16, batch 256; JSON + table via ops_bench; compiles stop at 45 s, all at 70 s.
     ops)   timeout 90 python bench/ops_bench.py --out "$OUT" -- --bench-dtype fp16 --bench-batch 256 --bench-budget-s 70 --bench-compile-budget-s 45 2>&1 | tee "$OUT/ops.log" ;;
     tests) timeout 110 python -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 100 -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
