@@ -1,11 +1,11 @@
-"""nextvit_kernels: pure-Python package (always) + the C library and its pybind11 module (when possible).
+"""nextvit_kernels: pure-Python package (always) + the C library and its pybind11 module (when wanted).
 
-The C library (libnextvit_kernels.so, nextvit_kernels._C) is built with CMake + Ninja when a
-CUDA toolkit (nvcc) and cmake are found and NEXTVIT_BUILD_CLIB is not "0"; otherwise the build
-prints why it is skipped and installs the Python package alone. A failed C library build does the
-same, with the error, unless NEXTVIT_BUILD_CLIB=1 asks for it explicitly. The build runs the AOT compiler
-(python -m nextvit_kernels.aot: Triton, torch, no GPU needed) unless NEXTVIT_AOT_DIR points to a
-finished AOT output. NEXTVIT_AOT_ARGS adds arguments to it (e.g. "--dtypes fp16").
+The C library (libnextvit_kernels.so, nextvit_kernels._C) is built with CMake + Ninja when
+nvk_build.wanted() says so (nvcc found, or NEXTVIT_BUILD_CLIB=1; NEXTVIT_BUILD_CLIB=0 never);
+nvk_build.py explains where its AOT step finds torch and triton. When it is skipped, or fails
+(an error only under NEXTVIT_BUILD_CLIB=1), the install says why and how to build it, and the
+Python package is installed alone. NEXTVIT_AOT_DIR points to a finished AOT output to embed
+instead of compiling; NEXTVIT_AOT_ARGS adds arguments to the AOT step (e.g. "--dtypes fp16").
 """
 import os
 import shutil
@@ -16,37 +16,36 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _why_not_clib():
-    if os.environ.get("NEXTVIT_BUILD_CLIB", "1") == "0":
-        return "NEXTVIT_BUILD_CLIB=0"
-    if shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "no CUDA toolkit (nvcc) found"
-    for tool in ("cmake", "ninja"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found (pip install {tool})"
-    return None
+sys.path.insert(0, ROOT)
+import nvk_build  # noqa: E402
 
 
 class CMakeBuild(build_ext):
     def run(self):
-        why = _why_not_clib()
+        editable = getattr(self, "editable_mode", False) or getattr(self, "inplace", False)
+        want, why = nvk_build.wanted()
+        if want:
+            missing = [t for t in ("cmake", "ninja") if shutil.which(t) is None]
+            env, where = nvk_build.aot_runner()
+            why = (f"{' and '.join(missing)} not found (pip install cmake ninja)" if missing
+                   else where if env is None else None)
         if why:
-            print(f"nextvit_kernels: skipping the C library ({why}); installing the pure-Python package only. "
-                  "nextvit_kernels.clib.available() will be False.", file=sys.stderr)
+            nvk_build.tell(nvk_build.skipped(why, editable))
             return
+        print(f"nextvit_kernels: building the C library; the AOT step runs in {where}", file=sys.stderr)
         for ext in self.extensions:
             try:
-                self.build_cmake(ext)
+                self.build_cmake(ext, env)
             except (OSError, subprocess.CalledProcessError) as err:
                 # The Python package works without the C library; only an explicit request makes this fatal.
                 if os.environ.get("NEXTVIT_BUILD_CLIB") == "1":
                     raise
-                print(f"nextvit_kernels: the C library build failed ({err}); installing the pure-Python package "
-                      "only (set NEXTVIT_BUILD_CLIB=1 to make this an error).", file=sys.stderr)
+                nvk_build.tell(nvk_build.skipped(f"its build failed ({err}; the log above has the output)",
+                                                 editable))
+                return
+        print("nextvit_kernels: built the C library (libnextvit_kernels.so)", file=sys.stderr)
 
-    def build_cmake(self, ext):
+    def build_cmake(self, ext, env):
         build_temp = os.path.abspath(os.path.join(self.build_temp, "cmake"))
         os.makedirs(build_temp, exist_ok=True)
         pkg_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
@@ -63,7 +62,7 @@ class CMakeBuild(build_ext):
             cfg.append(f"-DNEXTVIT_AOT_DIR={os.path.abspath(os.environ['NEXTVIT_AOT_DIR'])}")
         if os.environ.get("NEXTVIT_AOT_ARGS"):
             cfg.append("-DNEXTVIT_AOT_ARGS=" + ";".join(os.environ["NEXTVIT_AOT_ARGS"].split()))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+        env = dict(env, PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
         subprocess.run(cfg, check=True, env=env)
         subprocess.run(["cmake", "--build", build_temp], check=True, env=env)
         for f in os.listdir(build_temp):
