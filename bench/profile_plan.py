@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where the time of one fused NextViT forward goes: a per-step profile (DESIGN.md §3, §7).
+"""Where the time of one fused NextViT forward goes: a per-step profile (docs/design.md §4, §8).
 
 For each batch size it times every step of the fused plan (stem convs, PatchEmbeds, MHCA,
 MLP, E-MHSA, head) with CUDA events, the GPU held busy by a sleep kernel first so that the

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of every Triton kernel the fused Next-ViT uses (DESIGN.md §5, §6).
+"""Ahead-of-time compilation of every Triton kernel the fused Next-ViT uses (docs/design.md §6, §7).
 
     python -m nextvit_kernels.aot --arch sm_80,sm_90 --out DIR [--dtypes fp16,bf16,fp32]
         [--variants s,b,l] [--resolutions 224,384] [-j N] [--emit-c FILE] [--from-manifest]
