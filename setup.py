@@ -23,16 +23,21 @@ import nvk_build  # noqa: E402
 class CMakeBuild(build_ext):
     def run(self):
         editable = getattr(self, "editable_mode", False) or getattr(self, "inplace", False)
-        want, why = nvk_build.wanted()
+        want, reason = nvk_build.wanted()
+        why_not = None if want else reason
         if want:
             missing = [t for t in ("cmake", "ninja") if shutil.which(t) is None]
             env, where = nvk_build.aot_runner()
-            why = (f"{' and '.join(missing)} not found (pip install cmake ninja)" if missing
-                   else where if env is None else None)
-        if why:
-            nvk_build.tell(nvk_build.skipped(why, editable))
+            if missing:
+                why_not = f"{' and '.join(missing)} not found (pip install cmake ninja)"
+            elif env is None:
+                why_not = where
+        if why_not:
+            nvk_build.tell(nvk_build.skipped(why_not, editable))
             return
-        print(f"nextvit_kernels: building the C library; the AOT step runs in {where}", file=sys.stderr)
+        # On the terminal too: otherwise pip's spinner turns for minutes with no word why.
+        nvk_build.tell(f"nextvit_kernels: building the C library ({reason}; about 4 minutes on 2 cores, "
+                       f"NEXTVIT_BUILD_CLIB=0 skips it); the AOT step runs in {where}")
         for ext in self.extensions:
             try:
                 self.build_cmake(ext, env)
@@ -43,7 +48,7 @@ class CMakeBuild(build_ext):
                 nvk_build.tell(nvk_build.skipped(f"its build failed ({err}; the log above has the output)",
                                                  editable))
                 return
-        print("nextvit_kernels: built the C library (libnextvit_kernels.so)", file=sys.stderr)
+        nvk_build.tell("nextvit_kernels: built the C library (libnextvit_kernels.so)")
 
     def build_cmake(self, ext, env):
         build_temp = os.path.abspath(os.path.join(self.build_temp, "cmake"))
@@ -51,7 +56,9 @@ class CMakeBuild(build_ext):
         pkg_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
         os.makedirs(pkg_dir, exist_ok=True)
         cfg = ["cmake", "-S", ROOT, "-B", build_temp, "-G", "Ninja", f"-DPython3_EXECUTABLE={sys.executable}",
-               "-DCMAKE_BUILD_TYPE=Release", "-DNEXTVIT_TRT=OFF"]
+               "-DCMAKE_BUILD_TYPE=Release", "-DNEXTVIT_TRT=OFF",
+               # pip's build environment (and the ninja in it) is new each time: never the cached one
+               f"-DCMAKE_MAKE_PROGRAM={shutil.which('ninja')}"]
         try:
             import pybind11
             cfg.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
