@@ -1,11 +1,11 @@
-"""nextvit_kernels: pure-Python package (always) + the C library and its pybind11 module (when possible).
+"""nextvit_kernels: pure-Python package (always) + the C library and its pybind11 module (when wanted).
 
-The C library (libnextvit_kernels.so, nextvit_kernels._C) is built with CMake + Ninja when a
-CUDA toolkit (nvcc) and cmake are found and NEXTVIT_BUILD_CLIB is not "0"; otherwise the build
-prints why it is skipped and installs the Python package alone. A failed C library build does the
-same, with the error, unless NEXTVIT_BUILD_CLIB=1 asks for it explicitly. The build runs the AOT compiler
-(python -m nextvit_kernels.aot: Triton, torch, no GPU needed) unless NEXTVIT_AOT_DIR points to a
-finished AOT output. NEXTVIT_AOT_ARGS adds arguments to it (e.g. "--dtypes fp16").
+The C library (libnextvit_kernels.so, nextvit_kernels._C) is built with CMake + Ninja when
+nvk_build.wanted() says so (nvcc found, or NEXTVIT_BUILD_CLIB=1; NEXTVIT_BUILD_CLIB=0 never);
+nvk_build.py explains where its AOT step finds torch and triton. When it is skipped, or fails
+(an error only under NEXTVIT_BUILD_CLIB=1), the install says why and how to build it, and the
+Python package is installed alone. NEXTVIT_AOT_DIR points to a finished AOT output to embed
+instead of compiling; NEXTVIT_AOT_ARGS adds arguments to the AOT step (e.g. "--dtypes fp16").
 """
 import os
 import shutil
@@ -16,43 +16,49 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _why_not_clib():
-    if os.environ.get("NEXTVIT_BUILD_CLIB", "1") == "0":
-        return "NEXTVIT_BUILD_CLIB=0"
-    if shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "no CUDA toolkit (nvcc) found"
-    for tool in ("cmake", "ninja"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found (pip install {tool})"
-    return None
+sys.path.insert(0, ROOT)
+import nvk_build  # noqa: E402
 
 
 class CMakeBuild(build_ext):
     def run(self):
-        why = _why_not_clib()
-        if why:
-            print(f"nextvit_kernels: skipping the C library ({why}); installing the pure-Python package only. "
-                  "nextvit_kernels.clib.available() will be False.", file=sys.stderr)
+        editable = getattr(self, "editable_mode", False) or getattr(self, "inplace", False)
+        want, reason = nvk_build.wanted()
+        why_not = None if want else reason
+        if want:
+            missing = [t for t in ("cmake", "ninja") if shutil.which(t) is None]
+            env, where = nvk_build.aot_runner()
+            if missing:
+                why_not = f"{' and '.join(missing)} not found (pip install cmake ninja)"
+            elif env is None:
+                why_not = where
+        if why_not:
+            nvk_build.tell(nvk_build.skipped(why_not, editable))
             return
+        # On the terminal too: otherwise pip's spinner turns for minutes with no word why.
+        nvk_build.tell(f"nextvit_kernels: building the C library ({reason}; about 4 minutes on 2 cores, "
+                       f"NEXTVIT_BUILD_CLIB=0 skips it); the AOT step runs in {where}")
         for ext in self.extensions:
             try:
-                self.build_cmake(ext)
+                self.build_cmake(ext, env)
             except (OSError, subprocess.CalledProcessError) as err:
                 # The Python package works without the C library; only an explicit request makes this fatal.
                 if os.environ.get("NEXTVIT_BUILD_CLIB") == "1":
                     raise
-                print(f"nextvit_kernels: the C library build failed ({err}); installing the pure-Python package "
-                      "only (set NEXTVIT_BUILD_CLIB=1 to make this an error).", file=sys.stderr)
+                nvk_build.tell(nvk_build.skipped(f"its build failed ({err}; the log above has the output)",
+                                                 editable))
+                return
+        nvk_build.tell("nextvit_kernels: built the C library (libnextvit_kernels.so)")
 
-    def build_cmake(self, ext):
+    def build_cmake(self, ext, env):
         build_temp = os.path.abspath(os.path.join(self.build_temp, "cmake"))
         os.makedirs(build_temp, exist_ok=True)
         pkg_dir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
         os.makedirs(pkg_dir, exist_ok=True)
         cfg = ["cmake", "-S", ROOT, "-B", build_temp, "-G", "Ninja", f"-DPython3_EXECUTABLE={sys.executable}",
-               "-DCMAKE_BUILD_TYPE=Release", "-DNEXTVIT_TRT=OFF"]
+               "-DCMAKE_BUILD_TYPE=Release", "-DNEXTVIT_TRT=OFF",
+               # pip's build environment (and the ninja in it) is new each time: never the cached one
+               f"-DCMAKE_MAKE_PROGRAM={shutil.which('ninja')}"]
         try:
             import pybind11
             cfg.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
@@ -63,7 +69,7 @@ class CMakeBuild(build_ext):
             cfg.append(f"-DNEXTVIT_AOT_DIR={os.path.abspath(os.environ['NEXTVIT_AOT_DIR'])}")
         if os.environ.get("NEXTVIT_AOT_ARGS"):
             cfg.append("-DNEXTVIT_AOT_ARGS=" + ";".join(os.environ["NEXTVIT_AOT_ARGS"].split()))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+        env = dict(env, PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
         subprocess.run(cfg, check=True, env=env)
         subprocess.run(["cmake", "--build", build_temp], check=True, env=env)
         for f in os.listdir(build_temp):

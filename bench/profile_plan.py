@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where the time of one fused NextViT forward goes: a per-step profile (DESIGN.md §3, §7).
+"""Where the time of one fused NextViT forward goes: a per-step profile (docs/design.md §4, §8).
 
 For each batch size it times every step of the fused plan (stem convs, PatchEmbeds, MHCA,
 MLP, E-MHSA, head) with CUDA events, the GPU held busy by a sleep kernel first so that the
@@ -14,7 +14,6 @@ profile issue #5 asks for where a target is missed.
 
 Writes profile-<card>-<variant>-<dtype>-<date>.json / .md under --out (bench/results).
 """
-import argparse
 import datetime
 import json
 import statistics
@@ -26,7 +25,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import ops_bench as ob  # noqa: E402  (no torch at import time)
 
-VARIANTS = {"s": "nextvit_small", "b": "nextvit_base", "l": "nextvit_large"}
+sys.path.insert(0, str(BENCH.parent))
+from nextvit_kernels import cli  # noqa: E402
 
 
 def _cost_head(s, b, esize):
@@ -179,16 +179,20 @@ def markdown(env, results, plan, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="s", choices=sorted(VARIANTS))
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--batch", default="1,256", type=lambda t: [int(v) for v in t.split(",") if v])
-    p.add_argument("--res", type=int, default=224)
-    p.add_argument("--iters", type=int, default=10, help="timed passes per batch (median)")
-    p.add_argument("--out", default=str(BENCH / "results"))
+    p = cli.parser(__doc__, prog="python bench/profile_plan.py")
+    p.add_argument("--variant", type=cli.variant, default="s", help="s, b or l (or small, nextvit_small, ...)")
+    p.add_argument("--dtype", choices=cli.DTYPES, default="fp16", help="element type")
+    p.add_argument("--batch", type=cli.batches, default="1,256", help="comma list of batch sizes")
+    p.add_argument("--res", type=cli.positive_int, default=224, help="input height and width")
+    p.add_argument("--iters", type=cli.positive_int, default=10, help="timed passes per batch (median)")
+    p.add_argument("--out", default=str(BENCH / "results"), help="folder for the JSON and Markdown profile")
     p.add_argument("--cpu-check", action="store_true",
-                   help="CPU, reference ops, a tiny model and input: checks the script, times nothing useful")
-    return p.parse_args(argv)
+                   help="CPU, reference ops, a tiny model and input: checks the script, times nothing useful, "
+                        "writes nothing")
+    args = p.parse_args(argv)
+    if args.cpu_check:
+        cli.not_used(p, argv, ("variant", "dtype", "batch", "res", "iters", "out"), "with --cpu-check")
+    return args
 
 
 def main(argv=None):
@@ -196,20 +200,20 @@ def main(argv=None):
     cpu = args.cpu_check
     if cpu:
         args.variant, args.dtype, args.batch, args.res, args.iters = "s", "fp32", [1, 2], 64, 1
-    ob._import_torch_stack(smoke=False) if not cpu else None
     import torch
+    if not cpu and not torch.cuda.is_available():
+        ob.log("profile_plan: needs a CUDA GPU (it times kernels); --cpu-check checks the script on the CPU.")
+        return 2
+    ob._import_torch_stack(smoke=False) if not cpu else None
     sys.path.insert(0, str(ob.REPO))
     from nextvit_kernels import fused, model as model_mod, ops
-    if not cpu and not torch.cuda.is_available():
-        ob.log("profile_plan: no CUDA GPU. Check the script on the CPU with --cpu-check.")
-        return 2
     dev = torch.device("cpu" if cpu else "cuda")
     dtype = getattr(torch, ob.DTYPE_NAMES[args.dtype])
     torch.manual_seed(0)
     if cpu:
         net = model_mod.NextViT(depths=(1, 1, 5, 1), num_classes=10).eval()
     else:
-        net = getattr(model_mod, VARIANTS[args.variant])().eval()
+        net = getattr(model_mod, cli.VARIANTS[args.variant])().eval()
     plan = fused.fold(net, dev, dtype)
     rec = Recorder(torch, ops, cuda=not cpu, impl="reference" if cpu else "triton")
     env = ob.environment(False, dev) if not cpu else dict(card="CPU (--cpu-check, reference ops)", torch=torch.__version__)

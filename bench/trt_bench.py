@@ -18,7 +18,6 @@ what is missing when TensorRT, a GPU or the plugin library is not there.
 
     python bench/trt_bench.py --plugins build/csrc/trt/libnextvit_trt_plugins_trt10.so
 """
-import argparse
 import datetime as _dt
 import json
 import os
@@ -29,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from nextvit_kernels import cli  # noqa: E402
 
 
 def default_plugin_paths(trt_major: int):
@@ -37,28 +38,43 @@ def default_plugin_paths(trt_major: int):
     return [ROOT / f"build-trt{trt_major}" / "csrc" / "trt" / name, ROOT / "build" / "csrc" / "trt" / name]
 
 
+def _positive_float(text):
+    v = float(text)
+    if not v > 0:
+        raise ValueError("must be > 0")
+    return v
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--variant", default="nextvit_small", choices=["nextvit_small", "nextvit_base", "nextvit_large"])
-    p.add_argument("--checkpoint", default=None, help="weights (any format load_checkpoint reads); default: random")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
-    p.add_argument("--batches", default="1,8,64,256", help="comma-separated batch sizes")
+    p = cli.parser(__doc__.split("\n\n")[0] + "\n\nNeeds TensorRT 10 or 11, a CUDA GPU and (unless --stock-only) "
+                   "the plugin library; exits 2 saying which is missing.", prog="python bench/trt_bench.py")
+    p.add_argument("--variant", type=cli.variant, default="s", help="s, b or l (or small, nextvit_small, ...)")
+    p.add_argument("--checkpoint", help="weights in any format load_checkpoint reads (default: random weights)")
+    p.add_argument("--dtype", default="fp16", choices=cli.DTYPES, help="precision of the ONNX graphs and engines")
+    p.add_argument("--size", type=cli.positive_int, nargs=2, default=(224, 224), metavar=("H", "W"),
+                   help="input height and width")
+    p.add_argument("--batches", type=cli.batches, default="1,8,64,256",
+                   help="comma list of batch sizes (one optimization profile each)")
     p.add_argument("--plugins", default=os.environ.get("NEXTVIT_TRT_PLUGINS"),
-                   help="path of libnextvit_trt_plugins_trt<major>.so (env NEXTVIT_TRT_PLUGINS; default: build/...)")
+                   help="path of libnextvit_trt_plugins_trt<major>.so (env NEXTVIT_TRT_PLUGINS; unset: "
+                        "build-trt<major>/csrc/trt/, then build/csrc/trt/)")
     p.add_argument("--kernels-lib", default=os.environ.get("NEXTVIT_KERNELS_LIB"),
-                   help="libnextvit_kernels.so to preload when it is not on the loader path")
+                   help="libnextvit_kernels.so to preload when it is not on the loader path (env NEXTVIT_KERNELS_LIB)")
     p.add_argument("--stock-only", action="store_true", help="skip the plugin engine")
     p.add_argument("--weakly-typed", action="store_true",
                    help="TensorRT 10 only: FP16/BF16 builder flags instead of a strongly typed network")
-    p.add_argument("--workspace-gib", type=float, default=8.0)
-    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level (0-5)")
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--keep-onnx", default=None, help="directory to keep the exported ONNX files in")
-    return p.parse_args(argv)
+    p.add_argument("--workspace-gib", type=_positive_float, default=8.0, help="builder workspace limit, GiB")
+    p.add_argument("--opt-level", type=int, choices=range(6), default=3, metavar="{0..5}",
+                   help="builder optimization level")
+    p.add_argument("--warmup", type=cli.positive_int, default=20, help="untimed replays per batch")
+    p.add_argument("--iters", type=cli.positive_int, default=100, help="timed replays per batch (median)")
+    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"), help="folder for the JSON results")
+    p.add_argument("--keep-onnx", help="folder to keep the exported ONNX files in (default: a temporary one)")
+    args = p.parse_args(argv)
+    if args.stock_only:
+        cli.not_used(p, argv, ("plugins", "kernels_lib"), "with --stock-only")
+    args.variant = cli.VARIANTS[args.variant]
+    return args
 
 
 def fail(msg: str, code: int = 2):
@@ -212,7 +228,7 @@ class Runner:
 
 def main(argv=None):
     args = parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    batches = args.batches
     trt, torch, plugin_path = check_environment(args)
     sys.path.insert(0, str(ROOT))
     import nextvit_kernels as nk

@@ -11,14 +11,13 @@ channel widths, so S alone covers B and L's kernels.
     python bench/warm_cache.py --variants s --dtype fp16,bf16 --batch 1,256 -j 8
     python bench/warm_cache.py --cpu-check     # the partition logic, interpreter, tiny model
 """
-import argparse
 import itertools
 import multiprocessing as mp
 import os
 import sys
 import time
 
-VARIANTS = {"s": "nextvit_small", "b": "nextvit_base", "l": "nextvit_large"}
+from nextvit_kernels import cli
 
 
 class _Share:
@@ -65,18 +64,23 @@ def _work(job):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="s")
-    p.add_argument("--dtype", default="fp16,bf16")
-    p.add_argument("--batch", default="1,8,64,256")
-    p.add_argument("--res", default="224")
-    p.add_argument("-j", "--jobs", type=int, default=min(8, os.cpu_count() or 1))
-    p.add_argument("--parts", type=int, default=0, help="parts per forward (default: --jobs)")
-    p.add_argument("--cpu-check", action="store_true")
+    p = cli.parser(__doc__, prog="python bench/warm_cache.py")
+    p.add_argument("--variants", type=cli.variants, default="s",
+                   help="comma list of s, b, l (S alone covers B's and L's kernels)")
+    p.add_argument("--dtype", type=cli.dtypes, default="fp16,bf16", help=f"comma list of {', '.join(cli.DTYPES)}")
+    p.add_argument("--batch", type=cli.batches, default="1,8,64,256", help="comma list of batch sizes")
+    p.add_argument("--res", type=cli.csv("resolution", conv=cli.positive_int), default="224",
+                   help="comma list of input sizes")
+    p.add_argument("-j", "--jobs", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
+                   help="worker processes")
+    p.add_argument("--parts", type=cli.positive_int, help="parts per forward (default: --jobs)")
+    p.add_argument("--cpu-check", action="store_true",
+                   help="check the partition logic on the CPU: interpreter, tiny model, fp32, 2 workers")
     args = p.parse_args(argv)
     if args.cpu_check:
+        cli.not_used(p, argv, ("variants", "dtype", "batch", "res", "jobs"), "with --cpu-check")
         os.environ["TRITON_INTERPRET"] = "1"
-        args.variants, args.dtype, args.batch, args.res, args.jobs = "s", "fp32", "1", "32", 2
+        args.variants, args.dtype, args.batch, args.res, args.jobs = ["s"], ["fp32"], [1], [32], 2
     import torch
 
     device = "cpu" if args.cpu_check else "cuda"
@@ -85,10 +89,8 @@ def main(argv=None):
               "the partition logic here", file=sys.stderr)
         return 2
     parts = args.parts or args.jobs
-    jobs = [(VARIANTS[v], d, b, r, k, parts, device)
-            for v, d, b, r in itertools.product(args.variants.split(","), args.dtype.split(","),
-                                                [int(b) for b in args.batch.split(",")],
-                                                [int(r) for r in args.res.split(",")])
+    jobs = [(cli.VARIANTS[v], d, b, r, k, parts, device)
+            for v, d, b, r in itertools.product(args.variants, args.dtype, args.batch, args.res)
             for k in range(parts)]
     t = time.perf_counter()
     # Largest batches first so the memory-heavy forwards do not all run at the end together.

@@ -1,8 +1,7 @@
-"""Ahead-of-time compilation of every Triton kernel the fused Next-ViT uses (DESIGN.md §5, §6).
+"""Ahead-of-time compilation of every Triton kernel the fused Next-ViT uses (docs/design.md §6, §7).
 
     python -m nextvit_kernels.aot --arch sm_80,sm_90 --out DIR [--dtypes fp16,bf16,fp32]
-        [--variants nextvit_small,nextvit_base,nextvit_large] [--resolutions 224,384] [-j N]
-        [--emit-c FILE] [--from-manifest]
+        [--variants s,b,l] [--resolutions 224,384] [-j N] [--emit-c FILE] [--from-manifest]
 
 Works without a GPU: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``.
 
@@ -33,7 +32,6 @@ Specialization (what the compiled code assumes, and the C library guarantees / c
   runtime spatial shape. They are i32 (the C side checks that
   they fit), floats fp32, exactly as the JIT launcher passes them.
 """
-import argparse
 import concurrent.futures as cf
 import hashlib
 import importlib
@@ -512,36 +510,48 @@ def collect(variants, resolutions, dtypes):
 
 
 def _parse_arch(a: str) -> int:
-    a = a.strip().lower().replace("sm_", "").replace("sm", "")
-    return int(a)
+    """``sm_90`` / ``sm90`` / ``90`` -> 90; ValueError below sm_80 (the kernels need Ampere)."""
+    cc = int(a.strip().lower().replace("sm_", "").replace("sm", ""))
+    if cc < 80:
+        raise ValueError("the kernels need sm_80 or newer")
+    return cc
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nextvit_kernels.aot", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="sm_80,sm_90")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtypes", default="fp16,bf16,fp32")
-    p.add_argument("--variants", default="nextvit_small,nextvit_base,nextvit_large")
-    p.add_argument("--resolutions", default="224,384")
-    p.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--emit-c", default=None, help="also write the C source the C library embeds")
+    from . import cli
+    p = cli.parser(__doc__.split("\n\n")[0] + "\n\nWorks without a GPU. The C library embeds sm_80 and sm_90 "
+                   "images (and the sm_80 PTX for newer cards).", prog="python -m nextvit_kernels.aot")
+    p.add_argument("--arch", type=cli.csv("arch", conv=_parse_arch), default="sm_80,sm_90",
+                   help="comma list of CUDA architectures to compile for (sm_80 or newer)")
+    p.add_argument("--out", required=True, help="output folder: manifest.json and kernels/")
+    p.add_argument("--dtypes", type=cli.dtypes, default="fp16,bf16,fp32",
+                   help=f"comma list of {', '.join(DTYPES)}")
+    p.add_argument("--variants", type=cli.variants, default="s,b,l",
+                   help="comma list of model variants s, b, l (or small, nextvit_small, ...)")
+    p.add_argument("--resolutions", type=cli.csv("resolution", conv=cli.positive_int), default="224,384",
+                   help="comma list of input sizes whose fused plans are walked (the probe classes cover any batch and size)")
+    p.add_argument("-j", "--jobs", type=cli.positive_int, default=os.cpu_count() or 1, help="compile processes")
+    p.add_argument("--emit-c", metavar="FILE", help="also write the C source the C library embeds")
     p.add_argument("--from-manifest", action="store_true",
-                   help="do not compile; emit C from an existing DIR/manifest.json")
-    p.add_argument("-q", "--quiet", action="store_true")
+                   help="compile nothing: emit C (--emit-c) from an existing OUT/manifest.json")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     a = p.parse_args(argv)
     out = os.path.abspath(a.out)
     if a.from_manifest:
-        with open(os.path.join(out, "manifest.json")) as f:
+        if not a.emit_c:
+            p.error("--from-manifest only emits C: give --emit-c FILE")
+        path = os.path.join(out, "manifest.json")
+        if not os.path.exists(path):
+            p.error(f"--from-manifest: no {path}")
+        cli.not_used(p, argv, ("arch", "dtypes", "variants", "resolutions", "jobs"), "with --from-manifest")
+        with open(path) as f:
             manifest = json.load(f)
     else:
-        archs = [_parse_arch(x) for x in a.arch.split(",") if x.strip()]
-        dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-        for d in dtypes:
-            if d not in DTYPES:
-                p.error(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
-        variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-        resolutions = [int(r) for r in a.resolutions.split(",") if r.strip()]
-        manifest = build(out, archs, dtypes, variants, resolutions, a.jobs, quiet=a.quiet)
+        if a.emit_c and not {80, 90} & set(a.arch):
+            p.error("--emit-c embeds sm_80 and sm_90 images: --arch needs at least one of them")
+        variants = [cli.VARIANTS[v] for v in dict.fromkeys(a.variants)]
+        manifest = build(out, list(dict.fromkeys(a.arch)), list(dict.fromkeys(a.dtypes)), variants,
+                         list(dict.fromkeys(a.resolutions)), a.jobs, quiet=a.quiet)
     if a.emit_c:
         emit_c(manifest, out, a.emit_c)
     return 0

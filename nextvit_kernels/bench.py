@@ -3,10 +3,13 @@
 On a GPU: the fused NextViT (eager launches and a CUDA graph) against timm's
 Next-ViT with BatchNorms merged in eager mode, eager + CUDA graph, and
 torch.compile with freezing (default and reduce-overhead), all in one run, with
-a ratio table, JSON and a PNG plot under bench/results/. Without a GPU: the CPU
-reference path and a small Triton-interpreter check of the fused graph.
+a ratio table.
+Without a GPU: the PyTorch reference model timed on the CPU in fp32 (batches up to
+--cpu-max-batch) and a Triton-interpreter check of the fused kernels on a tiny model;
+the GPU-only options are reported as not used.
+Either way it writes <--out>/e2e-<card>-<time>.json and .png (cpu-e2e-<cpu>-<time>.*
+on the CPU) and prints their paths.
 """
-import argparse
 import datetime
 import json
 import os
@@ -21,9 +24,10 @@ from pathlib import Path
 import torch
 
 import nextvit_kernels as nk
+from nextvit_kernels import cli
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-VARIANTS = {"s": "nextvit_small", "b": "nextvit_base", "l": "nextvit_large"}
+VARIANTS = cli.VARIANTS
 FUSED_MODES = ("fused", "fused_graph")
 BASE_MODES = ("eager", "eager_graph", "compile", "compile_ro")
 # The rows the issue's targets are stated for; "full" sweeps everything.
@@ -214,7 +218,7 @@ def ratio_table(rows):
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot(rows, path, heading=None):
     try:
         import matplotlib
 
@@ -242,6 +246,8 @@ def plot(rows, path):
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     ax2.legend(fontsize=7, loc="best")
+    if heading:
+        fig.suptitle(heading)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
@@ -251,19 +257,23 @@ def slug(s):
     return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()
 
 
-def results_base(out_dir, tag):
-    out_dir = Path(out_dir)
+def results_base(out_dir, tag, prefix="e2e"):
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir / f"e2e-{slug(tag)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M')}"
+    return out_dir / f"{prefix}-{slug(tag)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def write_results(rows, info, base, final=True):
+CPU_NOTE = ("CPU results: the PyTorch reference model in fp32 on the CPU, not the fused kernels "
+            "(their speed needs a GPU)")
+
+
+def write_results(rows, info, base, final=True, title=None, **extra):
     """Rewritten after every row, so a run cut off by a time limit keeps what it measured."""
     with open(f"{base}.json", "w") as f:
-        json.dump({"env": info, "complete": final, "rows": rows}, f, indent=1)
+        json.dump({**extra, "env": info, "complete": final, "rows": rows}, f, indent=1)
     if final:
-        png = plot(rows, f"{base}.png")
-        log(f"wrote {base}.json" + (f" and {png}" if png else ""))
+        png = plot(rows, f"{base}.png", title) if rows else None
+        log(f"wrote {base}.json" + (f"\nwrote {png}" if png else ""))
 
 
 def gpu_main(args):
@@ -272,9 +282,8 @@ def gpu_main(args):
     if args.preset:
         plan = [(VARIANTS[v], d, b, modes) for v, d, b, modes in PRESETS[args.preset]]
     else:
-        modes = tuple(args.modes.split(","))
-        plan = [(VARIANTS[v], d, b, modes) for v in args.variants.split(",") for d in args.dtype.split(",")
-                for b in map(int, args.batch.split(","))]
+        plan = [(VARIANTS[v], d, b, tuple(args.modes)) for v in args.variants for d in args.dtype
+                for b in args.batch]
     rows, cache = [], {}
     base = results_base(args.out, info["gpu"])
     for i, (variant, d, b, modes) in enumerate(plan):
@@ -282,7 +291,7 @@ def gpu_main(args):
         rows += bench_row(variant, d, b, modes, args, cache)
         write_results(rows, info, base, final=False)
     log("\n" + ratio_table(rows))
-    write_results(rows, info, base)
+    write_results(rows, info, base, title=f"NextViT end to end on {info['gpu']}")
 
 
 INTERPRETER_CHECK = r"""
@@ -306,47 +315,77 @@ raise SystemExit(0 if err < 1e-3 else 1)
 
 def cpu_main(args):
     info = env_info()
-    log("No CUDA GPU: running the PyTorch reference path on the CPU "
-        f"({info['cpu']}, {info['threads']} threads) and an interpreter check of the fused kernels. "
+    variants = args.variants if args.variants_given else args.variants[:1]
+    batches = [b for b in args.batch if b <= args.cpu_max_batch]
+    skipped = [b for b in args.batch if b > args.cpu_max_batch]
+    log("No CUDA GPU: timing the PyTorch reference model in fp32 on the CPU "
+        f"({info['cpu']}, {info['threads']} threads) and checking the fused kernels under Triton's interpreter. "
         "The fused kernels' speed needs a GPU.")
-    variant = VARIANTS[args.variants.split(",")[0]]
-    model = getattr(nk, variant)().eval()
-    if args.checkpoint:
-        log(str(nk.load_checkpoint(model, args.checkpoint)))
+    if not args.variants_given:
+        log(f"note: on the CPU only variant {variants[0]} is timed unless --variants is given")
+    if skipped:
+        log(f"note: batch {','.join(map(str, skipped))} not timed on the CPU (above --cpu-max-batch {args.cpu_max_batch})")
     rows = []
+    base = results_base(args.out, info["cpu"], prefix="cpu-e2e")
     with torch.no_grad():
-        for b in [int(v) for v in args.batch.split(",") if int(v) <= args.cpu_max_batch]:
-            x = torch.randn(b, 3, args.res, args.res)
-            ms, ms_min = time_cpu(lambda: model(x), iters=3, warmup=1)
-            rows.append(dict(variant=variant, dtype="fp32", bs=b, res=args.res, mode="cpu_reference",
-                             ms_median=round(ms, 2), ms_min=round(ms_min, 2), img_s=round(b / ms * 1e3, 1)))
-            log(f"  {variant} fp32 batch {b:<4} {ms:9.1f} ms  {b / ms * 1e3:8.1f} img/s  (CPU reference)")
+        for v in variants:
+            variant = VARIANTS[v]
+            model = getattr(nk, variant)().eval()
+            if args.checkpoint:
+                log(str(nk.load_checkpoint(model, args.checkpoint)))
+            for b in batches:
+                x = torch.randn(b, 3, args.res, args.res)
+                ms, ms_min = time_cpu(lambda: model(x), iters=args.cpu_iters, warmup=1)
+                rows.append(dict(variant=variant, dtype="fp32", bs=b, res=args.res, mode="cpu_reference",
+                                 ms_median=round(ms, 2), ms_min=round(ms_min, 2), img_s=round(b / ms * 1e3, 1)))
+                log(f"  {variant} fp32 batch {b:<4} {ms:9.1f} ms  {b / ms * 1e3:8.1f} img/s  (CPU reference)")
+                write_results(rows, info, base, final=False, note=CPU_NOTE)
     log("Interpreter check (TRITON_INTERPRET=1, tiny model, 32x32 input): every fused kernel against the reference...")
     env = dict(os.environ, TRITON_INTERPRET="1")
     t = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], env=env, capture_output=True, text=True)
     log(("  " + res.stdout.strip()) if res.returncode == 0 else f"  FAILED:\n{res.stdout}\n{res.stderr[-2000:]}")
     log(f"  ({time.perf_counter() - t:.0f} s)")
-    if args.write_cpu:
-        write_results(rows, info, results_base(args.out, "cpu"))
+    check = dict(passed=res.returncode == 0, output=res.stdout.strip() or res.stderr[-2000:])
+    write_results(rows, info, base, note=CPU_NOTE, interpreter_check=check,
+                  title=f"CPU results: PyTorch reference, fp32, {info['cpu']} (not the fused kernels)")
     return res.returncode
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default="s,b,l", help="comma list of s, b, l")
-    p.add_argument("--batch", default="1,8,64,256")
-    p.add_argument("--dtype", default="fp16,bf16")
-    p.add_argument("--modes", default=",".join(FUSED_MODES + BASE_MODES))
-    p.add_argument("--preset", choices=sorted(PRESETS), help="only the rows the targets are stated for")
-    p.add_argument("--res", type=int, default=224)
-    p.add_argument("--checkpoint", help="a checkpoint in any format load_checkpoint reads")
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--out", default="bench/results")
-    p.add_argument("--cpu-max-batch", type=int, default=8, help="largest batch timed on the CPU")
-    p.add_argument("--write-cpu", action="store_true", help="also write JSON for a CPU run")
+def parse_args(argv=None):
+    p = cli.parser(__doc__, prog="python -m nextvit_kernels.bench")
+    p.add_argument("--variants", type=cli.variants, default="s,b,l",
+                   help="comma list of s, b, l (or small, nextvit_small, ...); the CPU times the first "
+                        "unless the option is given")
+    p.add_argument("--batch", type=cli.batches, default="1,8,64,256", help="comma list of batch sizes")
+    p.add_argument("--dtype", type=cli.dtypes, default="fp16,bf16",
+                   help=f"comma list of {', '.join(DTYPES)} (GPU only: the CPU reference runs fp32)")
+    p.add_argument("--modes", type=cli.csv("mode", FUSED_MODES + BASE_MODES), default=",".join(FUSED_MODES + BASE_MODES),
+                   help=f"comma list of {', '.join(FUSED_MODES + BASE_MODES)} (GPU only)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="instead of --variants/--batch/--dtype/--modes: only the rows the performance targets "
+                        "are stated for (GPU only)")
+    p.add_argument("--res", type=cli.positive_int, default=224, help="input height and width")
+    p.add_argument("--checkpoint", help="weights in any format load_checkpoint reads (default: random weights)")
+    p.add_argument("--iters", type=cli.positive_int, default=50, help="timed calls per row (GPU)")
+    p.add_argument("--warmup", type=cli.positive_int, default=10, help="untimed calls before them (GPU)")
+    p.add_argument("--cpu-iters", type=cli.positive_int, default=3, help="timed calls per row (CPU)")
+    p.add_argument("--cpu-max-batch", type=cli.positive_int, default=8, help="largest batch timed on the CPU")
+    p.add_argument("--out", default="bench/results", help="folder for the JSON and PNG results")
     args = p.parse_args(argv)
+    given = cli.given(p, argv)
+    args.variants_given = "variants" in given
+    if torch.cuda.is_available():
+        if args.preset:
+            cli.not_used(p, argv, ("variants", "batch", "dtype", "modes"), "with --preset")
+        cli.not_used(p, argv, ("cpu_iters", "cpu_max_batch"), "on a GPU")
+    else:
+        cli.not_used(p, argv, ("dtype", "modes", "preset", "iters", "warmup"), "on the CPU (no CUDA GPU)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if torch.cuda.is_available():
         gpu_main(args)
         return 0

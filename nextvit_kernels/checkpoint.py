@@ -1,5 +1,5 @@
 """Loading every Next-ViT checkpoint format into the published module layout
-(DESIGN.md §2): official (bare or ``{"model": ...}``), timm (also its
+(docs/design.md §2): official (bare or ``{"model": ...}``), timm (also its
 reparameterized dicts without the folded BatchNorms), detection/segmentation
 backbones (``backbone.`` prefix, ``extra_norm_list``, no head), and this
 package's own merged ``state_dict()``."""
@@ -114,7 +114,7 @@ def to_official(sd: Mapping[str, torch.Tensor], depths):
 
 
 def load_checkpoint(model: NextViT, src: Union[str, os.PathLike, Mapping], strict: bool = True) -> LoadResult:
-    """Loads ``src`` (a path or a dict, any format of DESIGN.md §2) into ``model``.
+    """Loads ``src`` (a path or a dict, any format of docs/design.md §2) into ``model``.
 
     A dict without the foldable BatchNorms (timm's reparameterized dicts, or a
     merged model's ``state_dict()``) merges ``model`` first. With ``strict``,

@@ -14,7 +14,13 @@ _ALIASES = {**{k: k for k in VARIANTS},
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default; keeps the description's line breaks."""
+    """Shows each option's default (none for unset options and flags); keeps the description's
+    line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parser(prog_doc: str, **kwargs) -> argparse.ArgumentParser:
@@ -57,3 +63,27 @@ def positive_int(text: str) -> int:
 
 
 variants = csv("variant", conv=variant)
+DTYPES = ("fp16", "bf16", "fp32")
+dtypes = csv("dtype", choices=DTYPES)
+batches = csv("batch size", conv=positive_int)
+
+
+def given(p: argparse.ArgumentParser, argv=None) -> set:
+    """The ``dest`` names of the options actually on the command line (not defaulted), so that
+    a tool can say which of them it will not use on this machine instead of ignoring them."""
+    saved = [(a, a.default) for a in p._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        return set(vars(p.parse_known_args(argv)[0]))
+    finally:
+        for a, d in saved:
+            a.default = d
+
+
+def not_used(p: argparse.ArgumentParser, argv, dests, why: str) -> None:
+    """Prints one line naming the options among ``dests`` given on the command line that this
+    run will not use, and why."""
+    unused = [d for d in dests if d in given(p, argv)]
+    if unused:
+        print(f"note: not used {why}: " + ", ".join("--" + d.replace("_", "-") for d in unused), flush=True)

@@ -1,4 +1,4 @@
-"""The fused inference graph of DESIGN.md §3.
+"""The fused inference graph of docs/design.md §4 (folding: §3).
 
 ``fold(model, device, dtype)`` turns a NextViT (BatchNorms merged or not) into a
 flat list of steps whose parameters have every BatchNorm folded in (in float64,

@@ -1,4 +1,4 @@
-"""Reference Next-ViT: the published model, module for module (DESIGN.md §1).
+"""Reference Next-ViT: the published model, module for module (docs/design.md §1).
 
 Module and parameter names are the published ones, so a published state_dict
 loads with plain ``load_state_dict``. The forward here is plain PyTorch (it is

@@ -1,4 +1,4 @@
-"""ONNX export of the BatchNorm-folded Next-ViT graph (DESIGN.md §1, §3, §6).
+"""ONNX export of the BatchNorm-folded Next-ViT graph (docs/design.md §1, §4, §7).
 
 ``export_onnx(model, path)`` builds the graph directly with ``onnx.helper`` from
 ``fused.fold(model, "cpu", dtype)``, so merged and unmerged models give the same

@@ -1,4 +1,4 @@
-"""Functional fused ops of the Next-ViT inference graph (DESIGN.md §3).
+"""Functional fused ops of the Next-ViT inference graph (docs/design.md §4).
 
 Each op lives in its own module with its PyTorch reference, its Triton kernel
 and its launcher; ``_registry`` turns the launchers into ``torch.library`` ops.

@@ -1,6 +1,6 @@
 """Shared input checking, dispatch and output allocation for the fused ops.
 
-Every op follows the same contract (DESIGN.md §3): activations are logically
+Every op follows the same contract (docs/design.md §4): activations are logically
 [B, C, H, W] in any memory format, kernels work in channels_last, outputs are
 channels_last, and ``impl`` picks the Triton kernel or the PyTorch reference.
 """

@@ -1,4 +1,4 @@
-"""ConvBNReLU of the Next-ViT stem (DESIGN.md §1, §3): dense 3x3 conv, padding 1,
+"""ConvBNReLU of the Next-ViT stem (docs/design.md §1, §4): dense 3x3 conv, padding 1,
 stride 1 or 2, + bias, ReLU, with BatchNorm already folded into ``w`` / ``b``.
 
 One Triton implicit-GEMM kernel: a program owns BLOCK_M output pixels (NHWC

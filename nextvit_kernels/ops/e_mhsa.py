@@ -1,6 +1,6 @@
 """E-MHSA (efficient multi-head self attention of Next-ViT's NTB), BatchNorms folded.
 
-Semantics (DESIGN.md §1): tokens t are the N = H*W positions of x in row-major
+Semantics (docs/design.md §1): tokens t are the N = H*W positions of x in row-major
 order (the rows of the NHWC tensor).  q = t @ q_w^T + q_b.  If sr_ratio > 1 the
 key/value tokens are averages of sr^2 *consecutive* tokens (1-D pooling over the
 flattened token axis, windows cross image rows, the trailing N % sr^2 tokens are
@@ -10,7 +10,7 @@ Per head of ``head_dim`` channels: softmax(q k^T * head_dim^-0.5) v; then
 out = o @ proj_w^T + proj_b (+ x when ``residual``).  Output [B, Cout, H, W],
 channels_last.
 
-Two kernels (DESIGN.md §3, NTB row):
+Two kernels (docs/design.md §4, NTB row):
 1. ``_kv_kernel``: pools the key/value tokens (fp32 sums, rounded to the input
    dtype like eager's AvgPool1d output) and projects them into one [B, Nk, 2C]
    scratch (k in channels [0, C), v in [C, 2C)).

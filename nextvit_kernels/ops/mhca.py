@@ -1,4 +1,4 @@
-"""MHCA: multi-head convolutional attention of Next-ViT (DESIGN.md §1, §3).
+"""MHCA: multi-head convolutional attention of Next-ViT (docs/design.md §1, §4).
 
     y = [x +] proj(relu(grouped_conv3x3(x, conv_w, groups=C//32, padding=1) + conv_b))
 

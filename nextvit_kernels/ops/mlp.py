@@ -1,4 +1,4 @@
-"""Fused Next-ViT MLP: ``u + fc2(relu(fc1(u)))`` (DESIGN.md §1, §3).
+"""Fused Next-ViT MLP: ``u + fc2(relu(fc1(u)))`` (docs/design.md §1, §4).
 
 ``u`` is ``x`` (NCB Mlp, C -> 3C -> C) or the channel concat of ``x`` and ``x2`` (NTB
 concat-MLP, C1 + C2 -> 2C -> C); BatchNorm is already folded into fc1. The concat is

@@ -1,4 +1,4 @@
-"""Fused Next-ViT PatchEmbed: [2x2 ceil-mode average pool] + 1x1 conv + bias (DESIGN.md §1, §3).
+"""Fused Next-ViT PatchEmbed: [2x2 ceil-mode average pool] + 1x1 conv + bias (docs/design.md §1, §4).
 
 stride 2: ``AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)`` is folded into the
 GEMM's A-tile load (each output pixel averages its 1, 2 or 4 in-bounds input pixels), then
