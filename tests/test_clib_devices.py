@@ -1,6 +1,9 @@
-"""The C library's context and device logic on the CPU, against a fake CUDA driver.
+"""The device rules of the C library and of its Python front end (clib.py), on the CPU.
 
-csrc/src/nextvit_kernels.c is compiled here with a two-op shape-class table (one head kernel,
+Python side: every tensor of a call must be on the input's device, checked before anything
+needs CUDA; the call runs on the input's device with that device's current stream.
+
+C side: csrc/src/nextvit_kernels.c is compiled here with a two-op shape-class table (one head kernel,
 an MLP class that runs split into a workspace) and dlopens a fake ``libcuda.so.1`` built
 from STUB below: three devices with one context each, a per-thread context stack, stream
 handles 0x1000 * (device + 1), device pointers (device + 1) << 40 | offset. The fake driver
@@ -8,13 +11,18 @@ records pushes, pops, module loads per device and every launch (with the device 
 launch, and launches of a stream from another context, which a real driver refuses). Each
 test runs in a fresh interpreter (the library keeps its driver and contexts per process) that
 imports neither torch nor the package, so a real driver is never loaded."""
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
+import torch
+
+from nextvit_kernels import clib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -263,3 +271,66 @@ def test_pops_the_context_when_a_launch_fails(stub_build):
         assert err().startswith("cuLaunchKernel failed: CUDA error 700 (CUDA_ERROR_ILLEGAL_ADDRESS)"), err()
         assert n("stub_pushes") == 1
         """)
+
+
+def _t(*shape, device="cpu"):
+    return torch.randn(*shape, device=device)
+
+
+# valid CPU arguments of every clib function (shapes only: nothing is launched)
+CALLS = {
+    "conv_bn_relu": lambda: dict(x=_t(1, 8, 4, 4), w=_t(16, 8, 3, 3), b=_t(16), stride=1),
+    "patch_embed": lambda: dict(x=_t(1, 8, 4, 4), w=_t(16, 8), b=_t(16), stride=2),
+    "mhca": lambda: dict(x=_t(1, 32, 4, 4), conv_w=_t(32, 32, 3, 3), conv_b=_t(32), proj_w=_t(32, 32, 1, 1)),
+    "mlp": lambda: dict(x=_t(1, 8, 4, 4), x2=_t(1, 4, 4, 4), fc1_w=_t(16, 12), fc1_b=_t(16), fc2_w=_t(12, 16),
+                        fc2_b=_t(12)),
+    "e_mhsa": lambda: dict(x=_t(1, 32, 4, 4), q_w=_t(32, 32), q_b=_t(32), k_w=_t(32, 32), k_b=_t(32),
+                           v_w=_t(32, 32), v_b=_t(32), proj_w=_t(32, 32), proj_b=_t(32), sr_ratio=2, head_dim=32),
+    "head": lambda: dict(x=_t(1, 8, 4, 4), w=_t(10, 8), b=_t(10)),
+}
+TENSOR_ARGS = [(op, name) for op, f in CALLS.items() for name, v in f().items()
+               if isinstance(v, torch.Tensor) and name != "x"]
+
+
+@pytest.mark.parametrize("op,name", TENSOR_ARGS, ids=[f"{o}-{n}" for o, n in TENSOR_ARGS])
+def test_python_refuses_a_tensor_on_another_device(op, name):
+    kw = CALLS[op]()
+    kw[name] = kw[name].to("meta")
+    with pytest.raises(ValueError, match=rf"^{op}: {name} is on meta but the input is on cpu$"):
+        getattr(clib, op)(**kw)
+
+
+@pytest.mark.parametrize("op", list(CALLS))
+def test_python_checks_every_device_before_needing_cuda(op):
+    """All on one (non-CUDA) device: the only complaint is the device type, raised before the
+    library is loaded (its absence would be a RuntimeError)."""
+    with pytest.raises(ValueError, match=rf"^{op}: the C library needs CUDA tensors, got cpu$"):
+        getattr(clib, op)(**CALLS[op]())
+
+
+@pytest.mark.parametrize("stream,current,switch", [(0, 0, True), (0, 1, False), (0xabc0, 0, False)])
+def test_python_launches_on_the_inputs_device(monkeypatch, stream, current, switch):
+    """_launch passes torch's current stream of the input's device (cuda:1 here); with the
+    default (NULL) stream, which the library runs in the current context, it makes that device
+    current for the call."""
+    events = []
+
+    def current_stream(device):
+        events.append(("current_stream", device))
+        return types.SimpleNamespace(cuda_stream=stream)
+
+    @contextlib.contextmanager
+    def device(d):
+        events.append(("enter", d))
+        yield
+        events.append(("exit", d))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    x = types.SimpleNamespace(device=torch.device("cuda", 1))
+    clib._launch("mlp", lambda *args: events.append(("call", args)) or 0, x, 11, 22)
+    dev = torch.device("cuda", 1)
+    call = ("call", (11, 22, stream))
+    want = [("current_stream", dev)] + ([("enter", dev), call, ("exit", dev)] if switch else [call])
+    assert events == want
