@@ -135,7 +135,7 @@ def _prep(op, x):
     return _common.to_channels_last(x)
 
 
-def _lib(op, x):
+def _library(op, x):
     """The library, once every tensor of the call has been checked against ``x``'s device (so
     a device mismatch is reported as such on any device type, before CUDA is needed)."""
     if not x.is_cuda:
@@ -180,7 +180,7 @@ def conv_bn_relu(x, w, b, *, stride: int, impl: str = "auto"):
     w = _common.check_param(op, "w", w, x, (None, c_in, 3, 3))
     c_out = w.shape[0]
     b = _common.check_param(op, "b", b, x, (c_out,))
-    lib = _lib(op, x)
+    lib = _library(op, x)
     out = _common.new_output(x, bsz, c_out, (h - 1) // stride + 1, (wd - 1) // stride + 1)
     _launch(op, lib.conv_bn_relu, x, _ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
             _DT[x.dtype])
@@ -194,7 +194,7 @@ def patch_embed(x, w, b, *, stride: int, impl: str = "auto"):
     w = _w(op, "w", w, x, (None, c_in))
     c_out = w.shape[0]
     b = _common.check_param(op, "b", b, x, (c_out,))
-    lib = _lib(op, x)
+    lib = _library(op, x)
     out = _common.new_output(x, bsz, c_out, _common.pooled_size(h, stride), _common.pooled_size(wd, stride))
     _launch(op, lib.patch_embed, x, _ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
             _DT[x.dtype])
@@ -209,7 +209,7 @@ def mhca(x, conv_w, conv_b, proj_w, *, residual: bool = True, impl: str = "auto"
     conv_b = _common.check_param(op, "conv_b", conv_b, x, (c,))
     proj_w = _w(op, "proj_w", proj_w, x, (None, c))
     c_out = proj_w.shape[0]
-    lib = _lib(op, x)
+    lib = _library(op, x)
     dt, res = _DT[x.dtype], int(bool(residual))
     ws = _workspace(x, lib.mhca_workspace_size(bsz, h, wd, c, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
@@ -236,7 +236,7 @@ def mlp(x, fc1_w, fc1_b, fc2_w, fc2_b, *, x2=None, residual: bool = True, impl: 
     fc2_w = _w(op, "fc2_w", fc2_w, x, (None, hidden))
     c_out = fc2_w.shape[0]
     fc2_b = _common.check_param(op, "fc2_b", fc2_b, x, (c_out,))
-    lib = _lib(op, x)
+    lib = _library(op, x)
     dt, res = _DT[x.dtype], int(bool(residual))
     ws = _workspace(x, lib.mlp_workspace_size(bsz, h, wd, c1, c2, hidden, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
@@ -255,7 +255,7 @@ def e_mhsa(x, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int, he
     proj_w = _w(op, "proj_w", proj_w, x, (None, c))
     c_out = proj_w.shape[0]
     proj_b = _common.check_param(op, "proj_b", proj_b, x, (c_out,))
-    lib = _lib(op, x)
+    lib = _library(op, x)
     dt = _DT[x.dtype]
     res = int(bool(residual))
     ws = _workspace(x, lib.e_mhsa_workspace_size(bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim), res, dt))
@@ -273,7 +273,7 @@ def head(x, w, b, *, impl: str = "auto"):
     w = _w(op, "w", w, x, (None, c))
     n = w.shape[0]
     b = _common.check_param(op, "b", b, x, (n,))
-    lib = _lib(op, x)
+    lib = _library(op, x)
     out = torch.empty((bsz, n), device=x.device, dtype=x.dtype)
     if _common.POISON_OUTPUTS:
         out.fill_(float("nan"))

@@ -334,3 +334,15 @@ def test_python_launches_on_the_inputs_device(monkeypatch, stream, current, swit
     call = ("call", (11, 22, stream))
     want = [("current_stream", dev)] + ([("enter", dev), call, ("exit", dev)] if switch else [call])
     assert events == want
+
+
+def test_python_front_end_loads_the_library(stub_build):
+    """clib.load() / version() over ctypes on the library built here (fresh interpreter)."""
+    so, drv = stub_build
+    code = ("from nextvit_kernels import clib\n"
+            "assert clib.available(), clib._load_error\n"
+            "assert isinstance(clib.load(), clib._CtypesLib)\n"
+            "assert 'stub table of the CPU tests' in clib.version(), clib.version()\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, NEXTVIT_CLIB=so)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
