@@ -71,12 +71,27 @@ def _close_ulp(c, j, dtype, what):
     return (c == j).float().mean().item()
 
 
+def _ctx_device():
+    """Device of the CUDA context current on this thread (driver API), -1 if none."""
+    cu = ctypes.CDLL("libcuda.so.1")
+    ctx = ctypes.c_void_p()
+    assert cu.cuCtxGetCurrent(ctypes.byref(ctx)) == 0
+    if not ctx.value:
+        return -1
+    d = ctypes.c_int()
+    assert cu.cuCtxGetDevice(ctypes.byref(d)) == 0
+    return d.value
+
+
 class _CompareBackend:
     """Runs each plan step through the Triton JIT launcher and the C library, checks they agree
-    and continues with the JIT output (so every step sees the same inputs)."""
+    and continues with the JIT output (so every step sees the same inputs). With `clib_device`
+    the C library runs on copies of the tensors on that device, the current device unchanged,
+    and must leave the current CUDA context as it found it."""
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, clib_device=None):
         self.dtype = dtype
+        self.clib_device = clib_device
         self.seen = {}
         self.bitwise = []
 
@@ -88,7 +103,17 @@ class _CompareBackend:
             kw = dict(kwargs)
             kw.pop("impl", None)
             j = getattr(ops, op)(*args, impl="triton", **kw)
-            c = getattr(clib, op)(*args, **kw)
+            if self.clib_device is None:
+                c = getattr(clib, op)(*args, **kw)
+            else:
+                def move(v):
+                    return v.to(self.clib_device) if isinstance(v, torch.Tensor) else v
+                ctx = _ctx_device()
+                c = getattr(clib, op)(*map(move, args), **{k: move(v) for k, v in kw.items()})
+                assert _ctx_device() == ctx, f"{op} left device {_ctx_device()}'s context current, not {ctx}'s"
+                assert c.device == torch.device(self.clib_device)
+                torch.cuda.synchronize(c.device)
+                c = c.to(j.device)
             assert c.is_contiguous(memory_format=torch.channels_last) or c.dim() == 2
             x = args[0]
             what = f"{op} {tuple(x.shape)} {kw} {self.dtype}"
@@ -189,49 +214,6 @@ def _need_two_gpus():
         pytest.skip("cuda:0 and cuda:1 differ in compute capability (other kernel images: not comparable to 2 ulp)")
 
 
-def _ctx_device():
-    """Device of the CUDA context current on this thread (driver API), -1 if none."""
-    cu = ctypes.CDLL("libcuda.so.1")
-    ctx = ctypes.c_void_p()
-    assert cu.cuCtxGetCurrent(ctypes.byref(ctx)) == 0
-    if not ctx.value:
-        return -1
-    d = ctypes.c_int()
-    assert cu.cuCtxGetDevice(ctypes.byref(d)) == 0
-    return d.value
-
-
-class _OnDevice1:
-    """Runs each plan step on cuda:0 through the Triton JIT launcher, and through the C library on
-    copies of its tensors on cuda:1 while cuda:0 is current; checks the two agree and that cuda:0's
-    context is current again after every call."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-        self.seen = set()
-
-    def __getattr__(self, op):
-        if op.startswith("_"):
-            raise AttributeError(op)
-
-        def f(*args, **kwargs):
-            kw = dict(kwargs)
-            kw.pop("impl", None)
-            j = getattr(ops, op)(*args, impl="triton", **kw)
-
-            def move(v):
-                return v.to("cuda:1") if isinstance(v, torch.Tensor) else v
-            assert torch.cuda.current_device() == 0 and _ctx_device() == 0
-            c = getattr(clib, op)(*map(move, args), **{k: move(v) for k, v in kw.items()})
-            assert _ctx_device() == 0, f"{op} left device {_ctx_device()}'s context current"
-            assert c.device == torch.device("cuda", 1)
-            torch.cuda.synchronize(1)
-            _close_ulp(c.to("cuda:0"), j, self.dtype, f"{op} {tuple(args[0].shape)} {kw} on cuda:1")
-            self.seen.add(op)
-            return j
-        return f
-
-
 @pytest.mark.parametrize("side_stream", [False, True], ids=["default_stream", "side_stream"])
 def test_runs_on_the_tensors_device(lib, net, side_stream):
     """Every step of the NextViT-S plan through the C library on cuda:1 with cuda:0 current: on
@@ -239,7 +221,7 @@ def test_runs_on_the_tensors_device(lib, net, side_stream):
     cuda:1 side stream (the library pushes the stream's context), against the JIT on cuda:0."""
     _need_two_gpus()
     dtype = torch.float16
-    be = _OnDevice1(dtype)
+    be = _CompareBackend(dtype, clib_device="cuda:1")
     with torch.cuda.device(0):
         plan = fused.fold(net, "cuda:0", dtype)
         x = torch.randn(2, 3, 224, 224, device="cuda:0", dtype=dtype)
@@ -253,7 +235,7 @@ def test_runs_on_the_tensors_device(lib, net, side_stream):
             fused.run(plan, x, backend=be)
     torch.cuda.synchronize(0)
     torch.cuda.synchronize(1)
-    assert be.seen == {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"}
+    assert set(be.seen) == {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"}
 
 
 def test_mismatched_devices_are_refused(lib, net):
