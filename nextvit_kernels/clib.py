@@ -2,7 +2,9 @@
 
 One function per fused op with the signatures of ``nextvit_kernels.ops`` (torch tensors in,
 channels_last tensor out; ``impl=`` is accepted and ignored), so the whole model runs
-through the C library with ``fused.run(plan, x, backend=clib)``.
+through the C library with ``fused.run(plan, x, backend=clib)``. Every tensor of a call must
+be on the input's device (ValueError otherwise); the call runs there, on torch's current
+stream of that device, whatever device is current.
 
 The library is reached through the pybind11 module ``nextvit_kernels._C`` when it was built
 (``pip install .`` / CMake), else through ctypes on ``libnextvit_kernels.so`` (found next to
@@ -130,9 +132,15 @@ def _check(op, status):
 
 def _prep(op, x):
     _common.check_activation(op, "x", x)
+    return _common.to_channels_last(x)
+
+
+def _library(op, x):
+    """The library, once every tensor of the call has been checked against ``x``'s device (so
+    a device mismatch is reported as such on any device type, before CUDA is needed)."""
     if not x.is_cuda:
         raise ValueError(f"{op}: the C library needs CUDA tensors, got {x.device}")
-    return _common.to_channels_last(x)
+    return load()
 
 
 def _w(op, name, t, x, shape):
@@ -141,8 +149,18 @@ def _w(op, name, t, x, shape):
     return _common.check_param(op, name, t, x, shape)
 
 
-def _stream(x):
-    return torch.cuda.current_stream(x.device).cuda_stream
+def _launch(op, entry, x, *args):
+    """Calls C entry point ``entry(*args, stream)`` on ``x``'s device, whatever device is current.
+    The stream is torch's current stream of that device: the library launches in a stream's own
+    context, but torch's default stream is the NULL handle, which launches in the current
+    context, so x's device is made current for such a call."""
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    if stream == 0 and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            status = entry(*args, stream)
+    else:
+        status = entry(*args, stream)
+    _check(op, status)
 
 
 def _ptr(t):
@@ -162,9 +180,10 @@ def conv_bn_relu(x, w, b, *, stride: int, impl: str = "auto"):
     w = _common.check_param(op, "w", w, x, (None, c_in, 3, 3))
     c_out = w.shape[0]
     b = _common.check_param(op, "b", b, x, (c_out,))
+    lib = _library(op, x)
     out = _common.new_output(x, bsz, c_out, (h - 1) // stride + 1, (wd - 1) // stride + 1)
-    _check(op, load().conv_bn_relu(_ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
-                                   _DT[x.dtype], _stream(x)))
+    _launch(op, lib.conv_bn_relu, x, _ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
+            _DT[x.dtype])
     return out
 
 
@@ -175,9 +194,10 @@ def patch_embed(x, w, b, *, stride: int, impl: str = "auto"):
     w = _w(op, "w", w, x, (None, c_in))
     c_out = w.shape[0]
     b = _common.check_param(op, "b", b, x, (c_out,))
+    lib = _library(op, x)
     out = _common.new_output(x, bsz, c_out, _common.pooled_size(h, stride), _common.pooled_size(wd, stride))
-    _check(op, load().patch_embed(_ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
-                                  _DT[x.dtype], _stream(x)))
+    _launch(op, lib.patch_embed, x, _ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
+            _DT[x.dtype])
     return out
 
 
@@ -189,12 +209,12 @@ def mhca(x, conv_w, conv_b, proj_w, *, residual: bool = True, impl: str = "auto"
     conv_b = _common.check_param(op, "conv_b", conv_b, x, (c,))
     proj_w = _w(op, "proj_w", proj_w, x, (None, c))
     c_out = proj_w.shape[0]
-    lib = load()
+    lib = _library(op, x)
     dt, res = _DT[x.dtype], int(bool(residual))
     ws = _workspace(x, lib.mhca_workspace_size(bsz, h, wd, c, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
-    _check(op, lib.mhca(_ptr(x), _ptr(conv_w), _ptr(conv_b), _ptr(proj_w), _ptr(out), _ptr(ws),
-                        bsz, h, wd, c, c_out, res, dt, _stream(x)))
+    _launch(op, lib.mhca, x, _ptr(x), _ptr(conv_w), _ptr(conv_b), _ptr(proj_w), _ptr(out), _ptr(ws),
+            bsz, h, wd, c, c_out, res, dt)
     return out
 
 
@@ -205,7 +225,9 @@ def mlp(x, fc1_w, fc1_b, fc2_w, fc2_b, *, x2=None, residual: bool = True, impl: 
     c2 = 0
     if x2 is not None:
         x2 = _prep(op, x2)
-        if x2.dtype != x.dtype or x2.device != x.device or x2.shape[0] != bsz or tuple(x2.shape[2:]) != (h, wd):
+        if x2.device != x.device:
+            raise ValueError(f"{op}: x2 is on {x2.device} but the input is on {x.device}")
+        if x2.dtype != x.dtype or x2.shape[0] != bsz or tuple(x2.shape[2:]) != (h, wd):
             raise ValueError(f"{op}: x2 {tuple(x2.shape)} {x2.dtype} does not match x {tuple(x.shape)} {x.dtype}")
         c2 = x2.shape[1]
     fc1_w = _w(op, "fc1_w", fc1_w, x, (None, c1 + c2))
@@ -214,12 +236,12 @@ def mlp(x, fc1_w, fc1_b, fc2_w, fc2_b, *, x2=None, residual: bool = True, impl: 
     fc2_w = _w(op, "fc2_w", fc2_w, x, (None, hidden))
     c_out = fc2_w.shape[0]
     fc2_b = _common.check_param(op, "fc2_b", fc2_b, x, (c_out,))
-    lib = load()
+    lib = _library(op, x)
     dt, res = _DT[x.dtype], int(bool(residual))
     ws = _workspace(x, lib.mlp_workspace_size(bsz, h, wd, c1, c2, hidden, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
-    _check(op, lib.mlp(_ptr(x), _ptr(x2), _ptr(fc1_w), _ptr(fc1_b), _ptr(fc2_w), _ptr(fc2_b), _ptr(out), _ptr(ws),
-                       bsz, h, wd, c1, c2, hidden, c_out, res, dt, _stream(x)))
+    _launch(op, lib.mlp, x, _ptr(x), _ptr(x2), _ptr(fc1_w), _ptr(fc1_b), _ptr(fc2_w), _ptr(fc2_b), _ptr(out),
+            _ptr(ws), bsz, h, wd, c1, c2, hidden, c_out, res, dt)
     return out
 
 
@@ -233,14 +255,14 @@ def e_mhsa(x, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int, he
     proj_w = _w(op, "proj_w", proj_w, x, (None, c))
     c_out = proj_w.shape[0]
     proj_b = _common.check_param(op, "proj_b", proj_b, x, (c_out,))
-    lib = load()
+    lib = _library(op, x)
     dt = _DT[x.dtype]
     res = int(bool(residual))
     ws = _workspace(x, lib.e_mhsa_workspace_size(bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim), res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
-    _check(op, lib.e_mhsa(_ptr(x), _ptr(q_w), _ptr(q_b), _ptr(k_w), _ptr(k_b), _ptr(v_w), _ptr(v_b), _ptr(proj_w),
-                          _ptr(proj_b), _ptr(out), _ptr(ws), bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim),
-                          res, dt, _stream(x)))
+    _launch(op, lib.e_mhsa, x, _ptr(x), _ptr(q_w), _ptr(q_b), _ptr(k_w), _ptr(k_b), _ptr(v_w), _ptr(v_b),
+            _ptr(proj_w), _ptr(proj_b), _ptr(out), _ptr(ws), bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim),
+            res, dt)
     return out
 
 
@@ -251,10 +273,11 @@ def head(x, w, b, *, impl: str = "auto"):
     w = _w(op, "w", w, x, (None, c))
     n = w.shape[0]
     b = _common.check_param(op, "b", b, x, (n,))
+    lib = _library(op, x)
     out = torch.empty((bsz, n), device=x.device, dtype=x.dtype)
     if _common.POISON_OUTPUTS:
         out.fill_(float("nan"))
-    _check(op, load().head(_ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c, n, _DT[x.dtype], _stream(x)))
+    _launch(op, lib.head, x, _ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c, n, _DT[x.dtype])
     return out
 
 

@@ -13,6 +13,7 @@ The same tiles and K order are used, so results are bitwise equal or differ by t
 rounding of the final store (a different FMA contraction / epilogue schedule): we check
 |c - jit| <= 2 ulp of the output dtype at |jit| (+ a tiny absolute floor) and report the
 fraction of bitwise-equal elements."""
+import ctypes
 import os
 import shutil
 import tempfile
@@ -70,12 +71,27 @@ def _close_ulp(c, j, dtype, what):
     return (c == j).float().mean().item()
 
 
+def _ctx_device():
+    """Device of the CUDA context current on this thread (driver API), -1 if none."""
+    cu = ctypes.CDLL("libcuda.so.1")
+    ctx = ctypes.c_void_p()
+    assert cu.cuCtxGetCurrent(ctypes.byref(ctx)) == 0
+    if not ctx.value:
+        return -1
+    d = ctypes.c_int()
+    assert cu.cuCtxGetDevice(ctypes.byref(d)) == 0
+    return d.value
+
+
 class _CompareBackend:
     """Runs each plan step through the Triton JIT launcher and the C library, checks they agree
-    and continues with the JIT output (so every step sees the same inputs)."""
+    and continues with the JIT output (so every step sees the same inputs). With `clib_device`
+    the C library runs on copies of the tensors on that device, the current device unchanged,
+    and must leave the current CUDA context as it found it."""
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, clib_device=None):
         self.dtype = dtype
+        self.clib_device = clib_device
         self.seen = {}
         self.bitwise = []
 
@@ -87,7 +103,17 @@ class _CompareBackend:
             kw = dict(kwargs)
             kw.pop("impl", None)
             j = getattr(ops, op)(*args, impl="triton", **kw)
-            c = getattr(clib, op)(*args, **kw)
+            if self.clib_device is None:
+                c = getattr(clib, op)(*args, **kw)
+            else:
+                def move(v):
+                    return v.to(self.clib_device) if isinstance(v, torch.Tensor) else v
+                ctx = _ctx_device()
+                c = getattr(clib, op)(*map(move, args), **{k: move(v) for k, v in kw.items()})
+                assert _ctx_device() == ctx, f"{op} left device {_ctx_device()}'s context current, not {ctx}'s"
+                assert c.device == torch.device(self.clib_device)
+                torch.cuda.synchronize(c.device)
+                c = c.to(j.device)
             assert c.is_contiguous(memory_format=torch.channels_last) or c.dim() == 2
             x = args[0]
             what = f"{op} {tuple(x.shape)} {kw} {self.dtype}"
@@ -177,3 +203,67 @@ def test_errors_on_gpu(lib):
     w3 = torch.randn(64, 3, 3, 3, device="cuda", dtype=torch.float16)
     with pytest.raises(clib.CLibError, match="NVK_ERR_INVALID.*aligned"):
         clib.conv_bn_relu(xm, w3, torch.zeros(64, device="cuda", dtype=torch.float16), stride=2)
+
+
+# ----------------------------------------------------------------------------- two GPUs
+def _need_two_gpus():
+    n = torch.cuda.device_count()
+    if n < 2:
+        pytest.skip(f"needs two CUDA devices (found {n}): the C library's device rule")
+    if torch.cuda.get_device_capability(0) != torch.cuda.get_device_capability(1):
+        pytest.skip("cuda:0 and cuda:1 differ in compute capability (other kernel images: not comparable to 2 ulp)")
+
+
+@pytest.mark.parametrize("side_stream", [False, True], ids=["default_stream", "side_stream"])
+def test_runs_on_the_tensors_device(lib, net, side_stream):
+    """Every step of the NextViT-S plan through the C library on cuda:1 with cuda:0 current: on
+    cuda:1's default stream (the NULL handle: clib makes cuda:1 current for the call) or on a
+    cuda:1 side stream (the library pushes the stream's context), against the JIT on cuda:0."""
+    _need_two_gpus()
+    dtype = torch.float16
+    be = _CompareBackend(dtype, clib_device="cuda:1")
+    with torch.cuda.device(0):
+        plan = fused.fold(net, "cuda:0", dtype)
+        x = torch.randn(2, 3, 224, 224, device="cuda:0", dtype=dtype)
+        if side_stream:
+            s1 = torch.cuda.Stream(device=1)
+            s1.wait_stream(torch.cuda.current_stream(1))
+            with torch.cuda.stream(s1), torch.cuda.device(0):  # s1 is cuda:1's current stream, cuda:0 current
+                assert torch.cuda.current_stream(1) == s1 and torch.cuda.current_device() == 0
+                fused.run(plan, x, backend=be)
+        else:
+            fused.run(plan, x, backend=be)
+    torch.cuda.synchronize(0)
+    torch.cuda.synchronize(1)
+    assert set(be.seen) == {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"}
+
+
+def test_mismatched_devices_are_refused(lib, net):
+    _need_two_gpus()
+    dtype = torch.float16
+    w0, b0 = fused.fold(net, "cuda:0", dtype).head  # [1000, 1024], [1000]: compiled for NextViT-S
+    x1 = torch.randn(1, 1024, 7, 7, device="cuda:1", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"^head: w is on cuda:0 but the input is on cuda:1$"):
+        clib.head(x1, w0, b0)
+    # the C library: the stream's device decides; pointers of another device are refused
+    w1, b1 = w0.to("cuda:1"), b0.to("cuda:1")
+    out1 = torch.full((1, 1000), float("nan"), device="cuda:1", dtype=dtype)
+    torch.cuda.synchronize(1)
+    args = [x1.data_ptr(), w1.data_ptr(), b1.data_ptr(), out1.data_ptr(), 1, 7, 7, 1024, 1000, clib._DT[dtype]]
+    s0, s1 = torch.cuda.Stream(device=0), torch.cuda.Stream(device=1)
+    with torch.cuda.device(0):
+        assert lib.head(*args, s0.cuda_stream) == 1
+        assert lib.last_error() == "nvk_head: x is on device 1 but the stream belongs to device 0"
+        assert lib.head(*args, 0) == 1
+        assert lib.last_error() == ("nvk_head: x is on device 1 but the default stream runs in the current "
+                                    "context, on device 0")
+        bad = list(args)
+        bad[2] = b0.data_ptr()
+        assert lib.head(*bad, s1.cuda_stream) == 1
+        assert lib.last_error() == "nvk_head: b is on device 0 but the stream belongs to device 1"
+        assert _ctx_device() == 0
+        assert lib.head(*args, s1.cuda_stream) == 0, lib.last_error()
+        assert _ctx_device() == 0 and torch.cuda.current_device() == 0
+    s1.synchronize()
+    ref = ops.head(x1.to("cuda:0"), w0, b0, impl="triton")
+    _close_ulp(out1.to("cuda:0"), ref, dtype, "head on cuda:1 through a cuda:1 stream")

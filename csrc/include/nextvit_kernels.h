@@ -4,9 +4,12 @@
  * Conventions: activations NHWC contiguous; weights contiguous in the fused Plan's shapes
  * (conv3x3 [O,I,3,3], 1x1 and linear [O,I], mhca conv_w [C,32,3,3]); all pointers are
  * device pointers, 16-byte aligned; `stream` is a CUstream / cudaStream_t passed as void*
- * (NULL: the legacy default stream). Launches never allocate or synchronize (CUDA-graph
- * capturable once the kernels are loaded in the context: nvk_load, or any first call, does that
- * and must happen outside a capture).
+ * (NULL: the legacy default stream). Devices: a call launches in its stream's context (pushed
+ * for the call when another is current; the caller's current context is unchanged), the
+ * default streams (NULL, legacy, per-thread) in the current context; every device pointer must
+ * be on that context's device, else NVK_ERR_INVALID. Launches never allocate or synchronize
+ * (CUDA-graph capturable once the kernels are loaded in the context: nvk_load, or any first
+ * call, does that and must happen outside a capture).
  * Scratch memory comes from `workspace` (E-MHSA; MLP outputs wider than 256 channels; MHCA on few pixels). The compiled kernels need no
  * Triton global/profile scratch (checked when the library is generated).
  * Every function returns NVK_OK or an error code; nvk_last_error() then says why. */
@@ -30,8 +33,9 @@ typedef enum { NVK_OK = 0, NVK_ERR_INVALID = 1, NVK_ERR_UNSUPPORTED = 2, NVK_ERR
 
 NVK_API const char* nvk_last_error(void);      /* thread-local message of the last failure */
 NVK_API const char* nvk_version(void);
-/* Loads every kernel into the current CUDA context (or, with none current, the stream's); later
- * launches in that context only launch. Idempotent; every op function does it on first use. */
+/* Loads every kernel into the stream's CUDA context (a default stream: the current context, else
+ * device 0's primary one); later launches in that context only launch. Idempotent; every op
+ * function does it on first use. */
 NVK_API nvk_status nvk_load(void* stream);
 
 NVK_API nvk_status nvk_conv_bn_relu(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c_in, int c_out, int stride, nvk_dtype dt, void* stream);

@@ -3,7 +3,8 @@
  * libcuda.so.1 is opened with dlopen on first use, so the library loads (and reports
  * NVK_ERR_NO_DRIVER) on machines without a GPU driver. Modules are loaded once per CUcontext
  * (all kernels at once, under a mutex), so launches after the first call in a context do no
- * module loading and are CUDA-graph capturable. */
+ * module loading and are CUDA-graph capturable. A call runs in its stream's context (pushed for
+ * the call when another one is current) and refuses device pointers of another device. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
@@ -35,6 +36,9 @@ typedef unsigned long long CUdeviceptr;
 #define CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN 97
 #define CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES 1
 #define CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES 8
+#define CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL 9
+#define CU_STREAM_LEGACY ((uintptr_t)0x1)
+#define CU_STREAM_PER_THREAD ((uintptr_t)0x2)
 
 typedef struct {
   CUresult (*cuInit)(unsigned);
@@ -42,6 +46,8 @@ typedef struct {
   CUresult (*cuCtxGetCurrent)(CUcontext*);
   CUresult (*cuCtxSetCurrent)(CUcontext);
   CUresult (*cuCtxGetDevice)(CUdevice*);
+  CUresult (*cuCtxPushCurrent)(CUcontext);
+  CUresult (*cuCtxPopCurrent)(CUcontext*);
   CUresult (*cuStreamGetCtx)(CUstream, CUcontext*);
   CUresult (*cuDeviceGet)(CUdevice*, int);
   CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
@@ -52,6 +58,7 @@ typedef struct {
   CUresult (*cuFuncGetAttribute)(int*, int, CUfunction);
   CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                              unsigned, CUstream, void**, void**);
+  CUresult (*cuPointerGetAttribute)(void*, int, CUdeviceptr);
   CUresult (*cuGetErrorString)(CUresult, const char**);
 } nvk_driver_t;
 
@@ -123,6 +130,8 @@ static int load_driver_locked(void) {
   SYM(cuCtxGetCurrent, "");
   SYM(cuCtxSetCurrent, "");
   SYM(cuCtxGetDevice, "");
+  SYM(cuCtxPushCurrent, "_v2");
+  SYM(cuCtxPopCurrent, "_v2");
   SYM(cuStreamGetCtx, "");
   SYM(cuDeviceGet, "");
   SYM(cuDevicePrimaryCtxRetain, "");
@@ -132,6 +141,7 @@ static int load_driver_locked(void) {
   SYM(cuFuncSetAttribute, "");
   SYM(cuFuncGetAttribute, "");
   SYM(cuLaunchKernel, "");
+  SYM(cuPointerGetAttribute, "");
   SYM(cuGetErrorString, "");
 #undef SYM
   CUresult r = g_drv.cuInit(0);
@@ -157,6 +167,7 @@ typedef struct {
 
 typedef struct nvk_ctx_s {
   CUcontext ctx;
+  CUdevice dev;      /* its device's ordinal: device pointers of a call must be on it */
   int cc;
   int shared_optin;
   nvk_loaded_t* k;   /* nvk_num_kernels entries */
@@ -165,25 +176,100 @@ typedef struct nvk_ctx_s {
 
 static nvk_ctx_t* g_ctxs = NULL;
 
-static nvk_status get_context(void* stream, nvk_ctx_t** out) {
+/* One entry-point call: the context it launches in, and whether enter() pushed it. */
+typedef struct {
+  nvk_ctx_t* c;
+  int pushed;        /* leave() pops it, so the caller's current context is back */
+  int default_stream;
+} nvk_call_t;
+
+static nvk_status load_modules(CUcontext ctx, nvk_ctx_t** out);
+
+static nvk_status leave(nvk_call_t* call, nvk_status st) {
+  if (call->pushed) {
+    CUcontext popped;
+    CUresult r = g_drv.cuCtxPopCurrent(&popped);
+    call->pushed = 0;
+    if (r != CUDA_SUCCESS && st == NVK_OK) st = cu_fail(r, "cuCtxPopCurrent");
+  }
+  if (st == NVK_OK) ok();
+  return st;
+}
+
+/* The context of a call: the stream's (cuStreamGetCtx), pushed for the duration of the call when
+ * it is not the current one, so that a cuda:1 stream launches on device 1 whatever the caller has
+ * current, and the caller's current context is unchanged afterwards. The NULL / legacy /
+ * per-thread default streams have no context of their own: they launch in the current context,
+ * else (like the runtime API) in device 0's primary context, which is then made current.
+ * Push/pop and the lookup are capturable; a context's first call loads the modules and is not. */
+static nvk_status get_context(void* stream, nvk_call_t* call) {
+  call->c = NULL;
+  call->pushed = 0;
+  call->default_stream = !stream || (uintptr_t)stream == CU_STREAM_LEGACY || (uintptr_t)stream == CU_STREAM_PER_THREAD;
   pthread_mutex_lock(&g_lock);
   int st = load_driver_locked();
   pthread_mutex_unlock(&g_lock);
   if (st < 0) return fail(NVK_ERR_NO_DRIVER, "%s", g_drv_error);
-  CUcontext ctx = NULL;
-  CUresult r = g_drv.cuCtxGetCurrent(&ctx);
+  CUcontext cur = NULL, ctx = NULL;
+  CUresult r = g_drv.cuCtxGetCurrent(&cur);
   if (r != CUDA_SUCCESS) return cu_fail(r, "cuCtxGetCurrent");
-  if (!ctx && stream) {
-    r = g_drv.cuStreamGetCtx((CUstream)stream, &ctx);
-    if (r != CUDA_SUCCESS) return cu_fail(r, "cuStreamGetCtx");
-    if (ctx && (r = g_drv.cuCtxSetCurrent(ctx)) != CUDA_SUCCESS) return cu_fail(r, "cuCtxSetCurrent");
-  }
-  if (!ctx) { /* like the runtime API: the primary context of device 0 */
+  if (!call->default_stream) {
+    if ((r = g_drv.cuStreamGetCtx((CUstream)stream, &ctx)) != CUDA_SUCCESS) return cu_fail(r, "cuStreamGetCtx");
+    if (ctx != cur) {
+      if ((r = g_drv.cuCtxPushCurrent(ctx)) != CUDA_SUCCESS) return cu_fail(r, "cuCtxPushCurrent");
+      call->pushed = 1;
+    }
+  } else if (cur) {
+    ctx = cur;
+  } else {
     CUdevice d;
     if ((r = g_drv.cuDeviceGet(&d, 0)) != CUDA_SUCCESS) return cu_fail(r, "cuDeviceGet");
     if ((r = g_drv.cuDevicePrimaryCtxRetain(&ctx, d)) != CUDA_SUCCESS) return cu_fail(r, "cuDevicePrimaryCtxRetain");
     if ((r = g_drv.cuCtxSetCurrent(ctx)) != CUDA_SUCCESS) return cu_fail(r, "cuCtxSetCurrent");
   }
+  nvk_status ret = load_modules(ctx, &call->c);
+  return ret ? leave(call, ret) : NVK_OK;
+}
+
+/* A device pointer argument of a call, by name (NULL: absent or unused, not checked). */
+typedef struct {
+  const char* name;
+  const void* p;
+} nvk_dptr_t;
+#define DEV(p) {#p, (const void*)(p)}
+#define NDEV(a) ((int)(sizeof(a) / sizeof *(a)))
+
+/* get_context + every device pointer of the call on the context's device. One
+ * cuPointerGetAttribute per pointer per call (host-side, capturable; Triton's own launcher
+ * makes the same query for every pointer argument of every launch): a pointer of another
+ * device would otherwise fault (a sticky error that ruins the context) or read over peer access. */
+static nvk_status enter(const char* op, void* stream, const nvk_dptr_t* ptrs, int n, nvk_call_t* call) {
+  nvk_status st = get_context(stream, call);
+  if (st) return st;
+  for (int i = 0; i < n; ++i) {
+    if (!ptrs[i].p) continue;
+    int ordinal = -1;
+    CUresult r = g_drv.cuPointerGetAttribute(&ordinal, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                                             (CUdeviceptr)(uintptr_t)ptrs[i].p);
+    if (r != CUDA_SUCCESS) {
+      const char* s = NULL;
+      g_drv.cuGetErrorString(r, &s);
+      return leave(call, fail(NVK_ERR_INVALID, "nvk_%s: %s = %p is not memory the CUDA driver knows "
+                              "(cuPointerGetAttribute: CUDA error %d (%s)); pass device pointers",
+                              op, ptrs[i].name, ptrs[i].p, (int)r, s ? s : "?"));
+    }
+    if (ordinal != (int)call->c->dev)
+      return leave(call, fail(NVK_ERR_INVALID, "nvk_%s: %s is on device %d but %s device %d", op, ptrs[i].name,
+                              ordinal, call->default_stream ? "the default stream runs in the current context, on"
+                                                            : "the stream belongs to",
+                              (int)call->c->dev));
+  }
+  return NVK_OK;
+}
+
+/* The modules of `ctx` (current here), loaded on its first use. */
+static nvk_status load_modules(CUcontext ctx, nvk_ctx_t** out) {
+  CUresult r;
   pthread_mutex_lock(&g_lock);
   for (nvk_ctx_t* c = g_ctxs; c; c = c->next)
     if (c->ctx == ctx) {
@@ -206,6 +292,7 @@ static nvk_status get_context(void* stream, nvk_ctx_t** out) {
   g_drv.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev);
   g_drv.cuDeviceGetAttribute(&optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev);
   c->ctx = ctx;
+  c->dev = dev;
   c->cc = major * 10 + minor;
   c->shared_optin = optin;
   c->k = ks;
@@ -317,7 +404,7 @@ static void arg_f(nvk_args_t* A, float f) {
   A->a[A->n++].v.f = f;
 }
 
-static nvk_status launch(nvk_ctx_t* c, int op, int kidx, const nvk_args_t* A, long long gx, long long gy,
+static nvk_status launch(const nvk_ctx_t* c, int op, int kidx, const nvk_args_t* A, long long gx, long long gy,
                          long long gz, void* stream) {
   const nvk_kernel_t* kd = &nvk_kernels[kidx];
   const nvk_loaded_t* lk = &c->k[kidx];
@@ -378,10 +465,9 @@ static nvk_status check_ptr(const char* op, const char* name, const void* p) {
 static long long cdiv(long long a, long long b) { return (a + b - 1) / b; }
 
 nvk_status nvk_load(void* stream) {
-  nvk_ctx_t* c;
-  nvk_status st = get_context(stream, &c);
-  if (!st) ok();
-  return st;
+  nvk_call_t call;
+  nvk_status st = get_context(stream, &call);
+  return st ? st : leave(&call, NVK_OK);
 }
 
 /* ------------------------------------------------------------------ ops */
@@ -395,8 +481,9 @@ nvk_status nvk_conv_bn_relu(const void* x, const void* w, const void* b, void* o
   int key[3] = {c_in, c_out, stride};
   const nvk_shape_class_t* sc = lookup(NVK_OP_CONV_BN_RELU, dt, key, 3, -1);
   if (!sc) return unsupported(NVK_OP_CONV_BN_RELU, dt, key, 3, "c_in, c_out, stride");
-  nvk_ctx_t* c;
-  nvk_status st = get_context(stream, &c);
+  const nvk_dptr_t dp[] = {DEV(x), DEV(w), DEV(b), DEV(out)};
+  nvk_call_t call;
+  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
   long long ho = (h - 1) / stride + 1, wo = (w_ - 1) / stride + 1, m = (long long)batch * ho * wo;
   nvk_args_t A = {0};
@@ -406,10 +493,9 @@ nvk_status nvk_conv_bn_relu(const void* x, const void* w, const void* b, void* o
   arg_i(&A, (long long)c_in * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1);
   arg_i(&A, 1);
   arg_i(&A, ho * wo * c_out); arg_i(&A, 1); arg_i(&A, wo * c_out); arg_i(&A, c_out);
-  st = launch(c, NVK_OP_CONV_BN_RELU, sc->kernels[0], &A, cdiv(m, sc->consts[0]) * cdiv(c_out, sc->consts[1]), 1, 1,
-              stream);
-  if (!st) ok();
-  return st;
+  st = launch(call.c, NVK_OP_CONV_BN_RELU, sc->kernels[0], &A, cdiv(m, sc->consts[0]) * cdiv(c_out, sc->consts[1]),
+              1, 1, stream);
+  return leave(&call, st);
 }
 
 nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_,
@@ -422,17 +508,17 @@ nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* ou
   int key[3] = {c_in, c_out, stride};
   const nvk_shape_class_t* sc = lookup(NVK_OP_PATCH_EMBED, dt, key, 3, -1);
   if (!sc) return unsupported(NVK_OP_PATCH_EMBED, dt, key, 3, "c_in, c_out, stride");
-  nvk_ctx_t* c;
-  nvk_status st = get_context(stream, &c);
+  const nvk_dptr_t dp[] = {DEV(x), DEV(w), DEV(b), DEV(out)};
+  nvk_call_t call;
+  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
   long long oh = cdiv(h, stride), ow = cdiv(w_, stride), m = (long long)batch * oh * ow;
   nvk_args_t A = {0};
   arg_p(&A, x); arg_p(&A, w); arg_p(&A, b); arg_p(&A, out);
   arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, oh); arg_i(&A, ow); arg_i(&A, c_in); arg_i(&A, c_out);
-  st = launch(c, NVK_OP_PATCH_EMBED, sc->kernels[0], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1,
+  st = launch(call.c, NVK_OP_PATCH_EMBED, sc->kernels[0], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1,
               stream);
-  if (!st) ok();
-  return st;
+  return leave(&call, st);
 }
 
 static size_t elem_size(nvk_dtype dt) { return dt == NVK_F32 ? 4 : 2; }
@@ -442,7 +528,7 @@ static size_t align256(size_t v) { return (v + 255) & ~(size_t)255; }
  * (+ bias) (+ x), rows x c -> rows x c_out, with the MLP's fc2 kernel (class kernel `kidx`).
  * x2 and the fc1 weight/bias are not read there, nor the bias when NULL (HAS_B2 is compiled
  * in): dummies. */
-static nvk_status launch_scratch_gemm(nvk_ctx_t* cx, int op, int kidx, const void* x, const void* h,
+static nvk_status launch_scratch_gemm(const nvk_ctx_t* cx, int op, int kidx, const void* x, const void* h,
                                       const void* w, const void* bias, void* out, long long rows, int c, int c_out,
                                       int block_m, int block_n, void* stream) {
   nvk_args_t A = {0};
@@ -486,9 +572,11 @@ nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const
   if (!sc) return unsupported(NVK_OP_MHCA, dt, key, 3, "c, c_out, residual");
   int split = sc->n_kernels == 2; /* few pixels: conv kernel over (pixel tile, head), then a GEMM */
   if (split) PTR(op, workspace);
-  nvk_ctx_t* cx;
-  nvk_status st = get_context(stream, &cx);
+  const nvk_dptr_t dp[] = {DEV(x), DEV(conv_w), DEV(conv_b), DEV(proj_w), DEV(out), {"workspace", split ? workspace : NULL}};
+  nvk_call_t call;
+  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
+  const nvk_ctx_t* cx = call.c;
   if (split) {
     nvk_args_t A = {0};
     arg_p(&A, x); arg_p(&A, conv_w); arg_p(&A, conv_b); arg_p(&A, workspace);
@@ -496,11 +584,10 @@ nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const
     arg_i(&A, (long long)h * w_ * c); arg_i(&A, 1); arg_i(&A, (long long)w_ * c); arg_i(&A, c);
     arg_i(&A, 32 * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1); arg_i(&A, 1);
     st = launch(cx, NVK_OP_MHCA, sc->kernels[0], &A, cdiv(m, sc->consts[2]), c / 32, 1, stream);
-    if (st) return st;
-    st = launch_scratch_gemm(cx, NVK_OP_MHCA, sc->kernels[1], x, workspace, proj_w, NULL, out, m, c, c_out,
-                             sc->consts[3], sc->consts[4], stream);
-    if (!st) ok();
-    return st;
+    if (!st)
+      st = launch_scratch_gemm(cx, NVK_OP_MHCA, sc->kernels[1], x, workspace, proj_w, NULL, out, m, c, c_out,
+                               sc->consts[3], sc->consts[4], stream);
+    return leave(&call, st);
   }
   nvk_args_t A = {0};
   arg_p(&A, x); arg_p(&A, conv_w); arg_p(&A, conv_b); arg_p(&A, proj_w); arg_p(&A, out);
@@ -510,8 +597,7 @@ nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const
   arg_i(&A, 1); arg_i(&A, c); arg_i(&A, 1);
   arg_i(&A, (long long)h * w_ * c_out); arg_i(&A, 1); arg_i(&A, (long long)w_ * c_out); arg_i(&A, c_out);
   st = launch(cx, NVK_OP_MHCA, sc->kernels[0], &A, cdiv(m, sc->consts[0]) * cdiv(c_out, sc->consts[1]), 1, 1, stream);
-  if (!st) ok();
-  return st;
+  return leave(&call, st);
 }
 
 
@@ -550,9 +636,12 @@ nvk_status nvk_mlp(const void* x, const void* x2, const void* fc1_w, const void*
   if (!sc) return NVK_ERR_UNSUPPORTED;
   int split = sc->n_kernels == 2; /* fc1 -> workspace, then fc2 (outputs wider than one N tile) */
   if (split) PTR(op, workspace);
-  nvk_ctx_t* cx;
-  nvk_status st = get_context(stream, &cx);
+  const nvk_dptr_t dp[] = {DEV(x), DEV(x2), DEV(fc1_w), DEV(fc1_b), DEV(fc2_w), DEV(fc2_b), DEV(out),
+                           {"workspace", split ? workspace : NULL}};
+  nvk_call_t call;
+  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
+  const nvk_ctx_t* cx = call.c;
   long long m = (long long)batch * h * w_;
   const void* h_buf = split ? workspace : x; /* fused: an unused dummy pointer */
   if (split) {
@@ -560,15 +649,14 @@ nvk_status nvk_mlp(const void* x, const void* x2, const void* fc1_w, const void*
     arg_p(&F, x); arg_p(&F, x2 ? x2 : x); arg_p(&F, fc1_w); arg_p(&F, fc1_b); arg_p(&F, h_buf);
     arg_i(&F, m); arg_i(&F, c1); arg_i(&F, c2); arg_i(&F, hidden);
     st = launch(cx, NVK_OP_MLP, sc->kernels[0], &F, cdiv(m, sc->consts[2]), cdiv(hidden, sc->consts[3]), 1, stream);
-    if (st) return st;
+    if (st) return leave(&call, st);
   }
   nvk_args_t A = {0};
   arg_p(&A, x); arg_p(&A, x2 ? x2 : x); arg_p(&A, fc1_w); arg_p(&A, fc1_b); arg_p(&A, fc2_w); arg_p(&A, fc2_b);
   arg_p(&A, h_buf); arg_p(&A, out);
   arg_i(&A, m); arg_i(&A, c1); arg_i(&A, c2); arg_i(&A, hidden); arg_i(&A, c_out);
   st = launch(cx, NVK_OP_MLP, sc->kernels[split], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1, stream);
-  if (!st) ok();
-  return st;
+  return leave(&call, st);
 }
 
 
@@ -620,9 +708,12 @@ nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const voi
                   "head_dim, residual) = (%d, %d, %d, %d, %d)", op, nk, c, c_out, sr_ratio, head_dim, residual);
     return unsupported(NVK_OP_E_MHSA, dt, key, 5, "c, c_out, sr_ratio, head_dim, residual");
   }
-  nvk_ctx_t* cx;
-  nvk_status st = get_context(stream, &cx);
+  const nvk_dptr_t dp[] = {DEV(x), DEV(q_w), DEV(q_b), DEV(k_w), DEV(k_b), DEV(v_w), DEV(v_b), DEV(proj_w),
+                           DEV(proj_b), DEV(out), DEV(workspace)};
+  nvk_call_t call;
+  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
+  const nvk_ctx_t* cx = call.c;
   size_t pooled_off, o_off;
   e_mhsa_parts(sc, batch, n, nk, c, sr_ratio, dt, &pooled_off, &o_off);
   char* kv = (char*)workspace;
@@ -633,7 +724,7 @@ nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const voi
   arg_p(&A, x); arg_p(&A, pooled); arg_p(&A, k_w); arg_p(&A, k_b); arg_p(&A, v_w); arg_p(&A, v_b); arg_p(&A, kv);
   arg_i(&A, n); arg_i(&A, c); arg_i(&A, nk); arg_i(&A, r); arg_i(&A, rows);
   st = launch(cx, NVK_OP_E_MHSA, sc->kernels[0], &A, cdiv(rows, sc->consts[0]), 1, 1, stream);
-  if (st) return st;
+  if (st) return leave(&call, st);
   if (sc->n_kernels == 3) { /* split: per-(query tile, head) attention into the workspace, then a GEMM */
     char* o = kv + o_off;
     nvk_args_t H = {0};
@@ -641,11 +732,10 @@ nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const voi
     arg_i(&H, n); arg_i(&H, c); arg_i(&H, nk); arg_f(&H, scale);
     st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &H, (long long)batch * cdiv(n, sc->consts[3]), c / head_dim, 1,
                 stream);
-    if (st) return st;
-    st = launch_scratch_gemm(cx, NVK_OP_E_MHSA, sc->kernels[2], x, o, proj_w, proj_b, out, (long long)batch * n, c,
-                             c_out, sc->consts[4], sc->consts[5], stream);
-    if (!st) ok();
-    return st;
+    if (!st)
+      st = launch_scratch_gemm(cx, NVK_OP_E_MHSA, sc->kernels[2], x, o, proj_w, proj_b, out, (long long)batch * n, c,
+                               c_out, sc->consts[4], sc->consts[5], stream);
+    return leave(&call, st);
   }
   nvk_args_t B = {0};
   arg_p(&B, x); arg_p(&B, kv); arg_p(&B, q_w); arg_p(&B, q_b); arg_p(&B, proj_w); arg_p(&B, proj_b); arg_p(&B, out);
@@ -653,8 +743,7 @@ nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const voi
   arg_f(&B, scale);
   st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &B, (long long)batch * cdiv(n, sc->consts[1]),
               cdiv(c_out, sc->consts[2]), 1, stream);
-  if (!st) ok();
-  return st;
+  return leave(&call, st);
 }
 
 nvk_status nvk_head(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c,
@@ -667,15 +756,15 @@ nvk_status nvk_head(const void* x, const void* w, const void* b, void* out, int 
   int key[2] = {c, n_classes};
   const nvk_shape_class_t* sc = lookup(NVK_OP_HEAD, dt, key, 2, hw);
   if (!sc) return unsupported(NVK_OP_HEAD, dt, key, 2, "c, n_classes");
-  nvk_ctx_t* cx;
-  nvk_status st = get_context(stream, &cx);
+  const nvk_dptr_t dp[] = {DEV(x), DEV(w), DEV(b), DEV(out)};
+  nvk_call_t call;
+  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
   nvk_args_t A = {0};
   arg_p(&A, x); arg_p(&A, w); arg_p(&A, b); arg_p(&A, out);
   arg_i(&A, hw); arg_i(&A, c); arg_i(&A, n_classes);
   arg_i(&A, hw * c); arg_i(&A, 1); arg_i(&A, c);
   arg_i(&A, c); arg_i(&A, 1); arg_i(&A, n_classes); arg_i(&A, 1);
-  st = launch(cx, NVK_OP_HEAD, sc->kernels[0], &A, batch, cdiv(n_classes, sc->consts[0]), 1, stream);
-  if (!st) ok();
-  return st;
+  st = launch(call.c, NVK_OP_HEAD, sc->kernels[0], &A, batch, cdiv(n_classes, sc->consts[0]), 1, stream);
+  return leave(&call, st);
 }
