@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
 # One device call that does the GPU checks still owed, sized for a 15-minute
 # device budget (one call <= 600 s, leaving room for a rerun). Each phase has
-# its own time limit and writes under $OUT (or bench/results without it), so a
-# slow phase cannot take the others' results with it.
+# its own time limit, so a slow phase cannot take the others' results with it.
+# Without $OUT the files go to bench/results. With $OUT (a device call) they go to
+# a temporary folder packed into $OUT/gpu_check.tar.gz after every phase: a device
+# call returns at most 8 files, and a phase killed at its limit keeps what the
+# phases before it wrote. Unpack it into bench/results/ to commit.
 #   device run: bash bench/gpu_check.sh        (timeout_s ~ 580)
 # Phases, most important first; PHASES="warm e2e ops tests" selects.
 set -u
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
+if [ -n "${OUT:-}" ]; then PACK="$OUT/gpu_check.tar.gz"; OUT=$(mktemp -d); else PACK=; OUT=bench/results; fi
 mkdir -p "$OUT"
+pack() { [ -z "$PACK" ] || tar czf "$PACK" -C "$OUT" .; }
 export PYTHONUNBUFFERED=1
+PY=${PY:-python3}  # the GPU machines' python with torch is python3
 PHASES=${PHASES:-"warm e2e profile host ops tests"}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 for phase in $PHASES; do
   start=$SECONDS
   case $phase in
     # Compiles the kernels the e2e preset uses in 8 processes at once (Triton compiles serially per
     # process): each forward split into 8 parts; S covers B and L (same channel widths).
-    warm)  timeout 90 python bench/warm_cache.py --variants s --dtype fp16 --batch 1,256 -j 8 2>&1 | tee "$OUT/warm.log" ;;
-    e2e)   timeout 210 python -m nextvit_kernels.bench --preset targets --iters 30 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" ;;
+    warm)  timeout 90 $PY bench/warm_cache.py --variants s --dtype fp16 --batch 1,256 -j 8 2>&1 | tee "$OUT/warm.log" ;;
+    e2e)   timeout 210 $PY -m nextvit_kernels.bench --preset targets --iters 30 --out "$OUT" 2>&1 | tee "$OUT/e2e.log" ;;
     # Per-step kernel times of NextViT-S at batch 1 and 256 (kernels already compiled by warm/e2e).
-    profile) timeout 45 python bench/profile_plan.py --variant s --dtype fp16 --batch 1,256 --iters 5 --out "$OUT" 2>&1 | tee "$OUT/profile.log" ;;
+    profile) timeout 45 $PY bench/profile_plan.py --variant s --dtype fp16 --batch 1,256 --iters 5 --out "$OUT" 2>&1 | tee "$OUT/profile.log" ;;
     # model(x) with automatic CUDA graphs and without, cuda_graph() and the kernels' sum, S at batch 1 and 8.
-    host)  timeout 30 python bench/host_overhead.py --variants s --batch 1,8 --iters 100 --out "$OUT" 2>&1 | tee "$OUT/host.log" ;;
+    host)  timeout 30 $PY bench/host_overhead.py --variants s --batch 1,8 --iters 100 --out "$OUT" 2>&1 | tee "$OUT/host.log" ;;
     # The op suite (pytest-benchmark) at fp16, batch 256; JSON + table via ops_bench; compiles stop at 45 s, all at 70 s.
-    ops)   timeout 90 python bench/ops_bench.py --out "$OUT" -- --bench-dtype fp16 --bench-batch 256 --bench-budget-s 70 --bench-compile-budget-s 45 2>&1 | tee "$OUT/ops.log" ;;
-    tests) timeout 110 python -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 100 -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    ops)   timeout 90 $PY bench/ops_bench.py --out "$OUT" -- --bench-dtype fp16 --bench-batch 256 --bench-budget-s 70 --bench-compile-budget-s 45 2>&1 | tee "$OUT/ops.log" ;;
+    tests) timeout 110 $PY -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 100 -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   esac
-  echo "phase $phase: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+  echo "phase $phase: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/phases.txt"
+  pack
 done
