@@ -154,16 +154,24 @@ def main(argv=None):
     import triton
 
     print(f"host_overhead: {'CPU mode, Triton launches stubbed' if cpu else 'GPU mode'}; torch {torch.__version__}, "
-          f"triton {triton.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+          f"triton {triton.__version__}, {_cpu_name()}, {os.cpu_count()} cores")
     rows = cpu_rows(args) if cpu else gpu_rows(args)
     meta = dict(mode="cpu" if cpu else "gpu", date=datetime.datetime.now().isoformat(timespec="seconds"),
                 torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                machine=platform.machine(), cores=os.cpu_count(),
+                machine=platform.machine(), cpu=_cpu_name(), cores=os.cpu_count(),
                 card=None if cpu else torch.cuda.get_device_name(), iters=args.iters)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"host_overhead-{meta['mode']}-{datetime.date.today():%Y%m%d}.json"
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
     print(f"wrote {path}")
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def _cuda_available():
