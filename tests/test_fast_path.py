@@ -296,3 +296,20 @@ def test_autograd_on_gpu_runs_reference_path_with_one_warning():
         assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_first_call_says_once_that_kernels_compile(monkeypatch):
+    """On a GPU the first call of a program times its steps: one slower than
+    COMPILE_NOTICE_S compiled a kernel, and a warning says so, once per process."""
+    m = nk.NextViT(**TINY, kernels="reference").eval()
+    plan = fused.fold(m, "cpu", torch.float32)
+    prog = plan.program((1, 3, 32, 32))
+    monkeypatch.setattr(fused, "COMPILE_NOTICE_S", -1.0)  # every step "compiles"
+    monkeypatch.setattr(fused, "_compile_noticed", False)
+    ran = []
+    prog.calls = [(lambda x, x2=None: ran.append(1) or x, False, False, False, False, None)] * 3
+    prog.head = lambda x, x2=None: x
+    with pytest.warns(UserWarning, match="compiling the fused kernels") as record:
+        prog._first_call(torch.zeros(1, 3, 32, 32))
+        prog._first_call(torch.zeros(1, 3, 32, 32))
+    assert len(record) == 1 and len(ran) == 6 and prog.compiled
