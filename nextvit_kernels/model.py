@@ -58,7 +58,7 @@ class NextViT(nn.Module):
         self._grad_warned = False
         # load_state_dict writes the weights in place: the version check would see it, but
         # releasing the plan here also frees its CUDA graphs at once.
-        self.register_load_state_dict_post_hook(lambda module, keys: module.invalidate_fused())
+        self.register_load_state_dict_post_hook(_invalidate_after_load)
         self.stage_out_channels = [[96] * (depths[0]),
                                    [192] * (depths[1] - 1) + [256],
                                    [384, 384, 384, 384, 512] * (depths[2] // 5),
@@ -216,6 +216,13 @@ class NextViT(nn.Module):
         self.invalidate_fused()
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        # The plan holds bound launchers and CUDA graphs: neither pickles nor deep-copies,
+        # and a copy folds its own anyway.
+        state = self.__dict__.copy()
+        state["_fused_plan"] = None
+        return state
+
     def fused_plan(self, device, dtype):
         """The BatchNorm-folded parameters of the fused graph for ``device``/``dtype``,
         cached and rebuilt when a weight, the device or the dtype changes. (A module
@@ -280,6 +287,10 @@ class NextViT(nn.Module):
         x = self._run_features(x, collect=False)
         x = self.avgpool(self.norm(x)).flatten(1)
         return self.proj_head(x)
+
+
+def _invalidate_after_load(module, incompatible_keys):
+    module.invalidate_fused()
 
 
 def _tracing(x) -> bool:

@@ -313,3 +313,22 @@ def test_first_call_says_once_that_kernels_compile(monkeypatch):
         prog._first_call(torch.zeros(1, 3, 32, 32))
         prog._first_call(torch.zeros(1, 3, 32, 32))
     assert len(record) == 1 and len(ran) == 6 and prog.compiled
+
+
+def test_model_with_a_plan_pickles_and_deep_copies():
+    import copy
+    import io
+
+    m = nk.NextViT(**TINY).eval()
+    plan = m.fused_plan(torch.device("cpu"), torch.float32)
+    plan.program((1, 3, 32, 32))
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m2 = torch.load(buf, weights_only=False)
+    m3 = copy.deepcopy(m)
+    x = _inputs(1, 32, 32)
+    with torch.no_grad():
+        for other in (m2, m3):
+            assert other._fused_plan is None and torch.equal(other(x), m(x))
+    assert m._fused_plan is plan
