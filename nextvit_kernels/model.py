@@ -181,6 +181,8 @@ class NextViT(nn.Module):
         forward whose result autograd needs: the fused ops have no backward)."""
         if self.kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs must be one of {CUDA_GRAPHS}, got {self.cuda_graphs!r}")
         if self.kernels == "reference" or not isinstance(x, torch.Tensor):
             return None  # (check_input rejects a non-tensor)
         if self.training:

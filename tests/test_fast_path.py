@@ -169,7 +169,11 @@ def test_signature_and_capture_rules():
 def test_cuda_graphs_argument():
     with pytest.raises(ValueError, match="cuda_graphs must be one of"):
         nk.NextViT(**TINY, cuda_graphs="on")
-    assert nk.nextvit_small().cuda_graphs == "auto"
+    m = nk.NextViT(**TINY)
+    assert m.cuda_graphs == "auto"
+    m.cuda_graphs = "on"
+    with pytest.raises(ValueError, match="cuda_graphs must be one of"):
+        m(_inputs(1, 32, 32))
 
 
 @interpreter
