@@ -1,6 +1,7 @@
 """End-to-end benchmark: ``python -m nextvit_kernels.bench``.
 
-On a GPU: the fused NextViT (eager launches and a CUDA graph) against timm's
+On a GPU: the fused NextViT (`fused`: model(x) as a user calls it, which replays an automatic
+CUDA graph from a shape's second call on; `fused_graph`: the zero-copy model.cuda_graph) against timm's
 Next-ViT with BatchNorms merged in eager mode, eager + CUDA graph, and
 torch.compile with freezing (default and reduce-overhead), all in one run, with
 a ratio table.
