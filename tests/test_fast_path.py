@@ -336,3 +336,17 @@ def test_model_with_a_plan_pickles_and_deep_copies():
         for other in (m2, m3):
             assert other._fused_plan is None and torch.equal(other(x), m(x))
     assert m._fused_plan is plan
+
+
+@interpreter
+def test_compiled_model_traces_the_registered_ops_and_matches_eager():
+    """Under torch.compile model(x) takes the registered-op path in one graph (fullgraph)
+    and builds no bound program for the traced call; the result equals the eager lean path."""
+    m = randomize_(nk.NextViT(**TINY, kernels="triton"), gain=0.7).eval().requires_grad_(False)
+    x = _inputs(1, 32, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = m(x)
+        compiled = torch.compile(m, fullgraph=True, backend="eager")(x)
+    assert torch.equal(compiled, eager)
+    assert m._fused_plan.graphs is None
