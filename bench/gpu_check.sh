@@ -31,7 +31,9 @@ for phase in $PHASES; do
     host)  timeout 30 $PY bench/host_overhead.py --variants s --batch 1,8 --iters 100 --out "$OUT" 2>&1 | tee "$OUT/host.log" ;;
     # The op suite (pytest-benchmark) at fp16, batch 256; JSON + table via ops_bench; compiles stop at 45 s, all at 70 s.
     ops)   timeout 90 $PY bench/ops_bench.py --out "$OUT" -- --bench-dtype fp16 --bench-batch 256 --bench-budget-s 70 --bench-compile-budget-s 45 2>&1 | tee "$OUT/ops.log" ;;
-    tests) timeout 110 $PY -m pytest tests -m gpu -q -p no:cacheprovider -n 8 --timeout 100 -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    # -n 8 / --timeout where pytest-xdist and pytest-timeout are installed (the GPU machines have both).
+    tests) par=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-n 8 --timeout 100")
+           timeout 110 $PY -m pytest tests -m gpu -q -p no:cacheprovider $par -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   esac
   echo "phase $phase: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/phases.txt"
   pack
