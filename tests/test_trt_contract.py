@@ -1,7 +1,8 @@
 """CPU contract test of the TensorRT plugins (csrc/trt) against NVIDIA's real TensorRT headers.
 
 For every TensorRT major whose public headers are listed in NEXTVIT_TRT_INCLUDE_DIRS
-(os.pathsep-separated include directories, one per major; the test skips without them), the
+(os.pathsep-separated include directories, one per major; unset: the 10.16 and 11.1 headers
+under third_party/tensorrt), the
 plugin library is built from the headers alone (no libnvinfer, no CUDA runtime) with -Wall
 -Wextra, linked to a recording stub of the C library, and csrc/trt/tests/contract_harness.cpp
 loads it as TensorRT does (dlopen, setLoggerFinder, getCreators) and drives every plugin.
@@ -33,12 +34,15 @@ def _major(include: Path) -> int:
 
 
 def _header_sets():
-    """One pytest param per TensorRT major listed in NEXTVIT_TRT_INCLUDE_DIRS (a skip without any)."""
+    """One pytest param per TensorRT major listed in NEXTVIT_TRT_INCLUDE_DIRS, else per header
+    set under third_party/tensorrt (a skip where there is none)."""
     dirs = [Path(p) for p in os.environ.get(ENV, "").split(os.pathsep) if p]
     if not dirs:
+        dirs = sorted((ROOT / "third_party" / "tensorrt").glob("*/include"))
+    if not dirs:
         return [pytest.param(None, id="no-headers", marks=pytest.mark.skip(
-            reason=f"{ENV} is not set: list the TensorRT include directories (one per major, "
-                   f"'{os.pathsep}'-separated) to build and check the plugins against them"))]
+            reason=f"no TensorRT headers: {ENV} is not set and third_party/tensorrt has none; list the "
+                   f"TensorRT include directories (one per major, '{os.pathsep}'-separated)"))]
     params = []
     for d in dirs:
         if not (d / "NvInferVersion.h").is_file():
