@@ -20,7 +20,6 @@ and the library dlopens the driver at run time. When the install skips or fails 
 says why and prints the command that builds it, on the terminal as well as in the build log:
 pip shows a successful build's output only with ``-v``.
 """
-import importlib.util
 import json
 import os
 import shutil

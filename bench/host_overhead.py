@@ -15,7 +15,6 @@ replay, and the sum of the kernels' device times (torch.profiler), per forward.
     python bench/host_overhead.py                     # CPU: S, B, L at batch 1
     python bench/host_overhead.py --variants s --batch 1,8 --iters 200
 """
-import argparse
 import datetime
 import json
 import os
