@@ -238,14 +238,16 @@ def test_auto_graph_lru_frees_memory_and_weight_change_invalidates():
         x1 = _inputs(64, 224, 224, torch.half, "cuda")
         x2 = _inputs(1, 224, 224, torch.half, "cuda")
         for _ in range(2):
-            m(x1)
+            m(x1)                      # the second call captures the batch-64 graph
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()       # what is left reserved: weights, the plan and the graph's pool
         held = torch.cuda.memory_reserved()
         for _ in range(2):
-            m(x2)                      # evicts the batch-64 graph
+            m(x2)                      # captures batch 1, which evicts the batch-64 graph
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        assert torch.cuda.memory_reserved() < held
+        # NextViT-S's batch-64 activations are hundreds of MB, a batch-1 graph a few.
+        assert torch.cuda.memory_reserved() < held - 64 * 2**20
         plan = m._fused_plan
         m.proj_head[0].bias.add_(1.0)
         out = m(x2)
