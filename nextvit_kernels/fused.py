@@ -165,7 +165,9 @@ def _kernels(step: Step, dtype: torch.dtype, pixels: int) -> int:
 
 
 def model_tensors(model: nn.Module) -> List[Tensor]:
-    return list(model.parameters()) + list(model.buffers())
+    """What the folded plan is computed from: parameters and BatchNorm statistics
+    (num_batches_tracked counts training steps and folds into nothing)."""
+    return list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith("num_batches_tracked")]
 
 
 _version = operator.attrgetter("_version")
