@@ -234,6 +234,40 @@ COMPILE_NOTICE_S = 1.0  # a first launch slower than this compiled a kernel
 _compile_noticed = False
 
 
+def _stage_norm(plan: Plan, step: Step, features: bool):
+    """The extra BatchNorm's (scale, shift) as [1, C, 1, 1] views where ``step`` ends a stage
+    of a features forward of a backbone that has them, else None."""
+    if features and step.stage_end >= 0 and plan.extra_norms is not None:
+        return tuple(t.view(1, -1, 1, 1) for t in plan.extra_norms[step.stage_end])
+    return None
+
+
+def _call(fn, step: Step, norm) -> tuple:
+    """One entry of what ``_walk`` runs: ``fn(input, x2)`` and where its tensors come from and go."""
+    return fn, step.from_branch, step.to_branch, step.x2_branch, step.stage_end >= 0, norm
+
+
+def _walk(x: Tensor, calls, features: bool, head, on_step=None):
+    """The dataflow of a plan: each call reads the main tensor or the NTB branch (and the branch
+    as x2 for the concat-MLP), writes one of them; stage ends are collected for ``features``."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    branch = None
+    outs = []
+    for fn, from_branch, to_branch, x2_branch, stage_end, norm in calls:
+        y = fn(branch if from_branch else x, branch if x2_branch else None)
+        if on_step is not None:
+            on_step()
+        if to_branch:
+            branch = y
+            continue
+        x = y
+        if features and stage_end:
+            if norm is not None:  # applied in line, as the published detection backbone does
+                x = torch.addcmul(norm[1], x, norm[0])
+            outs.append(x)
+    return outs if features else head(x)
+
+
 class Program:
     """The forward for one input shape with every op bound once (``ops.<op>.bind``: grids,
     strides, launch configurations, scratch sizes), so a call only allocates outputs and
@@ -250,10 +284,7 @@ class Program:
             if s.x2_branch:
                 kwargs["x2_channels"] = branch[1]
             run_op, out = ops.module(s.op).bind(branch if s.from_branch else main, *s.tensors, **kwargs)
-            norm = None
-            if features and s.stage_end >= 0 and plan.extra_norms is not None:
-                norm = tuple(t.view(1, -1, 1, 1) for t in plan.extra_norms[s.stage_end])
-            self.calls.append((run_op, s.from_branch, s.to_branch, s.x2_branch, s.stage_end >= 0, norm))
+            self.calls.append(_call(run_op, s, _stage_norm(plan, s, features)))
             if s.to_branch:
                 branch = out
             else:
@@ -267,22 +298,7 @@ class Program:
         return self._run(x, None)
 
     def _run(self, x: Tensor, on_step):
-        x = x.contiguous(memory_format=torch.channels_last)
-        branch = None
-        outs = []
-        for run_op, from_branch, to_branch, x2_branch, stage_end, norm in self.calls:
-            y = run_op(branch if from_branch else x, branch if x2_branch else None)
-            if on_step is not None:
-                on_step()
-            if to_branch:
-                branch = y
-                continue
-            x = y
-            if self.features and stage_end:
-                if norm is not None:  # applied in line, as the published detection backbone does
-                    x = torch.addcmul(norm[1], x, norm[0])
-                outs.append(x)
-        return outs if self.features else self.head(x)
+        return _walk(x, self.calls, self.features, self.head, on_step)
 
     def _first_call(self, x: Tensor):
         """The first call on a GPU JIT-compiles the kernels not yet in Triton's on-disk cache
@@ -310,24 +326,17 @@ def run(plan: Plan, x: Tensor, impl: str = "auto", features: bool = False, backe
 
     ``backend`` provides one function per op with the signatures of
     ``nextvit_kernels.ops`` (the C library's Python binding provides the same)."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    branch = None
-    outs = []
-    for s in plan.steps:
-        kwargs = dict(s.kwargs, impl=impl)
-        if s.x2_branch:
-            kwargs["x2"] = branch
-        y = getattr(backend, s.op)(branch if s.from_branch else x, *s.tensors, **kwargs)
-        if s.to_branch:
-            branch = y
-            continue
-        x = y
-        if features and s.stage_end >= 0:
-            if plan.extra_norms is not None:
-                # Applied in line, as the published detection backbone does.
-                sc, sh = plan.extra_norms[s.stage_end]
-                x = torch.addcmul(sh.view(1, -1, 1, 1), x, sc.view(1, -1, 1, 1))
-            outs.append(x)
-    if features:
-        return outs
-    return backend.head(x, *plan.head, impl=impl)
+    calls = [_call(_backend_op(backend, s, impl), s, _stage_norm(plan, s, features)) for s in plan.steps]
+    return _walk(x, calls, features, lambda h: backend.head(h, *plan.head, impl=impl))
+
+
+def _backend_op(backend, step: Step, impl: str):
+    fn = getattr(backend, step.op)
+
+    def call(inp, x2=None):
+        kwargs = dict(step.kwargs, impl=impl)
+        if step.x2_branch:
+            kwargs["x2"] = x2
+        return fn(inp, *step.tensors, **kwargs)
+
+    return call
