@@ -247,9 +247,9 @@ class NextViT(nn.Module):
             self.check_input(x)
             return fused.run(self.fused_plan(x.device, x.dtype), x, impl, features=features)
         plan = self._fused_plan
-        if plan is None or plan.device != x.device or plan.dtype != x.dtype or not plan.is_current():
-            self.check_input(x)
-            plan = self.fused_plan(x.device, x.dtype)
+        if plan is None or plan.device != x.device or plan.dtype != x.dtype:
+            self.check_input(x)  # before folding for x's device and dtype: they must be the model's
+        plan = self.fused_plan(x.device, x.dtype)
         prog = plan.programs.get((tuple(x.shape), features))
         if prog is None:  # a new shape: checked once, then bound once
             self.check_input(x)
