@@ -212,14 +212,21 @@ def _gpu_model(**kw):
     return randomize_(nk.nextvit_small(**kw), gain=0.7).eval().cuda().half()
 
 
+def _without_graphs(m, x):
+    """m(x) on the bound programs alone, then automatic graphs back on."""
+    m.cuda_graphs = "off"
+    try:
+        return m(x)
+    finally:
+        m.cuda_graphs = "auto"
+
+
 @gpu
 def test_auto_graph_matches_and_owns_output():
     m = _gpu_model()
     x = _inputs(2, 224, 224, torch.half, "cuda")
     with torch.inference_mode():
-        m.cuda_graphs = "off"
-        ref = m(x)
-        m.cuda_graphs = "auto"
+        ref = _without_graphs(m, x)
         a = m(x)                       # first sight: no graph
         b = m(x)                       # captured and replayed
         assert len(m._fused_plan.graphs) == 1
@@ -252,8 +259,7 @@ def test_auto_graph_lru_frees_memory_and_weight_change_invalidates():
         m.proj_head[0].bias.add_(1.0)
         out = m(x2)
         assert m._fused_plan is not plan and len(plan.graphs) == 0
-        m.cuda_graphs = "off"
-        assert torch.equal(out, m(x2))
+        assert torch.equal(out, _without_graphs(m, x2))
 
 
 @gpu
@@ -261,9 +267,7 @@ def test_auto_graph_side_stream_outer_capture_and_compile():
     m = _gpu_model()
     x = _inputs(1, 224, 224, torch.half, "cuda")
     with torch.inference_mode():
-        m.cuda_graphs = "off"
-        ref = m(x)
-        m.cuda_graphs = "auto"
+        ref = _without_graphs(m, x)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
