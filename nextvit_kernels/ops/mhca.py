@@ -212,8 +212,7 @@ def bind(x_shape, conv_w: torch.Tensor, conv_b: torch.Tensor, proj_w: torch.Tens
     c_out = proj_w.shape[0]
     proj_w = proj_w.reshape(c_out, c).contiguous()
     m = b * h * w
-    esize = torch.empty((), dtype=conv_w.dtype).element_size()
-    cfg = _config(c, c_out, esize, m)
+    cfg = _config(c, c_out, conv_w.element_size(), m)
     prec = "ieee" if conv_w.dtype == torch.float32 else "tf32"
     x_strides = _common.channels_last_strides(b, c, h, w)
     cw_strides = conv_w.stride()
