@@ -82,6 +82,7 @@ setup(
     version="0.1.0",
     description="Fused Triton kernels for the Next-ViT vision model, with an AOT C library",
     packages=find_packages(include=["nextvit_kernels", "nextvit_kernels.*"]),
+    package_data={"nextvit_kernels.testing": ["cpu_driver.c"]},  # compiled on first use
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={

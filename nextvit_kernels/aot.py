@@ -630,6 +630,19 @@ def build(out, archs, dtypes, variants, resolutions, jobs=None, quiet=False):
 
 
 # --------------------------------------------------------------------------- C source
+def embedded_manifest(manifest: dict, out: str) -> str:
+    """The manifest the C library embeds (``nvk_manifest()``), with the SHA-1 of every image it
+    embeds: a cuModuleLoadData image names no variant (every variant of a kernel has the same
+    .entry name), its hash does (nextvit_kernels.testing decodes launches by it)."""
+    m = json.loads(json.dumps(manifest))
+    for k in m["kernels"]:
+        for info in k["archs"].values():
+            for kind in ("cubin", "ptx"):
+                with open(os.path.join(out, info[kind]), "rb") as f:
+                    info[f"{kind}_sha1"] = hashlib.sha1(f.read()).hexdigest()
+    return json.dumps(m, separators=(",", ":"), sort_keys=True)
+
+
 def _c_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -688,13 +701,21 @@ def emit_c(manifest: dict, out: str, path: str) -> None:
             f"{k['num_warps']}, {n_user}, {n_hidden}, {len(k['params'])}, {mask:#x}ull, "
             f"{c80[0]}, {c80[1]}u, {c80[2]}u, {c90[0]}, {c90[1]}u, {c90[2]}u, "
             f"{'(const char*)' + ptx if ptx else '0'}}},")
+    # the manifest itself, NUL-terminated (nvk_manifest())
+    man_path = path + ".manifest.json"
+    with open(man_path + ".tmp", "w") as f:
+        f.write(embedded_manifest(manifest, out))
+    os.replace(man_path + ".tmp", man_path)
+    if '"' in man_path or "\n" in man_path:
+        raise RuntimeError(f"unsupported character in path {man_path!r}")
+    blobs.append(("nvk_manifest_json", os.path.abspath(man_path), True))
     # the .incbin blobs
     asm = ['__asm__(".section .rodata\\n"']
     for name, full, nul in blobs:
         asm.append(f'        ".balign 64\\n.globl {name}\\n.hidden {name}\\n.type {name}, @object\\n{name}:\\n"')
         asm.append(f'        ".incbin \\"{full}\\"\\n"' + ('\n        ".byte 0\\n"' if nul else ""))
     asm.append('        ".text\\n");')
-    lines += [f"extern const unsigned char {name}[];" for name, _, _ in blobs]
+    lines += [f"extern const unsigned char {name}[];" for name, _, _ in blobs if name != "nvk_manifest_json"]
     lines += [""] + asm + [""]
     lines.append("const nvk_kernel_t nvk_kernels[] = {\n" + "\n".join(rows) + "\n};")
     lines.append(f"const int nvk_num_kernels = {len(rows)};")

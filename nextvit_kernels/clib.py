@@ -9,6 +9,10 @@ stream of that device, whatever device is current.
 The library is reached through the pybind11 module ``nextvit_kernels._C`` when it was built
 (``pip install .`` / CMake), else through ctypes on ``libnextvit_kernels.so`` (found next to
 this file, or at ``$NEXTVIT_CLIB``, a path to the .so or to a build directory).
+
+Under ``nextvit_kernels.testing.cpu_driver()`` the library launches through a CPU stand-in of the
+CUDA driver: CPU tensors then stand for device tensors, and each call registers its tensors with
+the stand-in for the call's duration.
 """
 import ctypes
 import os
@@ -22,6 +26,9 @@ _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATUS = {0: "OK", 1: "NVK_ERR_INVALID", 2: "NVK_ERR_UNSUPPORTED", 3: "NVK_ERR_CUDA", 4: "NVK_ERR_NO_DRIVER"}
 _lib = None
 _load_error: Optional[str] = None
+# Set by nextvit_kernels.testing.cpu_driver: the stand-in driver and the library it drives.
+_host_driver = None
+_host_lib = None
 
 
 class CLibError(RuntimeError):
@@ -46,9 +53,12 @@ SIGNATURES = {
     "nvk_mlp_workspace_size": ([_I] * 9, _SZ),
     "nvk_mhca_workspace_size": ([_I] * 7, _SZ),
     "nvk_load": ([_VP], _I),
+    "nvk_reset_driver": ([], _I),
+    "nvk_manifest": ([], ctypes.c_char_p),
     "nvk_last_error": ([], ctypes.c_char_p),
     "nvk_version": ([], ctypes.c_char_p),
 }
+_STRINGS = ("nvk_last_error", "nvk_version", "nvk_manifest")
 
 
 class _CtypesLib:
@@ -60,7 +70,7 @@ class _CtypesLib:
         for name, (args, res) in SIGNATURES.items():
             f = getattr(lib, name)
             f.argtypes, f.restype = args, res
-            if name not in ("nvk_last_error", "nvk_version"):
+            if name not in _STRINGS:
                 setattr(self, name[4:], f)
         self._lib = lib
 
@@ -69,6 +79,9 @@ class _CtypesLib:
 
     def version(self):
         return self._lib.nvk_version().decode()
+
+    def manifest(self):
+        return self._lib.nvk_manifest().decode()
 
 
 def _candidates():
@@ -111,6 +124,23 @@ def load(force_ctypes: bool = False):
     raise RuntimeError(_load_error)
 
 
+def load_path(path: str):
+    """The library at ``path`` (a .so, or a directory holding libnextvit_kernels.so), through ctypes."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "libnextvit_kernels.so")
+    if not os.path.exists(path):
+        raise RuntimeError(f"no C library at {path}")
+    return _CtypesLib(os.path.abspath(path))
+
+
+def library_path(lib=None) -> str:
+    """The file of a loaded library (default: ``load()``'s); the pybind11 module's is the .so it links."""
+    lib = load() if lib is None else lib
+    if isinstance(lib, _CtypesLib):
+        return lib.path
+    return os.path.join(os.path.dirname(os.path.abspath(lib.__file__)), "libnextvit_kernels.so")
+
+
 def available() -> bool:
     """True when the C library can be loaded (it still needs a GPU to launch anything)."""
     try:
@@ -127,7 +157,7 @@ def version() -> str:
 # --------------------------------------------------------------------------- helpers
 def _check(op, status):
     if status != 0:
-        raise CLibError(op, status, load().last_error())
+        raise CLibError(op, status, (_host_lib or load()).last_error())
 
 
 def _prep(op, x):
@@ -138,6 +168,11 @@ def _prep(op, x):
 def _library(op, x):
     """The library, once every tensor of the call has been checked against ``x``'s device (so
     a device mismatch is reported as such on any device type, before CUDA is needed)."""
+    if _host_driver is not None:
+        if x.is_cuda:
+            raise ValueError(f"{op}: under nextvit_kernels.testing.cpu_driver() the C library launches on a CPU "
+                             "stand-in of the CUDA driver: pass CPU tensors")
+        return _host_lib
     if not x.is_cuda:
         raise ValueError(f"{op}: the C library needs CUDA tensors, got {x.device}")
     return load()
@@ -150,21 +185,24 @@ def _w(op, name, t, x, shape):
 
 
 def _launch(op, entry, x, *args):
-    """Calls C entry point ``entry(*args, stream)`` on ``x``'s device, whatever device is current.
-    The stream is torch's current stream of that device: the library launches in a stream's own
-    context, but torch's default stream is the NULL handle, which launches in the current
-    context, so x's device is made current for such a call."""
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    if stream == 0 and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            status = entry(*args, stream)
+    """Calls C entry point ``entry(*args, stream)`` on ``x``'s device, whatever device is current;
+    tensor arguments are passed as their pointers, None as NULL. The stream is torch's current
+    stream of that device: the library launches in a stream's own context, but torch's default
+    stream is the NULL handle, which launches in the current context, so x's device is made
+    current for such a call. CPU tensors (under the stand-in driver) are registered with it for
+    the call, on the default stream."""
+    raw = [a.data_ptr() if isinstance(a, torch.Tensor) else 0 if a is None else a for a in args]
+    if _host_driver is not None:
+        with _host_driver.registered(*(a for a in args if isinstance(a, torch.Tensor))):
+            status = entry(*raw, 0)
     else:
-        status = entry(*args, stream)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        if stream == 0 and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                status = entry(*raw, stream)
+        else:
+            status = entry(*raw, stream)
     _check(op, status)
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
 
 
 def _workspace(x, nbytes):
@@ -182,7 +220,7 @@ def conv_bn_relu(x, w, b, *, stride: int, impl: str = "auto"):
     b = _common.check_param(op, "b", b, x, (c_out,))
     lib = _library(op, x)
     out = _common.new_output(x, bsz, c_out, (h - 1) // stride + 1, (wd - 1) // stride + 1)
-    _launch(op, lib.conv_bn_relu, x, _ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
+    _launch(op, lib.conv_bn_relu, x, x, w, b, out, bsz, h, wd, c_in, c_out, int(stride),
             _DT[x.dtype])
     return out
 
@@ -196,7 +234,7 @@ def patch_embed(x, w, b, *, stride: int, impl: str = "auto"):
     b = _common.check_param(op, "b", b, x, (c_out,))
     lib = _library(op, x)
     out = _common.new_output(x, bsz, c_out, _common.pooled_size(h, stride), _common.pooled_size(wd, stride))
-    _launch(op, lib.patch_embed, x, _ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c_in, c_out, int(stride),
+    _launch(op, lib.patch_embed, x, x, w, b, out, bsz, h, wd, c_in, c_out, int(stride),
             _DT[x.dtype])
     return out
 
@@ -213,7 +251,7 @@ def mhca(x, conv_w, conv_b, proj_w, *, residual: bool = True, impl: str = "auto"
     dt, res = _DT[x.dtype], int(bool(residual))
     ws = _workspace(x, lib.mhca_workspace_size(bsz, h, wd, c, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
-    _launch(op, lib.mhca, x, _ptr(x), _ptr(conv_w), _ptr(conv_b), _ptr(proj_w), _ptr(out), _ptr(ws),
+    _launch(op, lib.mhca, x, x, conv_w, conv_b, proj_w, out, ws,
             bsz, h, wd, c, c_out, res, dt)
     return out
 
@@ -240,8 +278,8 @@ def mlp(x, fc1_w, fc1_b, fc2_w, fc2_b, *, x2=None, residual: bool = True, impl: 
     dt, res = _DT[x.dtype], int(bool(residual))
     ws = _workspace(x, lib.mlp_workspace_size(bsz, h, wd, c1, c2, hidden, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
-    _launch(op, lib.mlp, x, _ptr(x), _ptr(x2), _ptr(fc1_w), _ptr(fc1_b), _ptr(fc2_w), _ptr(fc2_b), _ptr(out),
-            _ptr(ws), bsz, h, wd, c1, c2, hidden, c_out, res, dt)
+    _launch(op, lib.mlp, x, x, x2, fc1_w, fc1_b, fc2_w, fc2_b, out,
+            ws, bsz, h, wd, c1, c2, hidden, c_out, res, dt)
     return out
 
 
@@ -260,8 +298,8 @@ def e_mhsa(x, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int, he
     res = int(bool(residual))
     ws = _workspace(x, lib.e_mhsa_workspace_size(bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim), res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
-    _launch(op, lib.e_mhsa, x, _ptr(x), _ptr(q_w), _ptr(q_b), _ptr(k_w), _ptr(k_b), _ptr(v_w), _ptr(v_b),
-            _ptr(proj_w), _ptr(proj_b), _ptr(out), _ptr(ws), bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim),
+    _launch(op, lib.e_mhsa, x, x, q_w, q_b, k_w, k_b, v_w, v_b,
+            proj_w, proj_b, out, ws, bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim),
             res, dt)
     return out
 
@@ -277,7 +315,7 @@ def head(x, w, b, *, impl: str = "auto"):
     out = torch.empty((bsz, n), device=x.device, dtype=x.dtype)
     if _common.POISON_OUTPUTS:
         out.fill_(float("nan"))
-    _launch(op, lib.head, x, _ptr(x), _ptr(w), _ptr(b), _ptr(out), bsz, h, wd, c, n, _DT[x.dtype])
+    _launch(op, lib.head, x, x, w, b, out, bsz, h, wd, c, n, _DT[x.dtype])
     return out
 
 

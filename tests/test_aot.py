@@ -22,7 +22,8 @@ DTYPES = os.environ.get("NEXTVIT_AOT_TEST_DTYPES", "fp16,bf16,fp32").split(",")
 VARIANTS = ("nextvit_small", "nextvit_base", "nextvit_large")
 RESOLUTIONS = (224, 384)
 EXPORTS = {"nvk_conv_bn_relu", "nvk_patch_embed", "nvk_mhca", "nvk_mlp", "nvk_e_mhsa", "nvk_head",
-           "nvk_e_mhsa_workspace_size", "nvk_mlp_workspace_size", "nvk_mhca_workspace_size", "nvk_last_error", "nvk_version", "nvk_load"}
+           "nvk_e_mhsa_workspace_size", "nvk_mlp_workspace_size", "nvk_mhca_workspace_size", "nvk_last_error", "nvk_version", "nvk_load",
+           "nvk_manifest", "nvk_reset_driver"}
 
 
 @pytest.fixture(scope="session")

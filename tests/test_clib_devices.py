@@ -120,6 +120,7 @@ const nvk_shape_class_t nvk_shape_classes[] = {
 };
 const int nvk_num_shape_classes = 2;
 const char nvk_aot_info[] = "stub table of the CPU tests";
+const char nvk_manifest_json[] = "{}";
 """
 
 PRELUDE = r"""

@@ -37,6 +37,13 @@ NVK_API const char* nvk_version(void);
  * device 0's primary one); later launches in that context only launch. Idempotent; every op
  * function does it on first use. */
 NVK_API nvk_status nvk_load(void* stream);
+/* The AOT manifest embedded in this library (JSON, python -m nextvit_kernels.aot): every kernel's
+ * Triton signature, constexprs, parameters and image hashes, and the shape-class table. */
+NVK_API const char* nvk_manifest(void);
+/* Forgets the CUDA driver and the kernels loaded in every context; the next call opens the driver
+ * again: libcuda.so.1, or the library that $NEXTVIT_CUDA_DRIVER names (nothing else is tried then;
+ * nextvit_kernels.testing.cpu_driver points it at a CPU stand-in). No call may be in flight. */
+NVK_API nvk_status nvk_reset_driver(void);
 
 NVK_API nvk_status nvk_conv_bn_relu(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c_in, int c_out, int stride, nvk_dtype dt, void* stream);
 NVK_API nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c_in, int c_out, int stride, nvk_dtype dt, void* stream);

@@ -64,6 +64,8 @@ typedef struct {
 
 static nvk_driver_t g_drv;
 static int g_drv_state = 0; /* 0: not tried, 1: ok, -1: failed */
+static void* g_drv_handle;
+static unsigned g_drv_generation; /* counts nvk_reset_driver calls */
 static char g_drv_error[512];
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -83,6 +85,8 @@ const char* nvk_version(void) {
   return g_version;
 }
 
+const char* nvk_manifest(void) { return nvk_manifest_json; }
+
 static nvk_status fail(nvk_status st, const char* fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
@@ -100,19 +104,32 @@ static nvk_status cu_fail(CUresult r, const char* what) {
 static void ok(void) { t_error[0] = 0; }
 
 /* ------------------------------------------------------------------ driver loading */
+/* NEXTVIT_CUDA_DRIVER names the driver library to open instead of libcuda.so.1 (nothing else is
+ * tried then): the CPU stand-in of nextvit_kernels.testing. An override of the library search
+ * path would also reach torch's own dlopen of libcuda; this variable reaches only this library. */
+#define DRIVER_ENV "NEXTVIT_CUDA_DRIVER"
+
 static int load_driver_locked(void) {
   if (g_drv_state) return g_drv_state;
+  const char* override = getenv(DRIVER_ENV);
   const char* names[] = {"libcuda.so.1", "libcuda.so"};
+  size_t n_names = sizeof names / sizeof *names;
+  if (override && *override) {
+    names[0] = override;
+    n_names = 1;
+  }
   void* h = NULL;
-  for (size_t i = 0; i < sizeof names / sizeof *names && !h; ++i) h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+  for (size_t i = 0; i < n_names && !h; ++i) h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
   if (!h) {
     const char* e = dlerror();
     snprintf(g_drv_error, sizeof g_drv_error,
-             "no CUDA driver: dlopen(libcuda.so.1) failed (%s); a GPU and its driver are needed to launch kernels",
-             e ? e : "not found");
+             "no CUDA driver: dlopen(%s) failed (%s)%s", names[0], e ? e : "not found",
+             override && *override ? " (named by " DRIVER_ENV ")"
+                                   : "; a GPU and its driver are needed to launch kernels");
     g_drv_state = -1;
     return -1;
   }
+  g_drv_handle = h;
 #define SYM(name, ver)                                                                              \
   do {                                                                                              \
     void* p = NULL;                                                                                 \
@@ -345,6 +362,24 @@ done:
   return ret;
 }
 
+nvk_status nvk_reset_driver(void) {
+  pthread_mutex_lock(&g_lock);
+  while (g_ctxs) {
+    nvk_ctx_t* c = g_ctxs;
+    g_ctxs = c->next;
+    free(c->k);
+    free(c);
+  }
+  memset(&g_drv, 0, sizeof g_drv);
+  g_drv_state = 0;
+  ++g_drv_generation;
+  if (g_drv_handle) dlclose(g_drv_handle);
+  g_drv_handle = NULL;
+  pthread_mutex_unlock(&g_lock);
+  ok();
+  return NVK_OK;
+}
+
 /* ------------------------------------------------------------------ lookup + launch */
 static const char* op_names[NVK_NUM_OPS] = {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"};
 static const char* dt_names[3] = {"fp32", "fp16", "bf16"};
@@ -433,6 +468,9 @@ static nvk_status launch(const nvk_ctx_t* c, int op, int kidx, const nvk_args_t*
   for (int i = 0; i < kd->n_hidden; ++i) params[np++] = (void*)&null_ptr; /* global/profile scratch: none */
   if (np != kd->n_params + kd->n_hidden)
     return fail(NVK_ERR_INVALID, "nvk_%s: internal error: parameter count mismatch for %s", op_names[op], kd->id);
+  /* A driver reads only the kernel's own count; the terminator lets the CPU stand-in
+   * (nextvit_kernels.testing) check that count. */
+  params[np] = NULL;
   CUresult r = g_drv.cuLaunchKernel(lk->fn, (unsigned)gx, (unsigned)gy, (unsigned)gz, 32u * (unsigned)kd->num_warps,
                                     1, 1, (unsigned)lk->shared, (CUstream)stream, params, NULL);
   if (r != CUDA_SUCCESS) return cu_fail(r, "cuLaunchKernel");

@@ -39,4 +39,5 @@ extern const int nvk_num_kernels;
 extern const nvk_shape_class_t nvk_shape_classes[];
 extern const int nvk_num_shape_classes;
 extern const char nvk_aot_info[];
+extern const char nvk_manifest_json[];  /* aot.embedded_manifest, NUL-terminated */
 #endif

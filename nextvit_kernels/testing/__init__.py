@@ -1,0 +1,242 @@
+"""Testing aids: a CPU stand-in for the CUDA driver, so that the C library and everything built on
+it run for real on a machine without a GPU.
+
+    import os; os.environ["TRITON_INTERPRET"] = "1"       # before nextvit_kernels' kernels are imported
+    from nextvit_kernels import clib, testing
+    with testing.cpu_driver() as drv:                      # the installed C library, or library=PATH
+        y = clib.mlp(x, w1, b1, w2, b2)                    # CPU tensors stand for device tensors
+        print(drv.counters())                              # launches, allocations, copies, syncs
+
+How it works. ``cpu_driver.c`` (compiled on first use with the system's C compiler) implements the
+driver entry points the C library calls, on host memory: one sm_90 device, streams that run work
+at once, ``cuMemAlloc`` as guarded host allocations. The C library opens it instead of
+``libcuda.so.1`` because ``$NEXTVIT_CUDA_DRIVER`` names it (read when the library opens its driver;
+``nvk_reset_driver`` makes it open one again), so nothing else in the process, torch included, sees
+it. Every pointer the library asks about, copies to or launches with must lie in a buffer the
+stand-in knows: its own allocations, what ``CpuDriver.registered`` registers, and, under the
+context, the tensors of every ``nextvit_kernels.clib`` call.
+
+``execute=True``: each launch runs the same Triton kernel under Triton's interpreter, decoded with
+the manifest the library embeds; every load and store is checked against the launch's buffers
+(``_interpret``), and a launch that cannot be decoded (unknown image, parameter count, pointer
+outside every known buffer, misaligned pointer, grid, block or shared memory beyond CUDA's limits)
+fails with a message naming the kernel: the C call returns ``NVK_ERR_CUDA`` with that message, and
+``CpuDriver.errors`` lists it. ``execute=False``: launches are checked and counted, nothing runs
+(host-time measurements of the C paths). What this cannot check: the cubins themselves (they are
+never executed; the interpreter runs the Triton source they were compiled from).
+"""
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import List, Optional
+
+__all__ = ["cpu_driver", "CpuDriver", "driver_library", "DRIVER_ENV"]
+
+DRIVER_ENV = "NEXTVIT_CUDA_DRIVER"  # read by the C library when it opens its CUDA driver
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_driver.c")
+_CFLAGS = ["-O2", "-g", "-std=c11", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", "-pthread"]
+_LAUNCH_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, *([ctypes.c_uint] * 7),
+                              ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int)
+COUNTERS = ("launches", "allocs", "frees", "copies", "syncs", "live_allocs")
+
+
+def _cache_dir() -> str:
+    d = os.environ.get("NEXTVIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "nextvit_kernels")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def driver_library(extra_cflags=()) -> str:
+    """The stand-in's shared library, compiled from ``cpu_driver.c`` on first use (cached by source
+    and flags; ``$CC`` or ``cc``). ``extra_cflags``, or ``$NEXTVIT_CPU_DRIVER_CFLAGS``, add flags,
+    e.g. ``-fsanitize=address,undefined`` for a sanitizer build of a C test."""
+    flags = _CFLAGS + list(extra_cflags) + os.environ.get("NEXTVIT_CPU_DRIVER_CFLAGS", "").split()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("the CPU driver stand-in needs a C compiler (cc or $CC) to build cpu_driver.c")
+    with open(_SOURCE, "rb") as f:
+        key = hashlib.sha1(f.read() + " ".join([cc] + flags).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"libnvk_cpu_driver-{key}.so")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+        os.close(fd)
+        r = subprocess.run([cc, *flags, "-o", tmp, _SOURCE], capture_output=True, text=True)
+        if r.returncode:
+            os.unlink(tmp)
+            raise RuntimeError(f"building the CPU driver stand-in failed:\n{' '.join([cc, *flags])}\n{r.stderr}")
+        os.replace(tmp, path)  # atomic: concurrent test processes may build it too
+    return path
+
+
+class CpuDriver:
+    """The stand-in while ``cpu_driver`` is active: its buffer registry, counters and the errors
+    of refused launches."""
+
+    def __init__(self, lib: ctypes.CDLL, path: str, execute: bool):
+        self._lib, self.path, self.execute = lib, path, execute
+        lib.nvkcpu_register.argtypes = lib.nvkcpu_unregister.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.nvkcpu_find.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
+                                    ctypes.POINTER(ctypes.c_size_t)]
+        lib.nvkcpu_set_error.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        lib.nvkcpu_counters.argtypes = [ctypes.POINTER(ctypes.c_longlong)]
+        lib.nvkcpu_fail_alloc_after.argtypes = [ctypes.c_longlong]
+        lib.nvkcpu_set_launch_callback.argtypes = [ctypes.c_void_p]
+        lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        self.errors: List[str] = []
+        self._errors_lock = threading.Lock()
+        self._callback = None
+
+    # -------------------------------------------------------------- buffers
+    def register(self, ptr: int, nbytes: int) -> None:
+        """Makes [ptr, ptr + nbytes) known, as device memory the C library may be given."""
+        if self._lib.nvkcpu_register(ptr, nbytes):
+            raise ValueError(self._message(1))
+
+    def unregister(self, ptr: int, nbytes: int) -> None:
+        if self._lib.nvkcpu_unregister(ptr, nbytes):
+            raise ValueError(self._message(1))
+
+    @contextlib.contextmanager
+    def registered(self, *objs):
+        """Registers, for the block, each tensor's extent (or (ptr, nbytes) pair, or object with
+        ``__cuda_array_interface__``); None is skipped."""
+        spans = [s for s in map(_span, objs) if s is not None]
+        done = []
+        try:
+            for s in spans:
+                self.register(*s)
+                done.append(s)
+            yield
+        finally:
+            for s in reversed(done):
+                self.unregister(*s)
+
+    def find(self, ptr: int, nbytes: int = 1):
+        """(start, size) of the innermost known buffer holding [ptr, ptr + nbytes), else None."""
+        start, size = ctypes.c_size_t(), ctypes.c_size_t()
+        if self._lib.nvkcpu_find(ptr, nbytes, ctypes.byref(start), ctypes.byref(size)):
+            return start.value, size.value
+        return None
+
+    # -------------------------------------------------------------- counters, faults
+    def counters(self) -> dict:
+        """Launches, cuMemAlloc / cuMemFree calls, copies and synchronizations since the last
+        ``reset_counters``, and the cuMemAlloc allocations alive now."""
+        out = (ctypes.c_longlong * len(COUNTERS))()
+        self._lib.nvkcpu_counters(out)
+        return dict(zip(COUNTERS, out))
+
+    def reset_counters(self) -> None:
+        self._lib.nvkcpu_reset_counters()
+        with self._errors_lock:
+            self.errors.clear()
+
+    def fail_alloc_after(self, n: Optional[int]) -> None:
+        """Lets ``n`` more cuMemAlloc calls succeed, then fails every one (None: never fail)."""
+        self._lib.nvkcpu_fail_alloc_after(-1 if n is None else n)
+
+    def _message(self, code: int) -> str:
+        s = ctypes.c_char_p()
+        self._lib.cuGetErrorString(code, ctypes.byref(s))
+        return s.value.decode(errors="replace")
+
+    # -------------------------------------------------------------- execute mode
+    def _install(self, manifest_json: str) -> None:
+        from . import _interpret
+        _interpret.install_checks()
+        ex = _interpret.Executor(manifest_json, self.find)
+
+        def on_launch(name, image, gx, gy, gz, bx, by, bz, shared, stream, params, n):
+            try:
+                ex.launch(name.decode(), image, (gx, gy, gz), (bx, by, bz), shared, params, n)
+                return 0
+            except Exception as err:  # noqa: BLE001 - a C caller is on the stack: report, never raise
+                msg = str(err) if isinstance(err, _interpret.LaunchError) else f"{type(err).__name__}: {err}"
+                with self._errors_lock:
+                    self.errors.append(msg)
+                self._lib.nvkcpu_set_error(1, msg.encode(errors="replace"))
+                return 1  # CUDA_ERROR_INVALID_VALUE
+        self._callback = _LAUNCH_CB(on_launch)
+        self._lib.nvkcpu_set_launch_callback(ctypes.cast(self._callback, ctypes.c_void_p))
+
+    def _uninstall(self) -> None:
+        self._lib.nvkcpu_set_launch_callback(None)
+        self._callback = None
+
+
+def _span(obj):
+    if obj is None:
+        return None
+    if isinstance(obj, tuple):
+        return obj
+    cai = getattr(obj, "__cuda_array_interface__", None)
+    if cai is not None:
+        n = 1
+        for d in cai["shape"]:
+            n *= d
+        if cai.get("strides") is not None:
+            raise ValueError("registered arrays must be contiguous")
+        import numpy as np
+        return cai["data"][0], n * np.dtype(cai["typestr"]).itemsize
+    n = obj.numel() * obj.element_size()  # a torch tensor: its extent, not its storage's
+    return (obj.data_ptr(), n) if n else None
+
+
+def _require_interpreter():
+    import triton
+    from .. import ops
+    if not isinstance(ops.module("mlp")._mlp_kernel, triton.runtime.interpreter.InterpretedFunction):
+        raise RuntimeError("cpu_driver(execute=True) runs the kernels under Triton's interpreter: set "
+                           "TRITON_INTERPRET=1 before nextvit_kernels' kernels are first imported (or use "
+                           "execute=False to count launches only)")
+
+
+_active: Optional[CpuDriver] = None
+_active_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def cpu_driver(execute: bool = True, library: Optional[str] = None, compute_capability: int = 90):
+    """Makes the C library of this process launch through the CPU stand-in for the block: the
+    installed one (``nextvit_kernels.clib.load()``), or the ``libnextvit_kernels.so`` at ``library``.
+    Within it ``nextvit_kernels.clib`` takes CPU tensors where it takes CUDA tensors. Yields the
+    ``CpuDriver``. ``compute_capability`` is the device's (90: the sm_90 cubins are loaded; 80: the
+    sm_80 ones). Not re-entrant; no C call may be in flight when it starts or ends."""
+    global _active
+    from .. import clib
+    with _active_lock:
+        if _active is not None:
+            raise RuntimeError("cpu_driver is already active")
+        path = driver_library()
+        drv = CpuDriver(ctypes.CDLL(path), path, execute)
+        lib = clib.load() if library is None else clib.load_path(library)
+        control = ctypes.CDLL(clib.library_path(lib))
+        control.nvk_reset_driver.restype = ctypes.c_int
+        control.nvk_manifest.restype = ctypes.c_char_p
+        if execute:
+            _require_interpreter()
+            drv._install(control.nvk_manifest().decode())
+        drv._lib.nvkcpu_set_compute_capability(int(compute_capability))
+        old_env = os.environ.get(DRIVER_ENV)
+        os.environ[DRIVER_ENV] = path
+        control.nvk_reset_driver()
+        clib._host_driver, clib._host_lib = drv, lib
+        _active = drv
+    try:
+        yield drv
+    finally:
+        with _active_lock:
+            clib._host_driver = clib._host_lib = None
+            if old_env is None:
+                os.environ.pop(DRIVER_ENV, None)
+            else:
+                os.environ[DRIVER_ENV] = old_env
+            control.nvk_reset_driver()
+            drv._uninstall()
+            _active = None
