@@ -89,6 +89,7 @@ class CpuDriver:
         lib.nvkcpu_set_launch_callback.argtypes = [ctypes.c_void_p]
         lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         self.errors: List[str] = []
+        self._touched = {}  # buffer start -> end of the furthest byte a launch accessed in it
         self._errors_lock = threading.Lock()
         self._callback = None
 
@@ -133,9 +134,30 @@ class CpuDriver:
         return dict(zip(COUNTERS, out))
 
     def reset_counters(self) -> None:
+        """Zeroes the counters and forgets the errors and the reach of past launches."""
         self._lib.nvkcpu_reset_counters()
         with self._errors_lock:
             self.errors.clear()
+            self._touched.clear()
+
+    def reach(self, ptr: int) -> int:
+        """Bytes from ``ptr`` to the end of the furthest byte the launches since the last
+        ``reset_counters`` accessed in the buffer that starts at ``ptr`` or holds it (0: none);
+        ``execute=True`` only. E.g. how much of a workspace the kernels really used."""
+        with self._errors_lock:
+            start = ptr if ptr in self._touched else None
+        if start is None:  # ptr inside a buffer that is still known
+            buf = self.find(ptr)
+            if buf is None:
+                return 0
+            start = buf[0]
+        with self._errors_lock:
+            end = self._touched.get(start, ptr)
+        return max(0, end - ptr)
+
+    def _touch(self, buffer: int, end: int) -> None:
+        with self._errors_lock:
+            self._touched[buffer] = max(self._touched.get(buffer, end), end)
 
     def fail_alloc_after(self, n: Optional[int]) -> None:
         """Lets ``n`` more cuMemAlloc calls succeed, then fails every one (None: never fail)."""
@@ -150,7 +172,7 @@ class CpuDriver:
     def _install(self, manifest_json: str) -> None:
         from . import _interpret
         _interpret.install_checks()
-        ex = _interpret.Executor(manifest_json, self.find)
+        ex = _interpret.Executor(manifest_json, self.find, self._touch)
 
         def on_launch(name, image, gx, gy, gz, bx, by, bz, shared, stream, params, n):
             try:

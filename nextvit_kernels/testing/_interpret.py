@@ -34,10 +34,12 @@ class LaunchError(Exception):
 
 
 class Region:
-    __slots__ = ("name", "start", "end")
+    """A pointer argument's reach: from the pointer to the end of the buffer it starts in;
+    ``high`` is the end of the furthest byte accessed through it so far."""
+    __slots__ = ("name", "start", "end", "high", "buffer")
 
     def __init__(self, name, start, end):
-        self.name, self.start, self.end = name, start, end
+        self.name, self.start, self.end, self.high = name, start, end, start
 
 
 # ------------------------------------------------------------------ checked memory access
@@ -57,10 +59,14 @@ def _check_access(ptrs, mask, kind):
     lo, hi = int(addr.min()), int(addr.max()) + size
     for r in regions:
         if r.start <= lo and hi <= r.end:
+            r.high = max(r.high, hi)
             return
     ok = np.zeros(addr.shape, dtype=bool)
     for r in regions:
-        ok |= (addr >= r.start) & (addr + size <= r.end)
+        inside = (addr >= r.start) & (addr + size <= r.end)
+        if inside.any():
+            r.high = max(r.high, int(addr[inside].max()) + size)
+        ok |= inside
     if ok.all():
         return
     bad = int(addr[~ok].flat[0])
@@ -127,10 +133,11 @@ def image_bytes(addr: int) -> bytes:
 class Executor:
     """Decodes and runs launches for the kernels of one embedded manifest."""
 
-    def __init__(self, manifest_json: str, find):
-        """``find(ptr) -> (start, size) | None``: the innermost known buffer holding ptr."""
+    def __init__(self, manifest_json: str, find, touched):
+        """``find(ptr) -> (start, size) | None``: the innermost known buffer holding ptr;
+        ``touched(buffer_start, end)``: an access through some argument reached ``end``."""
         self.manifest = json.loads(manifest_json)
-        self.find = find
+        self.find, self.touched = find, touched
         self.by_hash = {}
         for k in self.manifest["kernels"]:
             for arch, info in k["archs"].items():
@@ -192,7 +199,9 @@ class Executor:
                     raise LaunchError(f"{what}: argument {pname} = {ptr:#x} is not 16-byte aligned, which the compiled "
                                       "kernel assumes (tt.divisibility=16)")
                 end = buf[0] + buf[1]
-                regions.append(Region(pname, ptr, end))
+                region = Region(pname, ptr, end)
+                region.buffer = buf[0]
+                regions.append(region)
                 raw = torch.frombuffer((ctypes.c_uint8 * (end - ptr)).from_address(ptr), dtype=torch.uint8)
                 keep.append(raw)
                 values[pname] = triton.reinterpret(raw, getattr(torch, _PTR_DTYPES[k["signature"][pname]]))
@@ -223,3 +232,6 @@ class Executor:
                 raise LaunchError(f"{what}: the interpreter failed: {err}") from err
             finally:
                 _active.launch = None
+                for r in regions:
+                    if r.high > r.start:
+                        self.touched(r.buffer, r.high)
