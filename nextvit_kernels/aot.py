@@ -110,17 +110,23 @@ def _nhwc(b, c, h, w):
     return h * w * c, 1, w * c, c
 
 
+def _nchw(b, c, h, w):
+    """Strides of a contiguous NCHW [B, C, H, W] tensor (the whole-model runtime's image input)."""
+    return c * h * w, h * w, w, 1
+
+
 def _conv_calls(key, dtype, _probe):
     m = _mod("conv_bn_relu")
     ci, co, s = key["c_in"], key["c_out"], key["stride"]
     cfg = m._config(ci, co, torch.empty((), dtype=dtype).element_size())
+    x_strides = _nchw if key.get("nchw") else _nhwc
 
     def args(b, h, w):
         ho, wo = m.out_size(h, s), m.out_size(w, s)
         return ([("x_ptr", "p"), ("w_ptr", "p"), ("b_ptr", "p"), ("out_ptr", "p"),
                  ("M", b * ho * wo), ("H", h), ("W", w), ("HO", ho), ("WO", wo),
                  ("C_IN", ci), ("C_OUT", co)]
-                + list(zip(("sxb", "sxc", "sxh", "sxw"), _nhwc(b, ci, h, w)))
+                + list(zip(("sxb", "sxc", "sxh", "sxw"), x_strides(b, ci, h, w)))
                 + list(zip(("sw0", "sw1", "sw2", "sw3"), (ci * 9, 9, 3, 1)))
                 + [("sbias", 1)]
                 + list(zip(("sob", "soc", "soh", "sow"), _nhwc(b, co, ho, wo))))
@@ -279,7 +285,8 @@ def _head_calls(key, dtype, hw):
 
 
 SPECS: Dict[str, OpSpec] = {
-    "conv_bn_relu": OpSpec(("c_in", "c_out", "stride"), ("BLOCK_M", "BLOCK_N"), None, _conv_calls),
+    # nchw = 1: the input read as contiguous NCHW (the stem's first conv in the whole-model runtime)
+    "conv_bn_relu": OpSpec(("c_in", "c_out", "stride", "nchw"), ("BLOCK_M", "BLOCK_N"), None, _conv_calls),
     "patch_embed": OpSpec(("c_in", "c_out", "stride"), ("BLOCK_M", "BLOCK_N"), None, _patch_embed_calls),
     "mhca": OpSpec(("c", "c_out", "residual"),
                    ("BLOCK_M", "BLOCK_N", "CONV_BLOCK_M", "PROJ_BLOCK_M", "PROJ_BLOCK_N"), "pixels", _mhca_calls),
@@ -308,47 +315,56 @@ def _plan(variant: str):
     return _PLANS[variant]
 
 
-def plan_keys(variant: str, resolution: int):
-    """[(op, key dict, probe value or None)] for every step of the fused plan of ``variant``
-    at ``resolution`` x ``resolution`` (probe: E-MHSA key tokens, head H*W, MHCA pixels at batch 1)."""
-    from .fused import spatial_sizes
-    plan = _plan(variant)
-    sizes, (h_out, w_out) = spatial_sizes(plan, resolution, resolution)
-    branch_c = None
-    out = []
-    cur_c = 3
-    for s, (h, w) in zip(plan.steps, sizes):
+def step_keys(plan) -> List[Tuple[str, dict]]:
+    """The C table's shape key of each step of ``plan`` (the stem conv's with an NHWC input):
+    what the C library looks a step's kernels up by, and what a model file records."""
+    branch_c, cur_c, out = None, 3, []
+    for s in plan.steps:
         t = s.tensors
-        if s.op == "conv_bn_relu":
+        if s.op in ("conv_bn_relu", "patch_embed"):
             key = dict(c_in=t[0].shape[1], c_out=t[0].shape[0], stride=s.kwargs["stride"])
-            out.append(("conv_bn_relu", key, None))
-            cur_c = key["c_out"]
-        elif s.op == "patch_embed":
-            key = dict(c_in=t[0].shape[1], c_out=t[0].shape[0], stride=s.kwargs["stride"])
-            out.append(("patch_embed", key, None))
+            if s.op == "conv_bn_relu":
+                key["nchw"] = 0
             if s.to_branch:
                 branch_c = key["c_out"]
             else:
                 cur_c = key["c_out"]
         elif s.op == "mhca":
             key = dict(c=t[0].shape[0], c_out=t[2].shape[0], residual=int(s.kwargs.get("residual", True)))
-            out.append(("mhca", key, h * w))  # probe: pixels B*H*W, here at batch 1
         elif s.op == "mlp":
             c2 = branch_c if s.x2_branch else 0
             key = dict(c1=cur_c, c2=c2, hidden=t[0].shape[0], c_out=t[2].shape[0],
                        residual=int(s.kwargs.get("residual", True)))
             assert t[0].shape[1] == cur_c + c2
-            out.append(("mlp", key, None))
             cur_c = key["c_out"]
         elif s.op == "e_mhsa":
-            sr = s.kwargs["sr_ratio"]
-            key = dict(c=t[0].shape[0], c_out=t[6].shape[0], sr_ratio=sr,
+            key = dict(c=t[0].shape[0], c_out=t[6].shape[0], sr_ratio=s.kwargs["sr_ratio"],
                        head_dim=s.kwargs.get("head_dim", 32), residual=int(s.kwargs.get("residual", True)))
-            out.append(("e_mhsa", key, (h * w) // (sr * sr)))
         else:
             raise ValueError(f"unknown op {s.op}")
+        out.append((s.op, key))
+    return out
+
+
+def plan_keys(variant: str, resolution: int):
+    """[(op, key dict, probe value or None)] for every step of the fused plan of ``variant``
+    at ``resolution`` x ``resolution`` (probe: E-MHSA key tokens, head H*W, MHCA pixels at batch 1),
+    the stem conv also with an NCHW input (the whole-model runtime reads images either way)."""
+    from .fused import spatial_sizes
+    plan = _plan(variant)
+    sizes, (h_out, w_out) = spatial_sizes(plan, resolution, resolution)
+    out = []
+    for i, ((op, key), (h, w)) in enumerate(zip(step_keys(plan), sizes)):
+        probe = h * w if op == "mhca" else (h * w) // key["sr_ratio"] ** 2 if op == "e_mhsa" else None
+        out.append((op, key, probe))
+        if i == 0:
+            out.append((op, dict(key, nchw=1), None))
     hw_, hb = plan.head
     out.append(("head", dict(c=hw_.shape[1], n_classes=hw_.shape[0]), h_out * w_out))
+    # the stage norms of a detection/segmentation backbone run as 1x1 convs (nvk_model.c)
+    for s, (op, key) in zip(plan.steps, step_keys(plan)):
+        if s.stage_end >= 0:
+            out.append(("patch_embed", dict(c_in=key["c_out"], c_out=key["c_out"], stride=1), None))
     return out
 
 

@@ -14,21 +14,18 @@ Under ``nextvit_kernels.testing.cpu_driver()`` the library launches through a CP
 CUDA driver: CPU tensors then stand for device tensors, and each call registers its tensors with
 the stand-in for the call's duration.
 """
-import ctypes
 import os
 from typing import Optional
 
 import torch
 
+from . import _library
 from .ops import _common
 
 _DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_STATUS = {0: "OK", 1: "NVK_ERR_INVALID", 2: "NVK_ERR_UNSUPPORTED", 3: "NVK_ERR_CUDA", 4: "NVK_ERR_NO_DRIVER"}
+_STATUS = _library.STATUS
 _lib = None
 _load_error: Optional[str] = None
-# Set by nextvit_kernels.testing.cpu_driver: the stand-in driver and the library it drives.
-_host_driver = None
-_host_lib = None
 
 
 class CLibError(RuntimeError):
@@ -39,57 +36,9 @@ class CLibError(RuntimeError):
         super().__init__(f"nvk_{op}: {_STATUS.get(status, status)}: {message}")
 
 
-_VP, _I, _SZ = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
-# (argtypes, restype) of every entry point, as in csrc/include/nextvit_kernels.h (a CPU
-# test checks the two agree: a wrong count here only fails at a GPU call otherwise).
-SIGNATURES = {
-    "nvk_conv_bn_relu": ([_VP] * 4 + [_I] * 7 + [_VP], _I),
-    "nvk_patch_embed": ([_VP] * 4 + [_I] * 7 + [_VP], _I),
-    "nvk_mhca": ([_VP] * 6 + [_I] * 7 + [_VP], _I),
-    "nvk_mlp": ([_VP] * 8 + [_I] * 9 + [_VP], _I),
-    "nvk_e_mhsa": ([_VP] * 11 + [_I] * 9 + [_VP], _I),
-    "nvk_head": ([_VP] * 4 + [_I] * 6 + [_VP], _I),
-    "nvk_e_mhsa_workspace_size": ([_I] * 9, _SZ),
-    "nvk_mlp_workspace_size": ([_I] * 9, _SZ),
-    "nvk_mhca_workspace_size": ([_I] * 7, _SZ),
-    "nvk_load": ([_VP], _I),
-    "nvk_reset_driver": ([], _I),
-    "nvk_manifest": ([], ctypes.c_char_p),
-    "nvk_last_error": ([], ctypes.c_char_p),
-    "nvk_version": ([], ctypes.c_char_p),
-}
-_STRINGS = ("nvk_last_error", "nvk_version", "nvk_manifest")
-
-
-class _CtypesLib:
-    """Same surface as the pybind11 module, over ctypes."""
-
-    def __init__(self, path):
-        self.path = path
-        lib = ctypes.CDLL(path)
-        for name, (args, res) in SIGNATURES.items():
-            f = getattr(lib, name)
-            f.argtypes, f.restype = args, res
-            if name not in _STRINGS:
-                setattr(self, name[4:], f)
-        self._lib = lib
-
-    def last_error(self):
-        return self._lib.nvk_last_error().decode()
-
-    def version(self):
-        return self._lib.nvk_version().decode()
-
-    def manifest(self):
-        return self._lib.nvk_manifest().decode()
-
-
-def _candidates():
-    env = os.environ.get("NEXTVIT_CLIB")
-    here = os.path.dirname(os.path.abspath(__file__))
-    if env:  # an explicit choice: nothing else is tried
-        return [env] if env.endswith(".so") else [os.path.join(env, "libnextvit_kernels.so")]
-    return [os.path.join(here, "libnextvit_kernels.so")]
+# the ctypes binding (kept importable from here: tests and tools use these names)
+SIGNATURES = _library.SIGNATURES
+_CtypesLib = _library.CtypesLib
 
 
 def load(force_ctypes: bool = False):
@@ -105,32 +54,19 @@ def load(force_ctypes: bool = False):
             return _lib
         except ImportError as e:
             errors.append(f"nextvit_kernels._C: {e}")
-    for p in _candidates():
-        if os.path.exists(p):
-            try:
-                lib = _CtypesLib(p)
-                if not force_ctypes:
-                    _lib = lib
-                return lib
-            except OSError as e:
-                errors.append(f"{p}: {e}")
-        else:
-            errors.append(f"{p}: not found")
-    _load_error = (
-        "the nextvit_kernels C library is not built. Build it with `pip install .` (needs a CUDA "
-        "toolkit's nvcc, cmake and ninja) or `cmake -S . -B build -G Ninja && cmake --build build`, "
-        "then set NEXTVIT_CLIB=build (the directory holding libnextvit_kernels.so). Tried: "
-        + "; ".join(errors))
-    raise RuntimeError(_load_error)
+    try:
+        lib = _library.open_default()
+    except RuntimeError as e:
+        _load_error = str(e) if not errors else f"{e}; {'; '.join(errors)}"
+        raise RuntimeError(_load_error) from None
+    if not force_ctypes:
+        _lib = lib
+    return lib
 
 
 def load_path(path: str):
     """The library at ``path`` (a .so, or a directory holding libnextvit_kernels.so), through ctypes."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "libnextvit_kernels.so")
-    if not os.path.exists(path):
-        raise RuntimeError(f"no C library at {path}")
-    return _CtypesLib(os.path.abspath(path))
+    return _library.open_path(path)
 
 
 def library_path(lib=None) -> str:
@@ -157,7 +93,7 @@ def version() -> str:
 # --------------------------------------------------------------------------- helpers
 def _check(op, status):
     if status != 0:
-        raise CLibError(op, status, (_host_lib or load()).last_error())
+        raise CLibError(op, status, (_library.host_lib or load()).last_error())
 
 
 def _prep(op, x):
@@ -165,14 +101,14 @@ def _prep(op, x):
     return _common.to_channels_last(x)
 
 
-def _library(op, x):
+def _lib_for(op, x):
     """The library, once every tensor of the call has been checked against ``x``'s device (so
     a device mismatch is reported as such on any device type, before CUDA is needed)."""
-    if _host_driver is not None:
+    if _library.host is not None:
         if x.is_cuda:
             raise ValueError(f"{op}: under nextvit_kernels.testing.cpu_driver() the C library launches on a CPU "
                              "stand-in of the CUDA driver: pass CPU tensors")
-        return _host_lib
+        return _library.host_lib
     if not x.is_cuda:
         raise ValueError(f"{op}: the C library needs CUDA tensors, got {x.device}")
     return load()
@@ -192,8 +128,8 @@ def _launch(op, entry, x, *args):
     current for such a call. CPU tensors (under the stand-in driver) are registered with it for
     the call, on the default stream."""
     raw = [a.data_ptr() if isinstance(a, torch.Tensor) else 0 if a is None else a for a in args]
-    if _host_driver is not None:
-        with _host_driver.registered(*(a for a in args if isinstance(a, torch.Tensor))):
+    if _library.host is not None:
+        with _library.host.registered(*(a for a in args if isinstance(a, torch.Tensor))):
             status = entry(*raw, 0)
     else:
         stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -218,7 +154,7 @@ def conv_bn_relu(x, w, b, *, stride: int, impl: str = "auto"):
     w = _common.check_param(op, "w", w, x, (None, c_in, 3, 3))
     c_out = w.shape[0]
     b = _common.check_param(op, "b", b, x, (c_out,))
-    lib = _library(op, x)
+    lib = _lib_for(op, x)
     out = _common.new_output(x, bsz, c_out, (h - 1) // stride + 1, (wd - 1) // stride + 1)
     _launch(op, lib.conv_bn_relu, x, x, w, b, out, bsz, h, wd, c_in, c_out, int(stride),
             _DT[x.dtype])
@@ -232,7 +168,7 @@ def patch_embed(x, w, b, *, stride: int, impl: str = "auto"):
     w = _w(op, "w", w, x, (None, c_in))
     c_out = w.shape[0]
     b = _common.check_param(op, "b", b, x, (c_out,))
-    lib = _library(op, x)
+    lib = _lib_for(op, x)
     out = _common.new_output(x, bsz, c_out, _common.pooled_size(h, stride), _common.pooled_size(wd, stride))
     _launch(op, lib.patch_embed, x, x, w, b, out, bsz, h, wd, c_in, c_out, int(stride),
             _DT[x.dtype])
@@ -247,7 +183,7 @@ def mhca(x, conv_w, conv_b, proj_w, *, residual: bool = True, impl: str = "auto"
     conv_b = _common.check_param(op, "conv_b", conv_b, x, (c,))
     proj_w = _w(op, "proj_w", proj_w, x, (None, c))
     c_out = proj_w.shape[0]
-    lib = _library(op, x)
+    lib = _lib_for(op, x)
     dt, res = _DT[x.dtype], int(bool(residual))
     ws = _workspace(x, lib.mhca_workspace_size(bsz, h, wd, c, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
@@ -274,7 +210,7 @@ def mlp(x, fc1_w, fc1_b, fc2_w, fc2_b, *, x2=None, residual: bool = True, impl: 
     fc2_w = _w(op, "fc2_w", fc2_w, x, (None, hidden))
     c_out = fc2_w.shape[0]
     fc2_b = _common.check_param(op, "fc2_b", fc2_b, x, (c_out,))
-    lib = _library(op, x)
+    lib = _lib_for(op, x)
     dt, res = _DT[x.dtype], int(bool(residual))
     ws = _workspace(x, lib.mlp_workspace_size(bsz, h, wd, c1, c2, hidden, c_out, res, dt))
     out = _common.new_output(x, bsz, c_out, h, wd)
@@ -293,7 +229,7 @@ def e_mhsa(x, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, *, sr_ratio: int, he
     proj_w = _w(op, "proj_w", proj_w, x, (None, c))
     c_out = proj_w.shape[0]
     proj_b = _common.check_param(op, "proj_b", proj_b, x, (c_out,))
-    lib = _library(op, x)
+    lib = _lib_for(op, x)
     dt = _DT[x.dtype]
     res = int(bool(residual))
     ws = _workspace(x, lib.e_mhsa_workspace_size(bsz, h, wd, c, c_out, int(sr_ratio), int(head_dim), res, dt))
@@ -311,7 +247,7 @@ def head(x, w, b, *, impl: str = "auto"):
     w = _w(op, "w", w, x, (None, c))
     n = w.shape[0]
     b = _common.check_param(op, "b", b, x, (n,))
-    lib = _library(op, x)
+    lib = _lib_for(op, x)
     out = torch.empty((bsz, n), device=x.device, dtype=x.dtype)
     if _common.POISON_OUTPUTS:
         out.fill_(float("nan"))

@@ -23,7 +23,9 @@ VARIANTS = ("nextvit_small", "nextvit_base", "nextvit_large")
 RESOLUTIONS = (224, 384)
 EXPORTS = {"nvk_conv_bn_relu", "nvk_patch_embed", "nvk_mhca", "nvk_mlp", "nvk_e_mhsa", "nvk_head",
            "nvk_e_mhsa_workspace_size", "nvk_mlp_workspace_size", "nvk_mhca_workspace_size", "nvk_last_error", "nvk_version", "nvk_load",
-           "nvk_manifest", "nvk_reset_driver"}
+           "nvk_manifest", "nvk_reset_driver", "nvk_model_load", "nvk_model_load_memory", "nvk_model_free",
+           "nvk_model_get_info", "nvk_model_workspace_size", "nvk_model_output_shape", "nvk_model_forward",
+           "nvk_model_forward_features"}
 
 
 @pytest.fixture(scope="session")
@@ -256,8 +258,10 @@ def test_ctypes_signatures_match_header():
     assert set(clib.SIGNATURES) == EXPORTS
     for name, (ret, params) in protos.items():
         params = [p.strip() for p in params.split(",") if p.strip() not in ("", "void")]
-        want = [ctypes.c_void_p if "*" in p else ctypes.c_int for p in params]
+        want = [ctypes.c_char_p if p.startswith("const char*") else
+                ctypes.c_void_p if "*" in p or "[" in p else
+                ctypes.c_size_t if p.startswith("size_t") else ctypes.c_int for p in params]
         args, res = clib.SIGNATURES[name]
         assert args == want, (name, params)
-        assert res == {"nvk_status": ctypes.c_int, "size_t": ctypes.c_size_t,
+        assert res == {"nvk_status": ctypes.c_int, "size_t": ctypes.c_size_t, "void": None,
                        "const char*": ctypes.c_char_p}[ret], (name, ret)

@@ -3,7 +3,7 @@
 Python side: every tensor of a call must be on the input's device, checked before anything
 needs CUDA; the call runs on the input's device with that device's current stream.
 
-C side: csrc/src/nextvit_kernels.c is compiled here with a two-op shape-class table (one head kernel,
+C side: csrc/src/nextvit_kernels.c (with nvk_model.c) is compiled here with a two-op shape-class table (one head kernel,
 an MLP class that runs split into a workspace) and dlopens a fake ``libcuda.so.1`` built
 from STUB below: three devices with one context each, a per-thread context stack, stream
 handles 0x1000 * (device + 1), device pointers (device + 1) << 40 | offset. The fake driver
@@ -103,6 +103,10 @@ CUresult cuGetErrorString(CUresult r, const char** s) {
   *s = r == 1 ? "CUDA_ERROR_INVALID_VALUE" : r == 700 ? "CUDA_ERROR_ILLEGAL_ADDRESS" : "stub error";
   return 0;
 }
+/* the whole-model runtime's (not used here) */
+CUresult cuMemAlloc_v2(unsigned long long* p, size_t n) { (void)p; (void)n; return 2; }
+CUresult cuMemFree_v2(unsigned long long p) { (void)p; return 1; }
+CUresult cuMemcpyHtoD_v2(unsigned long long d, const void* s, size_t n) { (void)d; (void)s; (void)n; return 1; }
 """
 
 # head: fp16, (c, n_classes) = (64, 10); mlp: fp16, (c1, c2, hidden, c_out, residual) =
@@ -184,7 +188,8 @@ def stub_build(tmp_path_factory):
     # as CMakeLists.txt builds the library: hidden visibility, no undefined symbols
     r = subprocess.run([cc, *warn, "-fvisibility=hidden", "-Wl,--no-undefined",
                         "-I", os.path.join(ROOT, "csrc", "include"), "-I", os.path.join(ROOT, "csrc", "src"),
-                        os.path.join(ROOT, "csrc", "src", "nextvit_kernels.c"), str(d / "table.c"),
+                        os.path.join(ROOT, "csrc", "src", "nextvit_kernels.c"),
+                        os.path.join(ROOT, "csrc", "src", "nvk_model.c"), str(d / "table.c"),
                         "-o", str(so), "-ldl", "-lpthread", "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not r.stderr, f"compiler warnings:\n{r.stderr}"

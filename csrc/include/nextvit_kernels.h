@@ -61,6 +61,51 @@ NVK_API size_t nvk_e_mhsa_workspace_size(int batch, int h, int w_, int c, int c_
 NVK_API nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const void* k_w, const void* k_b, const void* v_w, const void* v_b, const void* proj_w, const void* proj_b, void* out, void* workspace, int batch, int h, int w_, int c, int c_out, int sr_ratio, int head_dim, int residual, nvk_dtype dt, void* stream);
 NVK_API nvk_status nvk_head(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c, int n_classes, nvk_dtype dt, void* stream);
 
+/* ------------------------------------------------------------------ the whole model
+ * A model file (nextvit_kernels.save_runtime, or python -m nextvit_kernels.aot --export) holds the
+ * BatchNorm-folded weights of one Next-ViT in one dtype and its plan (safetensors; the plan is
+ * also stored as a fixed-layout int64 table, which is what this library reads: no JSON here).
+ * Load uploads the weights once (the only allocation); a forward walks the plan with the AOT
+ * kernels through the caller's workspace: no allocation, no synchronization (CUDA-graph
+ * capturable once loaded), O(1) checks, and safe from several threads with separate workspaces.
+ * Images are [batch, 3, h, w] NCHW-contiguous (NVK_NCHW, what image preprocessing gives) or
+ * [batch, h, w, 3] (NVK_NHWC) in the model's dtype; the stem reads either layout directly. Logits
+ * are [batch, n_classes]; stage features [batch, h_s, w_s, c_s] NHWC at strides 4, 8, 16, 32. */
+#define NVK_MODEL_ABI_VERSION 1  /* the model-file plan layout this library reads */
+typedef enum { NVK_NCHW = 0, NVK_NHWC = 1 } nvk_layout;
+typedef struct nvk_model nvk_model;
+
+typedef struct {
+  nvk_dtype dtype;
+  int n_steps;          /* fused ops, head excluded */
+  int n_classes;        /* 0: a backbone without a head (forward_features only) */
+  int in_channels;      /* 3 */
+  int feature_channels[4];
+  int has_stage_norms;  /* features are normalized in line (detection/segmentation backbones) */
+  size_t weight_bytes;  /* device memory the weights use */
+} nvk_model_info;
+
+/* Loads a model file onto `device` (its primary context, the one the CUDA runtime, torch and CuPy
+ * use): parses and checks every byte, then allocates and uploads the weights. *model is NULL on
+ * failure. */
+NVK_API nvk_status nvk_model_load(const char* path, int device, nvk_model** model);
+NVK_API nvk_status nvk_model_load_memory(const void* data, size_t size, int device, nvk_model** model);
+NVK_API void nvk_model_free(nvk_model* model); /* NULL: nothing */
+NVK_API nvk_status nvk_model_get_info(const nvk_model* model, nvk_model_info* info);
+/* Device workspace bytes a forward (features = 0) or a forward_features (1) of this input size
+ * needs; 0 with nvk_last_error() set when the size cannot run (too small, a shape class not
+ * compiled). */
+NVK_API size_t nvk_model_workspace_size(const nvk_model* model, int batch, int h, int w_, int features);
+/* dims of output `which` (-1: logits [batch, n_classes], 0..3: stage features, NHWC): *ndim 2 or 4. */
+NVK_API nvk_status nvk_model_output_shape(const nvk_model* model, int batch, int h, int w_, int which, int dims[4],
+                                          int* ndim);
+NVK_API nvk_status nvk_model_forward(const nvk_model* model, const void* x, nvk_layout layout, void* out,
+                                     void* workspace, size_t workspace_bytes, int batch, int h, int w_, void* stream);
+/* features[s]: the four stage outputs, each of nvk_model_output_shape(..., s, ...). */
+NVK_API nvk_status nvk_model_forward_features(const nvk_model* model, const void* x, nvk_layout layout,
+                                              void* const features[4], void* workspace, size_t workspace_bytes,
+                                              int batch, int h, int w_, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -15,54 +15,13 @@
 #include <math.h>
 #include <string.h>
 
-#include "nextvit_kernels.h"
-#include "nvk_table.h"
+#include "nvk_internal.h"
 
 #ifndef NVK_VERSION_STRING
 #define NVK_VERSION_STRING "0.1.0"
 #endif
 
-/* ------------------------------------------------------------------ driver API subset */
-typedef int CUresult;
-typedef int CUdevice;
-typedef struct CUctx_st* CUcontext;
-typedef struct CUmod_st* CUmodule;
-typedef struct CUfunc_st* CUfunction;
-typedef struct CUstream_st* CUstream;
-typedef unsigned long long CUdeviceptr;
-#define CUDA_SUCCESS 0
-#define CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR 75
-#define CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR 76
-#define CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN 97
-#define CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES 1
-#define CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES 8
-#define CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL 9
-#define CU_STREAM_LEGACY ((uintptr_t)0x1)
-#define CU_STREAM_PER_THREAD ((uintptr_t)0x2)
-
-typedef struct {
-  CUresult (*cuInit)(unsigned);
-  CUresult (*cuDriverGetVersion)(int*);
-  CUresult (*cuCtxGetCurrent)(CUcontext*);
-  CUresult (*cuCtxSetCurrent)(CUcontext);
-  CUresult (*cuCtxGetDevice)(CUdevice*);
-  CUresult (*cuCtxPushCurrent)(CUcontext);
-  CUresult (*cuCtxPopCurrent)(CUcontext*);
-  CUresult (*cuStreamGetCtx)(CUstream, CUcontext*);
-  CUresult (*cuDeviceGet)(CUdevice*, int);
-  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
-  CUresult (*cuDeviceGetAttribute)(int*, int, CUdevice);
-  CUresult (*cuModuleLoadData)(CUmodule*, const void*);
-  CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);
-  CUresult (*cuFuncSetAttribute)(CUfunction, int, int);
-  CUresult (*cuFuncGetAttribute)(int*, int, CUfunction);
-  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
-                             unsigned, CUstream, void**, void**);
-  CUresult (*cuPointerGetAttribute)(void*, int, CUdeviceptr);
-  CUresult (*cuGetErrorString)(CUresult, const char**);
-} nvk_driver_t;
-
-static nvk_driver_t g_drv;
+nvk_driver_t nvki_drv;
 static int g_drv_state = 0; /* 0: not tried, 1: ok, -1: failed */
 static void* g_drv_handle;
 static unsigned g_drv_generation; /* counts nvk_reset_driver calls */
@@ -87,7 +46,7 @@ const char* nvk_version(void) {
 
 const char* nvk_manifest(void) { return nvk_manifest_json; }
 
-static nvk_status fail(nvk_status st, const char* fmt, ...) {
+nvk_status nvki_fail(nvk_status st, const char* fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(t_error, sizeof t_error, fmt, ap);
@@ -95,13 +54,13 @@ static nvk_status fail(nvk_status st, const char* fmt, ...) {
   return st;
 }
 
-static nvk_status cu_fail(CUresult r, const char* what) {
+nvk_status nvki_cu_fail(CUresult r, const char* what) {
   const char* s = NULL;
-  if (g_drv.cuGetErrorString) g_drv.cuGetErrorString(r, &s);
-  return fail(NVK_ERR_CUDA, "%s failed: CUDA error %d (%s)", what, (int)r, s ? s : "?");
+  if (nvki_drv.cuGetErrorString) nvki_drv.cuGetErrorString(r, &s);
+  return nvki_fail(NVK_ERR_CUDA, "%s failed: CUDA error %d (%s)", what, (int)r, s ? s : "?");
 }
 
-static void ok(void) { t_error[0] = 0; }
+void nvki_ok(void) { t_error[0] = 0; }
 
 /* ------------------------------------------------------------------ driver loading */
 /* NEXTVIT_CUDA_DRIVER names the driver library to open instead of libcuda.so.1 (nothing else is
@@ -140,7 +99,7 @@ static int load_driver_locked(void) {
       g_drv_state = -1;                                                                             \
       return -1;                                                                                    \
     }                                                                                               \
-    memcpy(&g_drv.name, &p, sizeof p);                                                              \
+    memcpy(&nvki_drv.name, &p, sizeof p);                                                              \
   } while (0)
   SYM(cuInit, "");
   SYM(cuDriverGetVersion, "");
@@ -160,11 +119,14 @@ static int load_driver_locked(void) {
   SYM(cuLaunchKernel, "");
   SYM(cuPointerGetAttribute, "");
   SYM(cuGetErrorString, "");
+  SYM(cuMemAlloc, "_v2");
+  SYM(cuMemFree, "_v2");
+  SYM(cuMemcpyHtoD, "_v2");
 #undef SYM
-  CUresult r = g_drv.cuInit(0);
+  CUresult r = nvki_drv.cuInit(0);
   if (r != CUDA_SUCCESS) {
     const char* s = NULL;
-    g_drv.cuGetErrorString(r, &s);
+    nvki_drv.cuGetErrorString(r, &s);
     snprintf(g_drv_error, sizeof g_drv_error, "no usable CUDA device: cuInit failed with error %d (%s)", (int)r,
              s ? s : "?");
     g_drv_state = -1;
@@ -175,41 +137,18 @@ static int load_driver_locked(void) {
 }
 
 /* ------------------------------------------------------------------ per-context modules */
-typedef struct {
-  CUfunction fn;
-  int shared;        /* dynamic shared memory bytes of the chosen image */
-  int shared_ok;     /* the device allows that much */
-  CUresult err;      /* load error for this kernel (0: fine) */
-} nvk_loaded_t;
-
-typedef struct nvk_ctx_s {
-  CUcontext ctx;
-  CUdevice dev;      /* its device's ordinal: device pointers of a call must be on it */
-  int cc;
-  int shared_optin;
-  nvk_loaded_t* k;   /* nvk_num_kernels entries */
-  struct nvk_ctx_s* next;
-} nvk_ctx_t;
-
 static nvk_ctx_t* g_ctxs = NULL;
-
-/* One entry-point call: the context it launches in, and whether enter() pushed it. */
-typedef struct {
-  nvk_ctx_t* c;
-  int pushed;        /* leave() pops it, so the caller's current context is back */
-  int default_stream;
-} nvk_call_t;
 
 static nvk_status load_modules(CUcontext ctx, nvk_ctx_t** out);
 
-static nvk_status leave(nvk_call_t* call, nvk_status st) {
+nvk_status nvki_leave(nvk_call_t* call, nvk_status st) {
   if (call->pushed) {
     CUcontext popped;
-    CUresult r = g_drv.cuCtxPopCurrent(&popped);
+    CUresult r = nvki_drv.cuCtxPopCurrent(&popped);
     call->pushed = 0;
-    if (r != CUDA_SUCCESS && st == NVK_OK) st = cu_fail(r, "cuCtxPopCurrent");
+    if (r != CUDA_SUCCESS && st == NVK_OK) st = nvki_cu_fail(r, "cuCtxPopCurrent");
   }
-  if (st == NVK_OK) ok();
+  if (st == NVK_OK) nvki_ok();
   return st;
 }
 
@@ -219,64 +158,57 @@ static nvk_status leave(nvk_call_t* call, nvk_status st) {
  * per-thread default streams have no context of their own: they launch in the current context,
  * else (like the runtime API) in device 0's primary context, which is then made current.
  * Push/pop and the lookup are capturable; a context's first call loads the modules and is not. */
-static nvk_status get_context(void* stream, nvk_call_t* call) {
+nvk_status nvki_get_context(void* stream, nvk_call_t* call) {
   call->c = NULL;
   call->pushed = 0;
   call->default_stream = !stream || (uintptr_t)stream == CU_STREAM_LEGACY || (uintptr_t)stream == CU_STREAM_PER_THREAD;
   pthread_mutex_lock(&g_lock);
   int st = load_driver_locked();
   pthread_mutex_unlock(&g_lock);
-  if (st < 0) return fail(NVK_ERR_NO_DRIVER, "%s", g_drv_error);
+  if (st < 0) return nvki_fail(NVK_ERR_NO_DRIVER, "%s", g_drv_error);
   CUcontext cur = NULL, ctx = NULL;
-  CUresult r = g_drv.cuCtxGetCurrent(&cur);
-  if (r != CUDA_SUCCESS) return cu_fail(r, "cuCtxGetCurrent");
+  CUresult r = nvki_drv.cuCtxGetCurrent(&cur);
+  if (r != CUDA_SUCCESS) return nvki_cu_fail(r, "cuCtxGetCurrent");
   if (!call->default_stream) {
-    if ((r = g_drv.cuStreamGetCtx((CUstream)stream, &ctx)) != CUDA_SUCCESS) return cu_fail(r, "cuStreamGetCtx");
+    if ((r = nvki_drv.cuStreamGetCtx((CUstream)stream, &ctx)) != CUDA_SUCCESS) return nvki_cu_fail(r, "cuStreamGetCtx");
     if (ctx != cur) {
-      if ((r = g_drv.cuCtxPushCurrent(ctx)) != CUDA_SUCCESS) return cu_fail(r, "cuCtxPushCurrent");
+      if ((r = nvki_drv.cuCtxPushCurrent(ctx)) != CUDA_SUCCESS) return nvki_cu_fail(r, "cuCtxPushCurrent");
       call->pushed = 1;
     }
   } else if (cur) {
     ctx = cur;
   } else {
     CUdevice d;
-    if ((r = g_drv.cuDeviceGet(&d, 0)) != CUDA_SUCCESS) return cu_fail(r, "cuDeviceGet");
-    if ((r = g_drv.cuDevicePrimaryCtxRetain(&ctx, d)) != CUDA_SUCCESS) return cu_fail(r, "cuDevicePrimaryCtxRetain");
-    if ((r = g_drv.cuCtxSetCurrent(ctx)) != CUDA_SUCCESS) return cu_fail(r, "cuCtxSetCurrent");
+    if ((r = nvki_drv.cuDeviceGet(&d, 0)) != CUDA_SUCCESS) return nvki_cu_fail(r, "cuDeviceGet");
+    if ((r = nvki_drv.cuDevicePrimaryCtxRetain(&ctx, d)) != CUDA_SUCCESS) return nvki_cu_fail(r, "cuDevicePrimaryCtxRetain");
+    if ((r = nvki_drv.cuCtxSetCurrent(ctx)) != CUDA_SUCCESS) return nvki_cu_fail(r, "cuCtxSetCurrent");
   }
   nvk_status ret = load_modules(ctx, &call->c);
-  return ret ? leave(call, ret) : NVK_OK;
+  return ret ? nvki_leave(call, ret) : NVK_OK;
 }
 
-/* A device pointer argument of a call, by name (NULL: absent or unused, not checked). */
-typedef struct {
-  const char* name;
-  const void* p;
-} nvk_dptr_t;
-#define DEV(p) {#p, (const void*)(p)}
-#define NDEV(a) ((int)(sizeof(a) / sizeof *(a)))
 
 /* get_context + every device pointer of the call on the context's device. One
  * cuPointerGetAttribute per pointer per call (host-side, capturable; Triton's own launcher
  * makes the same query for every pointer argument of every launch): a pointer of another
  * device would otherwise fault (a sticky error that ruins the context) or read over peer access. */
-static nvk_status enter(const char* op, void* stream, const nvk_dptr_t* ptrs, int n, nvk_call_t* call) {
-  nvk_status st = get_context(stream, call);
+nvk_status nvki_enter(const char* op, void* stream, const nvk_dptr_t* ptrs, int n, nvk_call_t* call) {
+  nvk_status st = nvki_get_context(stream, call);
   if (st) return st;
   for (int i = 0; i < n; ++i) {
     if (!ptrs[i].p) continue;
     int ordinal = -1;
-    CUresult r = g_drv.cuPointerGetAttribute(&ordinal, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+    CUresult r = nvki_drv.cuPointerGetAttribute(&ordinal, CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
                                              (CUdeviceptr)(uintptr_t)ptrs[i].p);
     if (r != CUDA_SUCCESS) {
       const char* s = NULL;
-      g_drv.cuGetErrorString(r, &s);
-      return leave(call, fail(NVK_ERR_INVALID, "nvk_%s: %s = %p is not memory the CUDA driver knows "
+      nvki_drv.cuGetErrorString(r, &s);
+      return nvki_leave(call, nvki_fail(NVK_ERR_INVALID, "nvk_%s: %s = %p is not memory the CUDA driver knows "
                               "(cuPointerGetAttribute: CUDA error %d (%s)); pass device pointers",
                               op, ptrs[i].name, ptrs[i].p, (int)r, s ? s : "?"));
     }
     if (ordinal != (int)call->c->dev)
-      return leave(call, fail(NVK_ERR_INVALID, "nvk_%s: %s is on device %d but %s device %d", op, ptrs[i].name,
+      return nvki_leave(call, nvki_fail(NVK_ERR_INVALID, "nvk_%s: %s is on device %d but %s device %d", op, ptrs[i].name,
                               ordinal, call->default_stream ? "the default stream runs in the current context, on"
                                                             : "the stream belongs to",
                               (int)call->c->dev));
@@ -301,20 +233,20 @@ static nvk_status load_modules(CUcontext ctx, nvk_ctx_t** out) {
   CUdevice dev;
   int major = 0, minor = 0, optin = 0;
   if (!c || !ks) {
-    ret = fail(NVK_ERR_CUDA, "out of host memory");
+    ret = nvki_fail(NVK_ERR_CUDA, "out of host memory");
     goto done;
   }
-  if ((r = g_drv.cuCtxGetDevice(&dev)) != CUDA_SUCCESS) { ret = cu_fail(r, "cuCtxGetDevice"); goto done; }
-  g_drv.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev);
-  g_drv.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev);
-  g_drv.cuDeviceGetAttribute(&optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev);
+  if ((r = nvki_drv.cuCtxGetDevice(&dev)) != CUDA_SUCCESS) { ret = nvki_cu_fail(r, "cuCtxGetDevice"); goto done; }
+  nvki_drv.cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev);
+  nvki_drv.cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev);
+  nvki_drv.cuDeviceGetAttribute(&optin, CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev);
   c->ctx = ctx;
   c->dev = dev;
   c->cc = major * 10 + minor;
   c->shared_optin = optin;
   c->k = ks;
   if (c->cc < 80) {
-    ret = fail(NVK_ERR_UNSUPPORTED, "GPU compute capability %d.%d: the kernels need sm_80 or newer", major, minor);
+    ret = nvki_fail(NVK_ERR_UNSUPPORTED, "GPU compute capability %d.%d: the kernels need sm_80 or newer", major, minor);
     goto done;
   }
   for (int i = 0; i < nvk_num_kernels; ++i) {
@@ -336,16 +268,16 @@ static nvk_status load_modules(CUcontext ctx, nvk_ctx_t** out) {
       ks[i].err = -1;
       continue;
     }
-    r = g_drv.cuModuleLoadData(&mod, image);
-    if (r == CUDA_SUCCESS) r = g_drv.cuModuleGetFunction(&ks[i].fn, mod, kd->symbol);
+    r = nvki_drv.cuModuleLoadData(&mod, image);
+    if (r == CUDA_SUCCESS) r = nvki_drv.cuModuleGetFunction(&ks[i].fn, mod, kd->symbol);
     ks[i].err = r;
     ks[i].shared = (int)shared;
     ks[i].shared_ok = 1;
     if (r == CUDA_SUCCESS && shared > 49152) {
       int stat = 0;
-      g_drv.cuFuncGetAttribute(&stat, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, ks[i].fn);
+      nvki_drv.cuFuncGetAttribute(&stat, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, ks[i].fn);
       if ((int)shared + stat > optin ||
-          g_drv.cuFuncSetAttribute(ks[i].fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, (int)shared) !=
+          nvki_drv.cuFuncSetAttribute(ks[i].fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, (int)shared) !=
               CUDA_SUCCESS)
         ks[i].shared_ok = 0;
     }
@@ -362,6 +294,32 @@ done:
   return ret;
 }
 
+nvk_status nvki_enter_device(int device, nvk_call_t* call) {
+  call->c = NULL;
+  call->pushed = 0;
+  call->default_stream = 0;
+  pthread_mutex_lock(&g_lock);
+  int st = load_driver_locked();
+  pthread_mutex_unlock(&g_lock);
+  if (st < 0) return nvki_fail(NVK_ERR_NO_DRIVER, "%s", g_drv_error);
+  CUdevice d;
+  CUcontext ctx;
+  CUresult r;
+  if ((r = nvki_drv.cuDeviceGet(&d, device)) != CUDA_SUCCESS) return nvki_cu_fail(r, "cuDeviceGet");
+  if ((r = nvki_drv.cuDevicePrimaryCtxRetain(&ctx, d)) != CUDA_SUCCESS) return nvki_cu_fail(r, "cuDevicePrimaryCtxRetain");
+  if ((r = nvki_drv.cuCtxPushCurrent(ctx)) != CUDA_SUCCESS) return nvki_cu_fail(r, "cuCtxPushCurrent");
+  call->pushed = 1;
+  nvk_status ret = load_modules(ctx, &call->c);
+  return ret ? nvki_leave(call, ret) : NVK_OK;
+}
+
+unsigned nvki_driver_generation(void) {
+  pthread_mutex_lock(&g_lock);
+  unsigned g = g_drv_generation;
+  pthread_mutex_unlock(&g_lock);
+  return g;
+}
+
 nvk_status nvk_reset_driver(void) {
   pthread_mutex_lock(&g_lock);
   while (g_ctxs) {
@@ -370,21 +328,21 @@ nvk_status nvk_reset_driver(void) {
     free(c->k);
     free(c);
   }
-  memset(&g_drv, 0, sizeof g_drv);
+  memset(&nvki_drv, 0, sizeof nvki_drv);
   g_drv_state = 0;
   ++g_drv_generation;
   if (g_drv_handle) dlclose(g_drv_handle);
   g_drv_handle = NULL;
   pthread_mutex_unlock(&g_lock);
-  ok();
+  nvki_ok();
   return NVK_OK;
 }
 
 /* ------------------------------------------------------------------ lookup + launch */
-static const char* op_names[NVK_NUM_OPS] = {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"};
-static const char* dt_names[3] = {"fp32", "fp16", "bf16"};
+const char* const nvki_op_names[NVK_NUM_OPS] = {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"};
+const char* const nvki_dt_names[3] = {"fp32", "fp16", "bf16"};
 
-static const nvk_shape_class_t* lookup(int op, int dt, const int* key, int nkey, long long probe) {
+const nvk_shape_class_t* nvki_lookup(int op, int dt, const int* key, int nkey, long long probe) {
   for (int i = 0; i < nvk_num_shape_classes; ++i) {
     const nvk_shape_class_t* s = &nvk_shape_classes[i];
     if (s->op != op || s->dtype != dt) continue;
@@ -397,16 +355,16 @@ static const nvk_shape_class_t* lookup(int op, int dt, const int* key, int nkey,
   return NULL;
 }
 
-static nvk_status unsupported(int op, int dt, const int* key, int nkey, const char* key_desc) {
+nvk_status nvki_unsupported(int op, int dt, const int* key, int nkey, const char* key_desc) {
   char buf[256];
   int n = 0;
   buf[0] = 0;
   for (int j = 0; j < nkey && n < (int)sizeof buf - 16; ++j) n += snprintf(buf + n, sizeof buf - n, j ? ", %d" : "%d", key[j]);
-  return fail(NVK_ERR_UNSUPPORTED,
+  return nvki_fail(NVK_ERR_UNSUPPORTED,
               "nvk_%s: no kernel was compiled ahead of time for %s with (%s) = (%s); the library holds the "
               "shapes of the Next-ViT variants it was built for (%s): rebuild it with an AOT output that "
               "covers this shape",
-              op_names[op], dt_names[dt], key_desc, buf, nvk_aot_info);
+              nvki_op_names[op], nvki_dt_names[dt], key_desc, buf, nvk_aot_info);
 }
 
 /* One runtime argument of the full (unspecialized) list, in the launcher's order. */
@@ -444,21 +402,21 @@ static nvk_status launch(const nvk_ctx_t* c, int op, int kidx, const nvk_args_t*
   const nvk_kernel_t* kd = &nvk_kernels[kidx];
   const nvk_loaded_t* lk = &c->k[kidx];
   if (A->overflow)
-    return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: an index/size argument exceeds 32 bits (the kernels take i32)",
-                op_names[op]);
+    return nvki_fail(NVK_ERR_UNSUPPORTED, "nvk_%s: an index/size argument exceeds 32 bits (the kernels take i32)",
+                nvki_op_names[op]);
   if (A->n != kd->n_full)
-    return fail(NVK_ERR_INVALID, "nvk_%s: internal error: %d arguments built, the kernel table says %d",
-                op_names[op], A->n, kd->n_full);
+    return nvki_fail(NVK_ERR_INVALID, "nvk_%s: internal error: %d arguments built, the kernel table says %d",
+                nvki_op_names[op], A->n, kd->n_full);
   if (lk->err == -1)
-    return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: kernel %s has no image for compute capability %d", op_names[op],
+    return nvki_fail(NVK_ERR_UNSUPPORTED, "nvk_%s: kernel %s has no image for compute capability %d", nvki_op_names[op],
                 kd->id, c->cc);
-  if (lk->err != CUDA_SUCCESS) return cu_fail(lk->err, "cuModuleLoadData/cuModuleGetFunction");
+  if (lk->err != CUDA_SUCCESS) return nvki_cu_fail(lk->err, "cuModuleLoadData/cuModuleGetFunction");
   if (!lk->shared_ok)
-    return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: kernel %s needs %d bytes of shared memory, the device allows %d",
-                op_names[op], kd->id, lk->shared, c->shared_optin);
+    return nvki_fail(NVK_ERR_UNSUPPORTED, "nvk_%s: kernel %s needs %d bytes of shared memory, the device allows %d",
+                nvki_op_names[op], kd->id, lk->shared, c->shared_optin);
   if (gx <= 0 || gy <= 0 || gz <= 0) return NVK_OK; /* nothing to do */
   if (gx > 2147483647LL || gy > 65535 || gz > 65535)
-    return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: grid (%lld, %lld, %lld) exceeds the CUDA limits", op_names[op], gx,
+    return nvki_fail(NVK_ERR_UNSUPPORTED, "nvk_%s: grid (%lld, %lld, %lld) exceeds the CUDA limits", nvki_op_names[op], gx,
                 gy, gz);
   void* params[NVK_MAX_ARGS + 4];
   int np = 0;
@@ -467,100 +425,55 @@ static nvk_status launch(const nvk_ctx_t* c, int op, int kidx, const nvk_args_t*
   static const CUdeviceptr null_ptr = 0;
   for (int i = 0; i < kd->n_hidden; ++i) params[np++] = (void*)&null_ptr; /* global/profile scratch: none */
   if (np != kd->n_params + kd->n_hidden)
-    return fail(NVK_ERR_INVALID, "nvk_%s: internal error: parameter count mismatch for %s", op_names[op], kd->id);
+    return nvki_fail(NVK_ERR_INVALID, "nvk_%s: internal error: parameter count mismatch for %s", nvki_op_names[op], kd->id);
   /* A driver reads only the kernel's own count; the terminator lets the CPU stand-in
    * (nextvit_kernels.testing) check that count. */
   params[np] = NULL;
-  CUresult r = g_drv.cuLaunchKernel(lk->fn, (unsigned)gx, (unsigned)gy, (unsigned)gz, 32u * (unsigned)kd->num_warps,
+  CUresult r = nvki_drv.cuLaunchKernel(lk->fn, (unsigned)gx, (unsigned)gy, (unsigned)gz, 32u * (unsigned)kd->num_warps,
                                     1, 1, (unsigned)lk->shared, (CUstream)stream, params, NULL);
-  if (r != CUDA_SUCCESS) return cu_fail(r, "cuLaunchKernel");
+  if (r != CUDA_SUCCESS) return nvki_cu_fail(r, "cuLaunchKernel");
   return NVK_OK;
 }
 
-/* ------------------------------------------------------------------ argument checks */
-#define CHECK(cond, ...)                                \
-  do {                                                  \
-    if (!(cond)) return fail(NVK_ERR_INVALID, __VA_ARGS__); \
-  } while (0)
-
-static nvk_status check_ptr(const char* op, const char* name, const void* p) {
-  if (!p) return fail(NVK_ERR_INVALID, "nvk_%s: %s is NULL", op, name);
-  if ((uintptr_t)p % 16)
-    return fail(NVK_ERR_INVALID, "nvk_%s: %s = %p is not 16-byte aligned (the compiled kernels assume it)", op,
-                name, p);
-  return NVK_OK;
-}
-#define PTR(op, p)                                       \
-  do {                                                   \
-    nvk_status s_ = check_ptr(op, #p, (const void*)(p)); \
-    if (s_) return s_;                                   \
-  } while (0)
-#define POS(op, v) CHECK((v) > 0, "nvk_%s: %s must be positive, got %d", op, #v, (int)(v))
-#define DT(op, dt)                                                                                       \
-  CHECK((int)(dt) >= 0 && (int)(dt) <= 2, "nvk_%s: unknown dtype %d (NVK_F32=0, NVK_F16=1, NVK_BF16=2)", op, \
-        (int)(dt))
-
-static long long cdiv(long long a, long long b) { return (a + b - 1) / b; }
 
 nvk_status nvk_load(void* stream) {
   nvk_call_t call;
-  nvk_status st = get_context(stream, &call);
-  return st ? st : leave(&call, NVK_OK);
+  nvk_status st = nvki_get_context(stream, &call);
+  return st ? st : nvki_leave(&call, NVK_OK);
 }
 
-/* ------------------------------------------------------------------ ops */
-nvk_status nvk_conv_bn_relu(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_,
-                            int c_in, int c_out, int stride, nvk_dtype dt, void* stream) {
-  const char* op = "conv_bn_relu";
-  PTR(op, x); PTR(op, w); PTR(op, b); PTR(op, out);
-  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c_in); POS(op, c_out);
-  CHECK(stride == 1 || stride == 2, "nvk_%s: stride must be 1 or 2, got %d", op, stride);
-  DT(op, dt);
-  int key[3] = {c_in, c_out, stride};
-  const nvk_shape_class_t* sc = lookup(NVK_OP_CONV_BN_RELU, dt, key, 3, -1);
-  if (!sc) return unsupported(NVK_OP_CONV_BN_RELU, dt, key, 3, "c_in, c_out, stride");
-  const nvk_dptr_t dp[] = {DEV(x), DEV(w), DEV(b), DEV(out)};
-  nvk_call_t call;
-  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
-  if (st) return st;
+/* ------------------------------------------------------------------ op launches
+ * nvki_run_*: one op on arguments already checked, with its shape class resolved, in the call's
+ * context (the per-op entry points below check and resolve; nvk_model.c resolves at load). */
+nvk_status nvki_run_conv(const nvk_ctx_t* cx, const nvk_shape_class_t* sc, const void* x, const void* w,
+                         const void* b, void* out, int batch, int h, int w_, int c_in, int c_out, int stride,
+                         int nchw, void* stream) {
   long long ho = (h - 1) / stride + 1, wo = (w_ - 1) / stride + 1, m = (long long)batch * ho * wo;
   nvk_args_t A = {0};
   arg_p(&A, x); arg_p(&A, w); arg_p(&A, b); arg_p(&A, out);
   arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, ho); arg_i(&A, wo); arg_i(&A, c_in); arg_i(&A, c_out);
-  arg_i(&A, (long long)h * w_ * c_in); arg_i(&A, 1); arg_i(&A, (long long)w_ * c_in); arg_i(&A, c_in);
+  if (nchw) { /* the stem's input as image preprocessing gives it: no transpose kernel */
+    arg_i(&A, (long long)c_in * h * w_); arg_i(&A, (long long)h * w_); arg_i(&A, w_); arg_i(&A, 1);
+  } else {
+    arg_i(&A, (long long)h * w_ * c_in); arg_i(&A, 1); arg_i(&A, (long long)w_ * c_in); arg_i(&A, c_in);
+  }
   arg_i(&A, (long long)c_in * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1);
   arg_i(&A, 1);
   arg_i(&A, ho * wo * c_out); arg_i(&A, 1); arg_i(&A, wo * c_out); arg_i(&A, c_out);
-  st = launch(call.c, NVK_OP_CONV_BN_RELU, sc->kernels[0], &A, cdiv(m, sc->consts[0]) * cdiv(c_out, sc->consts[1]),
-              1, 1, stream);
-  return leave(&call, st);
+  return launch(cx, NVK_OP_CONV_BN_RELU, sc->kernels[0], &A, cdiv(m, sc->consts[0]) * cdiv(c_out, sc->consts[1]),
+                1, 1, stream);
 }
 
-nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_,
-                           int c_in, int c_out, int stride, nvk_dtype dt, void* stream) {
-  const char* op = "patch_embed";
-  PTR(op, x); PTR(op, w); PTR(op, b); PTR(op, out);
-  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c_in); POS(op, c_out);
-  CHECK(stride == 1 || stride == 2, "nvk_%s: stride must be 1 or 2, got %d", op, stride);
-  DT(op, dt);
-  int key[3] = {c_in, c_out, stride};
-  const nvk_shape_class_t* sc = lookup(NVK_OP_PATCH_EMBED, dt, key, 3, -1);
-  if (!sc) return unsupported(NVK_OP_PATCH_EMBED, dt, key, 3, "c_in, c_out, stride");
-  const nvk_dptr_t dp[] = {DEV(x), DEV(w), DEV(b), DEV(out)};
-  nvk_call_t call;
-  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
-  if (st) return st;
+nvk_status nvki_run_patch_embed(const nvk_ctx_t* cx, const nvk_shape_class_t* sc, const void* x, const void* w,
+                                const void* b, void* out, int batch, int h, int w_, int c_in, int c_out, int stride,
+                                void* stream) {
   long long oh = cdiv(h, stride), ow = cdiv(w_, stride), m = (long long)batch * oh * ow;
   nvk_args_t A = {0};
   arg_p(&A, x); arg_p(&A, w); arg_p(&A, b); arg_p(&A, out);
   arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, oh); arg_i(&A, ow); arg_i(&A, c_in); arg_i(&A, c_out);
-  st = launch(call.c, NVK_OP_PATCH_EMBED, sc->kernels[0], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1,
-              stream);
-  return leave(&call, st);
+  return launch(cx, NVK_OP_PATCH_EMBED, sc->kernels[0], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1,
+                stream);
 }
-
-static size_t elem_size(nvk_dtype dt) { return dt == NVK_F32 ? 4 : 2; }
-static size_t align256(size_t v) { return (v + 255) & ~(size_t)255; }
 
 /* The second GEMM of the ops that run split (ops/mlp.py gemm_from_scratch): out = h @ w^T
  * (+ bias) (+ x), rows x c -> rows x c_out, with the MLP's fc2 kernel (class kernel `kidx`).
@@ -576,19 +489,178 @@ static nvk_status launch_scratch_gemm(const nvk_ctx_t* cx, int op, int kidx, con
   return launch(cx, op, kidx, &A, cdiv(rows, block_m), cdiv(c_out, block_n), 1, stream);
 }
 
+size_t nvki_mhca_scratch(const nvk_shape_class_t* sc, long long pixels, int c, nvk_dtype dt) {
+  return sc->n_kernels == 2 ? align256((size_t)pixels * (size_t)c * elem_size(dt)) : 0; /* [pixels, c] */
+}
+
+nvk_status nvki_run_mhca(const nvk_ctx_t* cx, const nvk_shape_class_t* sc, const void* x, const void* conv_w,
+                         const void* conv_b, const void* proj_w, void* out, void* workspace, int batch, int h, int w_,
+                         int c, int c_out, void* stream) {
+  long long m = (long long)batch * h * w_;
+  if (sc->n_kernels == 2) { /* few pixels: conv kernel over (pixel tile, head), then a GEMM */
+    nvk_args_t A = {0};
+    arg_p(&A, x); arg_p(&A, conv_w); arg_p(&A, conv_b); arg_p(&A, workspace);
+    arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, c);
+    arg_i(&A, (long long)h * w_ * c); arg_i(&A, 1); arg_i(&A, (long long)w_ * c); arg_i(&A, c);
+    arg_i(&A, 32 * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1); arg_i(&A, 1);
+    nvk_status st = launch(cx, NVK_OP_MHCA, sc->kernels[0], &A, cdiv(m, sc->consts[2]), c / 32, 1, stream);
+    if (st) return st;
+    return launch_scratch_gemm(cx, NVK_OP_MHCA, sc->kernels[1], x, workspace, proj_w, NULL, out, m, c, c_out,
+                               sc->consts[3], sc->consts[4], stream);
+  }
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, conv_w); arg_p(&A, conv_b); arg_p(&A, proj_w); arg_p(&A, out);
+  arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, c); arg_i(&A, c_out);
+  arg_i(&A, (long long)h * w_ * c); arg_i(&A, 1); arg_i(&A, (long long)w_ * c); arg_i(&A, c);
+  arg_i(&A, 32 * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1);
+  arg_i(&A, 1); arg_i(&A, c); arg_i(&A, 1);
+  arg_i(&A, (long long)h * w_ * c_out); arg_i(&A, 1); arg_i(&A, (long long)w_ * c_out); arg_i(&A, c_out);
+  return launch(cx, NVK_OP_MHCA, sc->kernels[0], &A, cdiv(m, sc->consts[0]) * cdiv(c_out, sc->consts[1]), 1, 1,
+                stream);
+}
+
+size_t nvki_mlp_scratch(const nvk_shape_class_t* sc, long long pixels, int hidden, nvk_dtype dt) {
+  /* fused: the hidden activation never leaves the chip; split: [pixels, hidden] */
+  return sc->n_kernels == 2 ? align256((size_t)pixels * (size_t)hidden * elem_size(dt)) : 0;
+}
+
+nvk_status nvki_run_mlp(const nvk_ctx_t* cx, const nvk_shape_class_t* sc, const void* x, const void* x2,
+                        const void* fc1_w, const void* fc1_b, const void* fc2_w, const void* fc2_b, void* out,
+                        void* workspace, int batch, int h, int w_, int c1, int c2, int hidden, int c_out,
+                        void* stream) {
+  int split = sc->n_kernels == 2; /* fc1 -> workspace, then fc2 (outputs wider than one N tile) */
+  long long m = (long long)batch * h * w_;
+  const void* h_buf = split ? workspace : x; /* fused: an unused dummy pointer */
+  if (split) {
+    nvk_args_t F = {0};
+    arg_p(&F, x); arg_p(&F, x2 ? x2 : x); arg_p(&F, fc1_w); arg_p(&F, fc1_b); arg_p(&F, h_buf);
+    arg_i(&F, m); arg_i(&F, c1); arg_i(&F, c2); arg_i(&F, hidden);
+    nvk_status st = launch(cx, NVK_OP_MLP, sc->kernels[0], &F, cdiv(m, sc->consts[2]), cdiv(hidden, sc->consts[3]),
+                           1, stream);
+    if (st) return st;
+  }
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, x2 ? x2 : x); arg_p(&A, fc1_w); arg_p(&A, fc1_b); arg_p(&A, fc2_w); arg_p(&A, fc2_b);
+  arg_p(&A, h_buf); arg_p(&A, out);
+  arg_i(&A, m); arg_i(&A, c1); arg_i(&A, c2); arg_i(&A, hidden); arg_i(&A, c_out);
+  return launch(cx, NVK_OP_MLP, sc->kernels[split], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1,
+                stream);
+}
+
+/* Workspace layout: [B, Nk, 2C] k|v, then (sr > 1) [B, Nk, C] pooled tokens, then (split
+ * classes: three kernels) the [B*N, C] attention output; each part 256-byte aligned. */
+static size_t e_mhsa_parts(const nvk_shape_class_t* sc, long long batch, long long n, long long nk, int c,
+                           int sr_ratio, nvk_dtype dt, size_t* pooled_off, size_t* o_off) {
+  size_t es = elem_size(dt);
+  size_t kv = align256((size_t)batch * (size_t)nk * 2 * (size_t)c * es);
+  size_t pooled = sr_ratio > 1 ? align256((size_t)batch * (size_t)nk * (size_t)c * es) : 0;
+  size_t o = sc->n_kernels == 3 ? align256((size_t)batch * (size_t)n * (size_t)c * es) : 0;
+  *pooled_off = kv;
+  *o_off = kv + pooled;
+  return kv + pooled + o;
+}
+
+size_t nvki_e_mhsa_scratch(const nvk_shape_class_t* sc, int batch, int h, int w_, int c, int sr_ratio, nvk_dtype dt) {
+  long long n = (long long)h * w_;
+  size_t a, b;
+  return e_mhsa_parts(sc, batch, n, n / ((long long)sr_ratio * sr_ratio), c, sr_ratio, dt, &a, &b);
+}
+
+nvk_status nvki_run_e_mhsa(const nvk_ctx_t* cx, const nvk_shape_class_t* sc, const void* x, const void* q_w,
+                           const void* q_b, const void* k_w, const void* k_b, const void* v_w, const void* v_b,
+                           const void* proj_w, const void* proj_b, void* out, void* workspace, int batch, int h,
+                           int w_, int c, int c_out, int sr_ratio, int head_dim, nvk_dtype dt, void* stream) {
+  long long n = (long long)h * w_, r = (long long)sr_ratio * sr_ratio, nk = n / r;
+  size_t pooled_off, o_off;
+  e_mhsa_parts(sc, batch, n, nk, c, sr_ratio, dt, &pooled_off, &o_off);
+  char* kv = (char*)workspace;
+  char* pooled = r > 1 ? kv + pooled_off : kv;
+  long long rows = (long long)batch * nk;
+  float scale = (float)pow((double)head_dim, -0.5); /* what the JIT passes: float(head_dim) ** -0.5 as fp32 */
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, pooled); arg_p(&A, k_w); arg_p(&A, k_b); arg_p(&A, v_w); arg_p(&A, v_b); arg_p(&A, kv);
+  arg_i(&A, n); arg_i(&A, c); arg_i(&A, nk); arg_i(&A, r); arg_i(&A, rows);
+  nvk_status st = launch(cx, NVK_OP_E_MHSA, sc->kernels[0], &A, cdiv(rows, sc->consts[0]), 1, 1, stream);
+  if (st) return st;
+  if (sc->n_kernels == 3) { /* split: per-(query tile, head) attention into the workspace, then a GEMM */
+    char* o = kv + o_off;
+    nvk_args_t H = {0};
+    arg_p(&H, x); arg_p(&H, kv); arg_p(&H, q_w); arg_p(&H, q_b); arg_p(&H, o);
+    arg_i(&H, n); arg_i(&H, c); arg_i(&H, nk); arg_f(&H, scale);
+    st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &H, (long long)batch * cdiv(n, sc->consts[3]), c / head_dim, 1,
+                stream);
+    if (st) return st;
+    return launch_scratch_gemm(cx, NVK_OP_E_MHSA, sc->kernels[2], x, o, proj_w, proj_b, out, (long long)batch * n, c,
+                               c_out, sc->consts[4], sc->consts[5], stream);
+  }
+  nvk_args_t B = {0};
+  arg_p(&B, x); arg_p(&B, kv); arg_p(&B, q_w); arg_p(&B, q_b); arg_p(&B, proj_w); arg_p(&B, proj_b); arg_p(&B, out);
+  arg_i(&B, n); arg_i(&B, c); arg_i(&B, c_out); arg_i(&B, nk); arg_i(&B, c / head_dim);
+  arg_f(&B, scale);
+  return launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &B, (long long)batch * cdiv(n, sc->consts[1]),
+                cdiv(c_out, sc->consts[2]), 1, stream);
+}
+
+nvk_status nvki_run_head(const nvk_ctx_t* cx, const nvk_shape_class_t* sc, const void* x, const void* w,
+                         const void* b, void* out, int batch, int h, int w_, int c, int n_classes, void* stream) {
+  long long hw = (long long)h * w_;
+  nvk_args_t A = {0};
+  arg_p(&A, x); arg_p(&A, w); arg_p(&A, b); arg_p(&A, out);
+  arg_i(&A, hw); arg_i(&A, c); arg_i(&A, n_classes);
+  arg_i(&A, hw * c); arg_i(&A, 1); arg_i(&A, c);
+  arg_i(&A, c); arg_i(&A, 1); arg_i(&A, n_classes); arg_i(&A, 1);
+  return launch(cx, NVK_OP_HEAD, sc->kernels[0], &A, batch, cdiv(n_classes, sc->consts[0]), 1, stream);
+}
+
+/* ------------------------------------------------------------------ per-op entry points */
+nvk_status nvk_conv_bn_relu(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_,
+                            int c_in, int c_out, int stride, nvk_dtype dt, void* stream) {
+  const char* op = "conv_bn_relu";
+  PTR(op, x); PTR(op, w); PTR(op, b); PTR(op, out);
+  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c_in); POS(op, c_out);
+  CHECK(stride == 1 || stride == 2, "nvk_%s: stride must be 1 or 2, got %d", op, stride);
+  DT(op, dt);
+  int key[4] = {c_in, c_out, stride, 0 /* NHWC input */};
+  const nvk_shape_class_t* sc = nvki_lookup(NVK_OP_CONV_BN_RELU, dt, key, 4, -1);
+  if (!sc) return nvki_unsupported(NVK_OP_CONV_BN_RELU, dt, key, 3, "c_in, c_out, stride");
+  const nvk_dptr_t dp[] = {DEV(x), DEV(w), DEV(b), DEV(out)};
+  nvk_call_t call;
+  nvk_status st = nvki_enter(op, stream, dp, NDEV(dp), &call);
+  if (st) return st;
+  st = nvki_run_conv(call.c, sc, x, w, b, out, batch, h, w_, c_in, c_out, stride, 0, stream);
+  return nvki_leave(&call, st);
+}
+
+nvk_status nvk_patch_embed(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_,
+                           int c_in, int c_out, int stride, nvk_dtype dt, void* stream) {
+  const char* op = "patch_embed";
+  PTR(op, x); PTR(op, w); PTR(op, b); PTR(op, out);
+  POS(op, batch); POS(op, h); POS(op, w_); POS(op, c_in); POS(op, c_out);
+  CHECK(stride == 1 || stride == 2, "nvk_%s: stride must be 1 or 2, got %d", op, stride);
+  DT(op, dt);
+  int key[3] = {c_in, c_out, stride};
+  const nvk_shape_class_t* sc = nvki_lookup(NVK_OP_PATCH_EMBED, dt, key, 3, -1);
+  if (!sc) return nvki_unsupported(NVK_OP_PATCH_EMBED, dt, key, 3, "c_in, c_out, stride");
+  const nvk_dptr_t dp[] = {DEV(x), DEV(w), DEV(b), DEV(out)};
+  nvk_call_t call;
+  nvk_status st = nvki_enter(op, stream, dp, NDEV(dp), &call);
+  if (st) return st;
+  st = nvki_run_patch_embed(call.c, sc, x, w, b, out, batch, h, w_, c_in, c_out, stride, stream);
+  return nvki_leave(&call, st);
+}
+
 /* Bytes that cover every MHCA call with at most `rows` pixels: the classes of split mode
  * (two kernels) need the [pixels, c] hidden activation, up to their probe range's end. */
 size_t nvk_mhca_workspace_size(int batch, int h, int w_, int c, int c_out, int residual, nvk_dtype dt) {
   if (batch <= 0 || h <= 0 || w_ <= 0 || c <= 0 || (int)dt < 0 || (int)dt > 2) return 0;
   long long rows = (long long)batch * h * w_;
-  int key[3] = {c, c_out, residual};
   size_t need = 0;
   for (int i = 0; i < nvk_num_shape_classes; ++i) {
     const nvk_shape_class_t* s = &nvk_shape_classes[i];
     if (s->op != NVK_OP_MHCA || s->dtype != (int)dt || s->n_kernels < 2 || s->probe_lo > rows) continue;
-    if (s->key[0] != key[0] || s->key[1] != key[1] || s->key[2] != key[2]) continue;
+    if (s->key[0] != c || s->key[1] != c_out || s->key[2] != residual) continue;
     long long m = s->probe_hi >= 0 && s->probe_hi < rows ? s->probe_hi : rows;
-    size_t bytes = align256((size_t)m * (size_t)c * elem_size(dt));
+    size_t bytes = nvki_mhca_scratch(s, m, c, dt);
     if (bytes > need) need = bytes;
   }
   return need;
@@ -606,44 +678,23 @@ nvk_status nvk_mhca(const void* x, const void* conv_w, const void* conv_b, const
   DT(op, dt);
   long long m = (long long)batch * h * w_;
   int key[3] = {c, c_out, residual};
-  const nvk_shape_class_t* sc = lookup(NVK_OP_MHCA, dt, key, 3, m);
-  if (!sc) return unsupported(NVK_OP_MHCA, dt, key, 3, "c, c_out, residual");
-  int split = sc->n_kernels == 2; /* few pixels: conv kernel over (pixel tile, head), then a GEMM */
+  const nvk_shape_class_t* sc = nvki_lookup(NVK_OP_MHCA, dt, key, 3, m);
+  if (!sc) return nvki_unsupported(NVK_OP_MHCA, dt, key, 3, "c, c_out, residual");
+  int split = sc->n_kernels == 2;
   if (split) PTR(op, workspace);
   const nvk_dptr_t dp[] = {DEV(x), DEV(conv_w), DEV(conv_b), DEV(proj_w), DEV(out), {"workspace", split ? workspace : NULL}};
   nvk_call_t call;
-  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
+  nvk_status st = nvki_enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
-  const nvk_ctx_t* cx = call.c;
-  if (split) {
-    nvk_args_t A = {0};
-    arg_p(&A, x); arg_p(&A, conv_w); arg_p(&A, conv_b); arg_p(&A, workspace);
-    arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, c);
-    arg_i(&A, (long long)h * w_ * c); arg_i(&A, 1); arg_i(&A, (long long)w_ * c); arg_i(&A, c);
-    arg_i(&A, 32 * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1); arg_i(&A, 1);
-    st = launch(cx, NVK_OP_MHCA, sc->kernels[0], &A, cdiv(m, sc->consts[2]), c / 32, 1, stream);
-    if (!st)
-      st = launch_scratch_gemm(cx, NVK_OP_MHCA, sc->kernels[1], x, workspace, proj_w, NULL, out, m, c, c_out,
-                               sc->consts[3], sc->consts[4], stream);
-    return leave(&call, st);
-  }
-  nvk_args_t A = {0};
-  arg_p(&A, x); arg_p(&A, conv_w); arg_p(&A, conv_b); arg_p(&A, proj_w); arg_p(&A, out);
-  arg_i(&A, m); arg_i(&A, h); arg_i(&A, w_); arg_i(&A, c); arg_i(&A, c_out);
-  arg_i(&A, (long long)h * w_ * c); arg_i(&A, 1); arg_i(&A, (long long)w_ * c); arg_i(&A, c);
-  arg_i(&A, 32 * 9); arg_i(&A, 9); arg_i(&A, 3); arg_i(&A, 1);
-  arg_i(&A, 1); arg_i(&A, c); arg_i(&A, 1);
-  arg_i(&A, (long long)h * w_ * c_out); arg_i(&A, 1); arg_i(&A, (long long)w_ * c_out); arg_i(&A, c_out);
-  st = launch(cx, NVK_OP_MHCA, sc->kernels[0], &A, cdiv(m, sc->consts[0]) * cdiv(c_out, sc->consts[1]), 1, 1, stream);
-  return leave(&call, st);
+  st = nvki_run_mhca(call.c, sc, x, conv_w, conv_b, proj_w, out, workspace, batch, h, w_, c, c_out, stream);
+  return nvki_leave(&call, st);
 }
-
 
 /* The shape class nvk_mlp launches for these arguments, or NULL (message set). */
 static const nvk_shape_class_t* mlp_class(int c1, int c2, int hidden, int c_out, int residual, nvk_dtype dt) {
   int key[5] = {c1, c2, hidden, c_out, residual};
-  const nvk_shape_class_t* sc = lookup(NVK_OP_MLP, dt, key, 5, -1);
-  if (!sc) unsupported(NVK_OP_MLP, dt, key, 5, "c1, c2, hidden, c_out, residual");
+  const nvk_shape_class_t* sc = nvki_lookup(NVK_OP_MLP, dt, key, 5, -1);
+  if (!sc) nvki_unsupported(NVK_OP_MLP, dt, key, 5, "c1, c2, hidden, c_out, residual");
   return sc;
 }
 
@@ -651,8 +702,7 @@ size_t nvk_mlp_workspace_size(int batch, int h, int w_, int c1, int c2, int hidd
                               nvk_dtype dt) {
   if (batch <= 0 || h <= 0 || w_ <= 0 || hidden <= 0 || (int)dt < 0 || (int)dt > 2) return 0;
   const nvk_shape_class_t* sc = mlp_class(c1, c2, hidden, c_out, residual, dt);
-  if (!sc || sc->n_kernels < 2) return 0; /* fused: the hidden activation never leaves the chip */
-  return align256((size_t)batch * (size_t)h * (size_t)w_ * (size_t)hidden * elem_size(dt)); /* [M, hidden] */
+  return sc ? nvki_mlp_scratch(sc, (long long)batch * h * w_, hidden, dt) : 0;
 }
 
 nvk_status nvk_mlp(const void* x, const void* x2, const void* fc1_w, const void* fc1_b, const void* fc2_w,
@@ -672,53 +722,25 @@ nvk_status nvk_mlp(const void* x, const void* x2, const void* fc1_w, const void*
   DT(op, dt);
   const nvk_shape_class_t* sc = mlp_class(c1, c2, hidden, c_out, residual, dt);
   if (!sc) return NVK_ERR_UNSUPPORTED;
-  int split = sc->n_kernels == 2; /* fc1 -> workspace, then fc2 (outputs wider than one N tile) */
+  int split = sc->n_kernels == 2;
   if (split) PTR(op, workspace);
   const nvk_dptr_t dp[] = {DEV(x), DEV(x2), DEV(fc1_w), DEV(fc1_b), DEV(fc2_w), DEV(fc2_b), DEV(out),
                            {"workspace", split ? workspace : NULL}};
   nvk_call_t call;
-  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
+  nvk_status st = nvki_enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
-  const nvk_ctx_t* cx = call.c;
-  long long m = (long long)batch * h * w_;
-  const void* h_buf = split ? workspace : x; /* fused: an unused dummy pointer */
-  if (split) {
-    nvk_args_t F = {0};
-    arg_p(&F, x); arg_p(&F, x2 ? x2 : x); arg_p(&F, fc1_w); arg_p(&F, fc1_b); arg_p(&F, h_buf);
-    arg_i(&F, m); arg_i(&F, c1); arg_i(&F, c2); arg_i(&F, hidden);
-    st = launch(cx, NVK_OP_MLP, sc->kernels[0], &F, cdiv(m, sc->consts[2]), cdiv(hidden, sc->consts[3]), 1, stream);
-    if (st) return leave(&call, st);
-  }
-  nvk_args_t A = {0};
-  arg_p(&A, x); arg_p(&A, x2 ? x2 : x); arg_p(&A, fc1_w); arg_p(&A, fc1_b); arg_p(&A, fc2_w); arg_p(&A, fc2_b);
-  arg_p(&A, h_buf); arg_p(&A, out);
-  arg_i(&A, m); arg_i(&A, c1); arg_i(&A, c2); arg_i(&A, hidden); arg_i(&A, c_out);
-  st = launch(cx, NVK_OP_MLP, sc->kernels[split], &A, cdiv(m, sc->consts[0]), cdiv(c_out, sc->consts[1]), 1, stream);
-  return leave(&call, st);
-}
-
-
-/* Workspace layout: [B, Nk, 2C] k|v, then (sr > 1) [B, Nk, C] pooled tokens, then (split
- * classes: three kernels) the [B*N, C] attention output; each part 256-byte aligned. */
-static size_t e_mhsa_parts(const nvk_shape_class_t* sc, long long batch, long long n, long long nk, int c,
-                           int sr_ratio, nvk_dtype dt, size_t* pooled_off, size_t* o_off) {
-  size_t es = elem_size(dt);
-  size_t kv = align256((size_t)batch * (size_t)nk * 2 * (size_t)c * es);
-  size_t pooled = sr_ratio > 1 ? align256((size_t)batch * (size_t)nk * (size_t)c * es) : 0;
-  size_t o = sc && sc->n_kernels == 3 ? align256((size_t)batch * (size_t)n * (size_t)c * es) : 0;
-  *pooled_off = kv;
-  *o_off = kv + pooled;
-  return kv + pooled + o;
+  st = nvki_run_mlp(call.c, sc, x, x2, fc1_w, fc1_b, fc2_w, fc2_b, out, workspace, batch, h, w_, c1, c2, hidden,
+                    c_out, stream);
+  return nvki_leave(&call, st);
 }
 
 size_t nvk_e_mhsa_workspace_size(int batch, int h, int w_, int c, int c_out, int sr_ratio, int head_dim,
                                  int residual, nvk_dtype dt) {
   if (batch <= 0 || h <= 0 || w_ <= 0 || c <= 0 || sr_ratio <= 0 || (int)dt < 0 || (int)dt > 2) return 0;
-  long long n = (long long)h * w_, nk = n / ((long long)sr_ratio * sr_ratio);
+  long long nk = (long long)h * w_ / ((long long)sr_ratio * sr_ratio);
   int key[5] = {c, c_out, sr_ratio, head_dim, residual};
-  const nvk_shape_class_t* sc = nk >= 1 ? lookup(NVK_OP_E_MHSA, dt, key, 5, nk) : NULL;
-  size_t a, b;
-  return sc ? e_mhsa_parts(sc, batch, n, nk, c, sr_ratio, dt, &a, &b) : 0;
+  const nvk_shape_class_t* sc = nk >= 1 ? nvki_lookup(NVK_OP_E_MHSA, dt, key, 5, nk) : NULL;
+  return sc ? nvki_e_mhsa_scratch(sc, batch, h, w_, c, sr_ratio, dt) : 0;
 }
 
 nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const void* k_w, const void* k_b,
@@ -739,49 +761,21 @@ nvk_status nvk_e_mhsa(const void* x, const void* q_w, const void* q_b, const voi
   CHECK(nk >= 1, "nvk_%s: the %dx%d map has %lld tokens, fewer than one pooling window of sr_ratio^2 = %lld", op, h,
         w_, n, r);
   int key[5] = {c, c_out, sr_ratio, head_dim, residual};
-  const nvk_shape_class_t* sc = lookup(NVK_OP_E_MHSA, dt, key, 5, nk);
+  const nvk_shape_class_t* sc = nvki_lookup(NVK_OP_E_MHSA, dt, key, 5, nk);
   if (!sc) {
-    if (lookup(NVK_OP_E_MHSA, dt, key, 5, -1))
-      return fail(NVK_ERR_UNSUPPORTED, "nvk_%s: no kernel compiled for %lld key tokens at (c, c_out, sr_ratio, "
-                  "head_dim, residual) = (%d, %d, %d, %d, %d)", op, nk, c, c_out, sr_ratio, head_dim, residual);
-    return unsupported(NVK_OP_E_MHSA, dt, key, 5, "c, c_out, sr_ratio, head_dim, residual");
+    if (nvki_lookup(NVK_OP_E_MHSA, dt, key, 5, -1))
+      return nvki_fail(NVK_ERR_UNSUPPORTED, "nvk_%s: no kernel compiled for %lld key tokens at (c, c_out, sr_ratio, "
+                       "head_dim, residual) = (%d, %d, %d, %d, %d)", op, nk, c, c_out, sr_ratio, head_dim, residual);
+    return nvki_unsupported(NVK_OP_E_MHSA, dt, key, 5, "c, c_out, sr_ratio, head_dim, residual");
   }
   const nvk_dptr_t dp[] = {DEV(x), DEV(q_w), DEV(q_b), DEV(k_w), DEV(k_b), DEV(v_w), DEV(v_b), DEV(proj_w),
                            DEV(proj_b), DEV(out), DEV(workspace)};
   nvk_call_t call;
-  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
+  nvk_status st = nvki_enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
-  const nvk_ctx_t* cx = call.c;
-  size_t pooled_off, o_off;
-  e_mhsa_parts(sc, batch, n, nk, c, sr_ratio, dt, &pooled_off, &o_off);
-  char* kv = (char*)workspace;
-  char* pooled = r > 1 ? kv + pooled_off : kv;
-  long long rows = (long long)batch * nk;
-  float scale = (float)pow((double)head_dim, -0.5); /* what the JIT passes: float(head_dim) ** -0.5 as fp32 */
-  nvk_args_t A = {0};
-  arg_p(&A, x); arg_p(&A, pooled); arg_p(&A, k_w); arg_p(&A, k_b); arg_p(&A, v_w); arg_p(&A, v_b); arg_p(&A, kv);
-  arg_i(&A, n); arg_i(&A, c); arg_i(&A, nk); arg_i(&A, r); arg_i(&A, rows);
-  st = launch(cx, NVK_OP_E_MHSA, sc->kernels[0], &A, cdiv(rows, sc->consts[0]), 1, 1, stream);
-  if (st) return leave(&call, st);
-  if (sc->n_kernels == 3) { /* split: per-(query tile, head) attention into the workspace, then a GEMM */
-    char* o = kv + o_off;
-    nvk_args_t H = {0};
-    arg_p(&H, x); arg_p(&H, kv); arg_p(&H, q_w); arg_p(&H, q_b); arg_p(&H, o);
-    arg_i(&H, n); arg_i(&H, c); arg_i(&H, nk); arg_f(&H, scale);
-    st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &H, (long long)batch * cdiv(n, sc->consts[3]), c / head_dim, 1,
-                stream);
-    if (!st)
-      st = launch_scratch_gemm(cx, NVK_OP_E_MHSA, sc->kernels[2], x, o, proj_w, proj_b, out, (long long)batch * n, c,
-                               c_out, sc->consts[4], sc->consts[5], stream);
-    return leave(&call, st);
-  }
-  nvk_args_t B = {0};
-  arg_p(&B, x); arg_p(&B, kv); arg_p(&B, q_w); arg_p(&B, q_b); arg_p(&B, proj_w); arg_p(&B, proj_b); arg_p(&B, out);
-  arg_i(&B, n); arg_i(&B, c); arg_i(&B, c_out); arg_i(&B, nk); arg_i(&B, c / head_dim);
-  arg_f(&B, scale);
-  st = launch(cx, NVK_OP_E_MHSA, sc->kernels[1], &B, (long long)batch * cdiv(n, sc->consts[1]),
-              cdiv(c_out, sc->consts[2]), 1, stream);
-  return leave(&call, st);
+  st = nvki_run_e_mhsa(call.c, sc, x, q_w, q_b, k_w, k_b, v_w, v_b, proj_w, proj_b, out, workspace, batch, h, w_, c,
+                       c_out, sr_ratio, head_dim, dt, stream);
+  return nvki_leave(&call, st);
 }
 
 nvk_status nvk_head(const void* x, const void* w, const void* b, void* out, int batch, int h, int w_, int c,
@@ -790,19 +784,13 @@ nvk_status nvk_head(const void* x, const void* w, const void* b, void* out, int 
   PTR(op, x); PTR(op, w); PTR(op, b); PTR(op, out);
   POS(op, batch); POS(op, h); POS(op, w_); POS(op, c); POS(op, n_classes);
   DT(op, dt);
-  long long hw = (long long)h * w_;
   int key[2] = {c, n_classes};
-  const nvk_shape_class_t* sc = lookup(NVK_OP_HEAD, dt, key, 2, hw);
-  if (!sc) return unsupported(NVK_OP_HEAD, dt, key, 2, "c, n_classes");
+  const nvk_shape_class_t* sc = nvki_lookup(NVK_OP_HEAD, dt, key, 2, (long long)h * w_);
+  if (!sc) return nvki_unsupported(NVK_OP_HEAD, dt, key, 2, "c, n_classes");
   const nvk_dptr_t dp[] = {DEV(x), DEV(w), DEV(b), DEV(out)};
   nvk_call_t call;
-  nvk_status st = enter(op, stream, dp, NDEV(dp), &call);
+  nvk_status st = nvki_enter(op, stream, dp, NDEV(dp), &call);
   if (st) return st;
-  nvk_args_t A = {0};
-  arg_p(&A, x); arg_p(&A, w); arg_p(&A, b); arg_p(&A, out);
-  arg_i(&A, hw); arg_i(&A, c); arg_i(&A, n_classes);
-  arg_i(&A, hw * c); arg_i(&A, 1); arg_i(&A, c);
-  arg_i(&A, c); arg_i(&A, 1); arg_i(&A, n_classes); arg_i(&A, 1);
-  st = launch(call.c, NVK_OP_HEAD, sc->kernels[0], &A, batch, cdiv(n_classes, sc->consts[0]), 1, stream);
-  return leave(&call, st);
+  st = nvki_run_head(call.c, sc, x, w, b, out, batch, h, w_, c, n_classes, stream);
+  return nvki_leave(&call, st);
 }

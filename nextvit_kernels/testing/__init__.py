@@ -88,6 +88,7 @@ class CpuDriver:
         lib.nvkcpu_fail_alloc_after.argtypes = [ctypes.c_longlong]
         lib.nvkcpu_set_launch_callback.argtypes = [ctypes.c_void_p]
         lib.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        self.library = None  # the C library (ctypes) cpu_driver drives
         self.errors: List[str] = []
         self._touched = {}  # buffer start -> end of the furthest byte a launch accessed in it
         self._errors_lock = threading.Lock()
@@ -226,39 +227,38 @@ _active_lock = threading.Lock()
 @contextlib.contextmanager
 def cpu_driver(execute: bool = True, library: Optional[str] = None, compute_capability: int = 90):
     """Makes the C library of this process launch through the CPU stand-in for the block: the
-    installed one (``nextvit_kernels.clib.load()``), or the ``libnextvit_kernels.so`` at ``library``.
-    Within it ``nextvit_kernels.clib`` takes CPU tensors where it takes CUDA tensors. Yields the
-    ``CpuDriver``. ``compute_capability`` is the device's (90: the sm_90 cubins are loaded; 80: the
-    sm_80 ones). Not re-entrant; no C call may be in flight when it starts or ends."""
+    installed one (``$NEXTVIT_CLIB`` or next to the package), or the ``libnextvit_kernels.so`` at
+    ``library``. Within it ``nextvit_kernels.clib`` and ``nextvit_kernels.runtime`` take host memory
+    where they take device memory. Yields the ``CpuDriver`` (``.library``: the C library it drives,
+    ctypes). ``compute_capability`` is the device's (90: the sm_90 cubins are loaded; 80: the sm_80
+    ones). Not re-entrant; no C call may be in flight when it starts or ends."""
     global _active
-    from .. import clib
+    from .. import _library
     with _active_lock:
         if _active is not None:
             raise RuntimeError("cpu_driver is already active")
         path = driver_library()
         drv = CpuDriver(ctypes.CDLL(path), path, execute)
-        lib = clib.load() if library is None else clib.load_path(library)
-        control = ctypes.CDLL(clib.library_path(lib))
-        control.nvk_reset_driver.restype = ctypes.c_int
-        control.nvk_manifest.restype = ctypes.c_char_p
+        lib = _library.open_default() if library is None else _library.open_path(library)
+        drv.library = lib
         if execute:
             _require_interpreter()
-            drv._install(control.nvk_manifest().decode())
+            drv._install(lib.manifest())
         drv._lib.nvkcpu_set_compute_capability(int(compute_capability))
         old_env = os.environ.get(DRIVER_ENV)
         os.environ[DRIVER_ENV] = path
-        control.nvk_reset_driver()
-        clib._host_driver, clib._host_lib = drv, lib
+        lib.reset_driver()
+        _library.host, _library.host_lib = drv, lib
         _active = drv
     try:
         yield drv
     finally:
         with _active_lock:
-            clib._host_driver = clib._host_lib = None
+            _library.host = _library.host_lib = None
             if old_env is None:
                 os.environ.pop(DRIVER_ENV, None)
             else:
                 os.environ[DRIVER_ENV] = old_env
-            control.nvk_reset_driver()
+            lib.reset_driver()
             drv._uninstall()
             _active = None
