@@ -1,7 +1,11 @@
 /*
- * The host side of the plugin library's CPU harnesses (contract_harness.cpp: the plugins linked
- * to a recording stub of the C library): what TensorRT hands a plugin library and does with it
- * while building and running an engine, minus TensorRT.
+ * The host side both CPU harnesses of the plugin library share: what TensorRT hands a plugin
+ * library and does with it while building and running an engine, minus TensorRT.
+ *
+ *   contract_harness.cpp   the plugins linked to a recording stub of the C library: exact C
+ *                          arguments, fields, logging, no heap allocation in enqueue
+ *   numeric_harness.cpp    the plugins linked to the real C library, called from Python (ctypes)
+ *                          under the CPU stand-in of the CUDA driver: outputs, shapes, workspace
  *
  * Here: a recording logger and its ILoggerFinder, a resource context, loading the library as
  * IPluginRegistry::loadLibrary does (dlopen, then setLoggerFinder / getCreators), a
