@@ -1,4 +1,11 @@
-"""Comparison helpers shared by the tests."""
+"""Comparison helpers shared by the tests, and the C library they run."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
 import torch
 
 # Relative to the largest reference magnitude; fp16/bf16 cover one rounding of
@@ -57,3 +64,40 @@ def randomize_(model: torch.nn.Module, gain: float = 0.5, generator=None):
             m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     return model
+
+
+_built_c_library = []
+
+
+def build_c_library() -> str:
+    """libnextvit_kernels.so built from this checkout, once per session, into a temp dir (AOT for
+    nextvit_small at 224 and 384, every dtype); NEXTVIT_CLIB then names it, so ``clib.load()``
+    loads it. Skips when cmake or ninja is missing."""
+    from nextvit_kernels import aot, clib
+    if not _built_c_library:
+        if shutil.which("cmake") is None or shutil.which("ninja") is None:
+            pytest.skip("the C library is not built and cmake/ninja are missing to build it")
+        build = tempfile.mkdtemp(prefix="nvk_build_")
+        aot.build_library(build, aot_args=["--variants", "nextvit_small", "--resolutions", "224,384",
+                                           "--dtypes", "fp16,bf16,fp32"])
+        _built_c_library.append(build)
+    os.environ["NEXTVIT_CLIB"] = _built_c_library[0]
+    clib._lib = None
+    return os.path.join(_built_c_library[0], "libnextvit_kernels.so")
+
+
+def c_library_with(*symbols) -> str:
+    """The path of the C library ``clib.load()`` finds ($NEXTVIT_CLIB's, else the installed one)
+    when it exports ``symbols``, else of one built by ``build_c_library``. The installed one is
+    probed in a fresh interpreter: one built from older sources, loaded here, would keep its
+    SONAME for every later library that links libnextvit_kernels.so. A $NEXTVIT_CLIB without
+    ``symbols`` fails the test (an explicit choice is not replaced)."""
+    probe = ("import ctypes, sys\nfrom nextvit_kernels import clib\npath = clib.library_path()\n"
+             "lib = ctypes.CDLL(path)\nfor s in sys.argv[1:]:\n    getattr(lib, s)\nprint(path)\n")
+    r = subprocess.run([sys.executable, "-c", probe, *symbols], capture_output=True, text=True, timeout=300)
+    if r.returncode == 0:
+        return r.stdout.strip().splitlines()[-1]
+    if os.environ.get("NEXTVIT_CLIB"):
+        pytest.fail(f"NEXTVIT_CLIB={os.environ['NEXTVIT_CLIB']}: no C library exporting {', '.join(symbols)} "
+                    f"there:\n{r.stderr[-2000:]}")
+    return build_c_library()

@@ -14,15 +14,12 @@ rounding of the final store (a different FMA contraction / epilogue schedule): w
 |c - jit| <= 2 ulp of the output dtype at |jit| (+ a tiny absolute floor) and report the
 fraction of bitwise-equal elements."""
 import ctypes
-import os
-import shutil
-import tempfile
 
 import pytest
 import torch
 
 from nextvit_kernels import clib, fused, ops
-from _util import randomize_
+from _util import build_c_library, randomize_
 
 pytestmark = pytest.mark.gpu
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -31,16 +28,8 @@ ULP = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0
 
 @pytest.fixture(scope="session")
 def lib():
-    if clib.available():
-        return clib.load()
-    if shutil.which("cmake") is None or shutil.which("ninja") is None:
-        pytest.skip("the C library is not built and cmake/ninja are missing to build it")
-    from nextvit_kernels import aot
-    build = tempfile.mkdtemp(prefix="nvk_build_")
-    aot.build_library(build, aot_args=["--variants", "nextvit_small", "--resolutions", "224,384",
-                                       "--dtypes", "fp16,bf16,fp32"])
-    os.environ["NEXTVIT_CLIB"] = build
-    clib._lib = None
+    if not clib.available():
+        build_c_library()
     return clib.load()
 
 

@@ -2,7 +2,7 @@
 
 For every TensorRT major whose public headers are listed in NEXTVIT_TRT_INCLUDE_DIRS
 (os.pathsep-separated include directories, one per major; unset: the 10.16 and 11.1 headers
-under third_party/tensorrt), the
+under third_party/tensorrt; see tests/_trt.py), the
 plugin library is built from the headers alone (no libnvinfer, no CUDA runtime) with -Wall
 -Wextra, linked to a recording stub of the C library, and csrc/trt/tests/contract_harness.cpp
 loads it as TensorRT does (dlopen, setLoggerFinder, getCreators) and drives every plugin.
@@ -13,81 +13,19 @@ creators' names / fields read from the loaded library against the nodes export_o
 import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TRT_DIR = ROOT / "csrc" / "trt"
-ENV = "NEXTVIT_TRT_INCLUDE_DIRS"
+from _trt import ROOT, configure_and_build, header_sets, major, run
+
 ENTRY_POINTS = {"getCreators", "setLoggerFinder"}
-BUILD_TIMEOUT = 600
-
-
-def _major(include: Path) -> int:
-    m = re.search(r"^#define\s+(?:NV_TENSORRT_MAJOR|TRT_MAJOR_ENTERPRISE)\s+(\d+)",
-                  (include / "NvInferVersion.h").read_text(), re.M)
-    assert m, f"no TensorRT major in {include / 'NvInferVersion.h'}"
-    return int(m.group(1))
-
-
-def _header_sets():
-    """One pytest param per TensorRT major listed in NEXTVIT_TRT_INCLUDE_DIRS, else per header
-    set under third_party/tensorrt (a skip where there is none)."""
-    dirs = [Path(p) for p in os.environ.get(ENV, "").split(os.pathsep) if p]
-    if not dirs:
-        dirs = sorted((ROOT / "third_party" / "tensorrt").glob("*/include"))
-    if not dirs:
-        return [pytest.param(None, id="no-headers", marks=pytest.mark.skip(
-            reason=f"no TensorRT headers: {ENV} is not set and third_party/tensorrt has none; list the "
-                   f"TensorRT include directories (one per major, '{os.pathsep}'-separated)"))]
-    params = []
-    for d in dirs:
-        if not (d / "NvInferVersion.h").is_file():
-            params.append(pytest.param(None, id=d.name, marks=pytest.mark.skip(
-                reason=f"{ENV} lists {d}, which has no NvInferVersion.h")))
-        else:
-            params.append(pytest.param(d, id=f"trt{_major(d)}"))
-    return params
-
-
-def _cuda_include():
-    """cuda_runtime_api.h for the TensorRT headers: the one Triton ships, else CMake searches."""
-    try:
-        import triton
-    except ImportError:
-        return None
-    inc = Path(triton.__file__).parent / "backends" / "nvidia" / "include"
-    return inc if (inc / "cuda_runtime_api.h").is_file() else None
-
-
-def _run(cmd, **kw):
-    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=BUILD_TIMEOUT, **kw)
-
-
-def _configure_and_build(include: Path, build: Path, extra=()):
-    if shutil.which("cmake") is None:
-        pytest.skip("cmake is missing: it builds the plugins for the contract test")
-    cmd = ["cmake", "-S", TRT_DIR, "-B", build, "-DNEXTVIT_TRT=ON", "-DNEXTVIT_TRT_TESTS=ON",
-           f"-DTENSORRT_INCLUDE_DIR={include}", *extra]
-    if shutil.which("ninja"):
-        cmd += ["-G", "Ninja"]
-    cuda = _cuda_include()
-    if cuda is not None:
-        cmd.append(f"-DNEXTVIT_CUDA_INCLUDE_DIR={cuda}")
-    cfg = _run(cmd)
-    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
-    out = _run(["cmake", "--build", build, "-j", "2"])
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout + out.stderr
 
 
 class Build:
     def __init__(self, include: Path, build: Path, log: str):
         self.include = include
-        self.major = _major(include)
+        self.major = major(include)
         self.dir = build
         self.log = log
         self.lib = build / f"libnextvit_trt_plugins_trt{self.major}.so"
@@ -95,14 +33,14 @@ class Build:
         self.harness = build / "tests" / "nextvit_trt_contract"
 
     def run(self, mode: str, lib: Path, env=None):
-        return _run([self.harness, mode, lib], env=env)
+        return run([self.harness, mode, lib], env=env)
 
 
-@pytest.fixture(scope="module", params=_header_sets())
+@pytest.fixture(scope="module", params=header_sets())
 def build(request, tmp_path_factory):
     include = request.param
-    bdir = tmp_path_factory.mktemp(f"trt{_major(include)}")
-    return Build(include, bdir, _configure_and_build(include, bdir))
+    bdir = tmp_path_factory.mktemp(f"trt{major(include)}")
+    return Build(include, bdir, configure_and_build(include, bdir))
 
 
 def test_builds_from_headers_without_warnings(build):
@@ -110,7 +48,7 @@ def test_builds_from_headers_without_warnings(build):
     assert not project, "\n".join(project)
     # the major is in the file name and SONAME: a deployment cannot pick the other major's library
     assert build.lib.is_file(), sorted(p.name for p in build.dir.iterdir())
-    dyn = _run(["readelf", "-d", build.lib]).stdout
+    dyn = run(["readelf", "-d", build.lib]).stdout
     assert f"[libnextvit_trt_plugins_trt{build.major}.so]" in dyn, dyn
     needed = re.findall(r"\(NEEDED\).*\[(.*)\]", dyn)
     assert needed and not [n for n in needed if "nvinfer" in n or "cudart" in n], needed
@@ -118,7 +56,7 @@ def test_builds_from_headers_without_warnings(build):
 
 def test_exports_only_the_entry_points(build):
     for lib in (build.lib, build.static_lib):
-        out = _run(["nm", "-D", "--defined-only", lib])
+        out = run(["nm", "-D", "--defined-only", lib])
         assert out.returncode == 0, out.stderr
         exported = {ln.split()[-1] for ln in out.stdout.splitlines() if ln.strip()}
         assert exported == ENTRY_POINTS, (lib.name, sorted(exported - ENTRY_POINTS))
@@ -188,11 +126,11 @@ def test_contract_under_sanitizers(build, tmp_path_factory):
     """The same checks with AddressSanitizer + UBSan (use after free in clone / attachToContext,
     out-of-bounds field reads, overflow); heap allocations are not counted there."""
     flags = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
-    probe = _run(["c++", *flags.split(), "-x", "c++", "-", "-o", os.devnull], input="int main() { return 0; }\n")
+    probe = run(["c++", *flags.split(), "-x", "c++", "-", "-o", os.devnull], input="int main() { return 0; }\n")
     if probe.returncode != 0:
         pytest.skip("the C++ compiler cannot build with -fsanitize=address,undefined: " + probe.stderr[-300:])
     bdir = tmp_path_factory.mktemp(f"trt{build.major}-asan")
-    asan = Build(build.include, bdir, _configure_and_build(build.include, bdir, [
+    asan = Build(build.include, bdir, configure_and_build(build.include, bdir, [
         f"-DCMAKE_CXX_FLAGS={flags}", f"-DCMAKE_EXE_LINKER_FLAGS={flags}", f"-DCMAKE_SHARED_LINKER_FLAGS={flags}"]))
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
     for mode, lib in (("check", asan.lib), ("static", asan.static_lib)):

@@ -17,23 +17,21 @@
 #include "NvInferRuntime.h"
 #include "NvInferVersion.h"
 #include "nvk_stub.h"
-
-#include <dlfcn.h>
+#include "trt_test_host.h"
 
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <deque>
 #include <limits>
 #include <map>
-#include <memory>
 #include <set>
 #include <string>
 #include <utility>
 #include <vector>
 
 using namespace nvinfer1;
+using namespace nvtrt_test;
 
 // ------------------------------------------------------------------ heap allocation counting
 // The harness's malloc family counts calls while gCountAllocs is set (operator new goes
@@ -177,77 +175,6 @@ extern "C" IPluginRegistry* getPluginRegistry() noexcept
 
 namespace
 {
-// ------------------------------------------------------------------ logger
-struct LogEntry
-{
-    ILogger::Severity severity;
-    std::string msg;
-};
-
-class TestLogger : public ILogger
-{
-public:
-    void log(Severity severity, AsciiChar const* msg) noexcept override
-    {
-        entries.push_back({severity, msg != nullptr ? msg : ""});
-    }
-    //! An entry of at least `severity` (kERROR < kWARNING) that contains `text`.
-    bool has(Severity severity, std::string const& text) const
-    {
-        for (auto const& e : entries)
-        {
-            if (e.severity <= severity && e.msg.find(text) != std::string::npos)
-            {
-                return true;
-            }
-        }
-        return false;
-    }
-    bool hasError() const
-    {
-        return has(Severity::kERROR, "");
-    }
-    std::string dump() const
-    {
-        std::string s;
-        for (auto const& e : entries)
-        {
-            s += " | " + e.msg;
-        }
-        return s.empty() ? " (nothing logged)" : s;
-    }
-    std::vector<LogEntry> entries;
-};
-
-class TestFinder : public ILoggerFinder
-{
-public:
-    explicit TestFinder(ILogger* logger)
-        : mLogger(logger)
-    {
-    }
-    ILogger* findLogger() override
-    {
-        return mLogger;
-    }
-
-private:
-    ILogger* mLogger;
-};
-
-class TestResourceContext : public IPluginResourceContext
-{
-public:
-    IGpuAllocator* getGpuAllocator() const noexcept override
-    {
-        return nullptr;
-    }
-    IErrorRecorder* getErrorRecorder() const noexcept override
-    {
-        return nullptr;
-    }
-};
-
 TestLogger gLogger;
 TestFinder gFinder(&gLogger);
 
@@ -287,73 +214,18 @@ private:
     int mFailuresBefore;
 };
 
-std::string str(Dims const& d)
-{
-    std::string s = "[";
-    for (int32_t i = 0; i < d.nbDims; ++i)
-    {
-        s += (i ? "," : "") + std::to_string(d.d[i]);
-    }
-    return s + "]";
-}
-
-Dims mkDims(std::initializer_list<int64_t> v)
-{
-    Dims d{};
-    d.nbDims = static_cast<int32_t>(v.size());
-    int32_t i = 0;
-    for (int64_t x : v)
-    {
-        d.d[i++] = x;
-    }
-    return d;
-}
-
 // ------------------------------------------------------------------ the plugin library
-using SetLoggerFinderFn = void (*)(ILoggerFinder*);
-using GetCreatorsFn = IPluginCreatorInterface* const* (*) (int32_t&);
-
-struct Library
-{
-    void* handle{nullptr};
-    SetLoggerFinderFn setLoggerFinder{nullptr};
-    GetCreatorsFn getCreators{nullptr};
-};
-
-Library openLibrary(char const* path)
+//! The library at `path`, opened as IPluginRegistry::loadLibrary does; exits when it cannot be.
+Library openOrExit(char const* path)
 {
     Library lib;
-    lib.handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (lib.handle == nullptr)
+    std::string error;
+    if (!openLibrary(path, lib, error))
     {
-        std::fprintf(stderr, "dlopen(%s) failed: %s\n", path, dlerror());
-        std::exit(2);
-    }
-    lib.setLoggerFinder = reinterpret_cast<SetLoggerFinderFn>(dlsym(lib.handle, "setLoggerFinder"));
-    lib.getCreators = reinterpret_cast<GetCreatorsFn>(dlsym(lib.handle, "getCreators"));
-    if (lib.setLoggerFinder == nullptr || lib.getCreators == nullptr)
-    {
-        std::fprintf(stderr, "%s lacks setLoggerFinder / getCreators\n", path);
+        std::fprintf(stderr, "%s\n", error.c_str());
         std::exit(2);
     }
     return lib;
-}
-
-//! The V3One creators by name, as TensorRT sees them (interface kind checked first).
-std::map<std::string, IPluginCreatorV3One*> creators(Library const& lib)
-{
-    std::map<std::string, IPluginCreatorV3One*> out;
-    int32_t n = 0;
-    IPluginCreatorInterface* const* list = lib.getCreators(n);
-    for (int32_t i = 0; list != nullptr && i < n; ++i)
-    {
-        if (list[i] != nullptr && std::strcmp(list[i]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0)
-        {
-            auto* c = static_cast<IPluginCreatorV3One*>(list[i]);
-            out[c->getPluginName()] = c;
-        }
-    }
-    return out;
 }
 
 //! The creator of `name`, or nullptr with a failed check.
@@ -380,41 +252,6 @@ char const* fieldTypeName(PluginFieldType t)
     default: return "other";
     }
 }
-
-//! A PluginFieldCollection with storage for its values.
-class FieldSet
-{
-public:
-    void i32(char const* name, int32_t v)
-    {
-        add(name, &mI32.emplace_back(v), PluginFieldType::kINT32, 1);
-    }
-    void i64(char const* name, int64_t v)
-    {
-        add(name, &mI64.emplace_back(v), PluginFieldType::kINT64, 1);
-    }
-    void f32(char const* name, float v)
-    {
-        add(name, &mF32.emplace_back(v), PluginFieldType::kFLOAT32, 1);
-    }
-    void add(char const* name, void const* data, PluginFieldType type, int32_t length)
-    {
-        mFields.emplace_back(name, data, type, length);
-    }
-    PluginFieldCollection const* fc()
-    {
-        mFC.nbFields = static_cast<int32_t>(mFields.size());
-        mFC.fields = mFields.data();
-        return &mFC;
-    }
-
-private:
-    std::deque<int32_t> mI32;
-    std::deque<int64_t> mI64;
-    std::deque<float> mF32;
-    std::vector<PluginField> mFields;
-    PluginFieldCollection mFC{};
-};
 
 // ------------------------------------------------------------------ the contract, by hand
 enum : int
@@ -494,20 +331,6 @@ FieldSet caseFields(Case const& c)
     return fs;
 }
 
-struct Caps
-{
-    IPluginV3OneCore* core;
-    IPluginV3OneBuild* build;
-    IPluginV3OneRuntime* runtime;
-};
-
-Caps caps(IPluginV3* p)
-{
-    return {static_cast<IPluginV3OneCore*>(p->getCapabilityInterface(PluginCapabilityType::kCORE)),
-        static_cast<IPluginV3OneBuild*>(p->getCapabilityInterface(PluginCapabilityType::kBUILD)),
-        static_cast<IPluginV3OneRuntime*>(p->getCapabilityInterface(PluginCapabilityType::kRUNTIME))};
-}
-
 bool supportedType(DataType t)
 {
     return t == DataType::kFLOAT || t == DataType::kHALF || t == DataType::kBF16;
@@ -518,132 +341,18 @@ int nvkType(DataType t)
     return t == DataType::kFLOAT ? NVK_F32 : t == DataType::kHALF ? NVK_F16 : NVK_BF16;
 }
 
-//! The case's activation dims with B, H, W replaced (by -1, or grown to the profile's max).
-Dims actDims(Case const& c, int32_t i, bool unknown)
+//! The case's input dims at the profile's max: the activations' B, H, W grown.
+std::vector<Dims> profileMax(Case const& c)
 {
-    Dims d = c.in[i];
-    if (i < c.nbActivations)
+    std::vector<Dims> max = c.in;
+    for (int32_t i = 0; i < c.nbActivations; ++i)
     {
-        int64_t const grow[3] = {3 * d.d[0], d.d[1] + 3, d.d[2] + 5};
-        for (int32_t k = 0; k < 3; ++k)
-        {
-            d.d[k] = unknown ? -1 : grow[k];
-        }
+        max[i].d[0] *= 3;
+        max[i].d[1] += 3;
+        max[i].d[2] += 5;
     }
-    return d;
+    return max;
 }
-
-// ------------------------------------------------------------------ IExprBuilder for getOutputShapes
-class Expr : public IDimensionExpr, public apiv::VDimensionExpr
-{
-public:
-    explicit Expr(int64_t v)
-        : mConstant(true)
-        , mValue(v)
-    {
-        mImpl = this;
-    }
-    explicit Expr(std::string symbol)
-        : mSymbol(std::move(symbol))
-    {
-        mImpl = this;
-    }
-    Expr(DimensionOperation op, Expr const* a, Expr const* b)
-        : mOp(op)
-        , mA(a)
-        , mB(b)
-    {
-        mImpl = this;
-    }
-    bool isConstant() const override
-    {
-        return mConstant;
-    }
-    int64_t getConstantValue() const override
-    {
-        return mConstant ? mValue : std::numeric_limits<int64_t>::min();
-    }
-    bool isSizeTensor() const override
-    {
-        return false;
-    }
-    int64_t eval(std::map<std::string, int64_t> const& env) const
-    {
-        if (mConstant)
-        {
-            return mValue;
-        }
-        if (mA == nullptr)
-        {
-            return env.at(mSymbol);
-        }
-        return apply(mOp, mA->eval(env), mB->eval(env));
-    }
-    static int64_t apply(DimensionOperation op, int64_t a, int64_t b)
-    {
-        switch (op)
-        {
-        case DimensionOperation::kSUM: return a + b;
-        case DimensionOperation::kPROD: return a * b;
-        case DimensionOperation::kMAX: return a > b ? a : b;
-        case DimensionOperation::kMIN: return a < b ? a : b;
-        case DimensionOperation::kSUB: return a - b;
-        case DimensionOperation::kEQUAL: return a == b;
-        case DimensionOperation::kLESS: return a < b;
-        case DimensionOperation::kFLOOR_DIV: return a / b - ((a % b != 0) && ((a < 0) != (b < 0)));
-        case DimensionOperation::kCEIL_DIV: return -((-a) / b - (((-a) % b != 0) && ((-a < 0) != (b < 0))));
-        }
-        return std::numeric_limits<int64_t>::min();
-    }
-
-private:
-    bool mConstant{false};
-    int64_t mValue{0};
-    std::string mSymbol;
-    DimensionOperation mOp{DimensionOperation::kSUM};
-    Expr const* mA{nullptr};
-    Expr const* mB{nullptr};
-};
-
-//! Folds operations on constants like TensorRT's builder; keeps the others symbolic.
-class ExprBuilder : public IExprBuilder, public apiv::VExprBuilder
-{
-public:
-    ExprBuilder()
-    {
-        mImpl = this;
-    }
-    IDimensionExpr const* constant(int64_t value) override
-    {
-        return keep(new Expr(value));
-    }
-    IDimensionExpr const* operation(DimensionOperation op, IDimensionExpr const& first, IDimensionExpr const& second) override
-    {
-        auto const& a = static_cast<Expr const&>(first);
-        auto const& b = static_cast<Expr const&>(second);
-        if (a.isConstant() && b.isConstant())
-        {
-            return keep(new Expr(Expr::apply(op, a.getConstantValue(), b.getConstantValue())));
-        }
-        return keep(new Expr(op, &a, &b));
-    }
-    IDimensionExpr const* declareSizeTensor(int32_t, IDimensionExpr const&, IDimensionExpr const&) override
-    {
-        return nullptr;
-    }
-    Expr const* symbol(std::string const& name)
-    {
-        return keep(new Expr(name));
-    }
-
-private:
-    Expr const* keep(Expr* e)
-    {
-        mExprs.emplace_back(e);
-        return e;
-    }
-    std::vector<std::unique_ptr<Expr>> mExprs;
-};
 
 // ------------------------------------------------------------------ the checks
 //! enqueue with fake device pointers; checks the one C library call it makes.
@@ -754,36 +463,18 @@ void checkCase(Library const& lib, Case const& c, int index)
         Group g(name + " getOutputShapes");
         for (bool symbolic : {false, true})
         {
-            ExprBuilder eb;
-            std::vector<DimsExprs> in(nIn);
-            for (int32_t i = 0; i < nIn; ++i)
-            {
-                in[i].nbDims = c.in[i].nbDims;
-                for (int32_t k = 0; k < c.in[i].nbDims; ++k)
-                {
-                    bool const sym = symbolic && i < c.nbActivations && k < 3;
-                    in[i].d[k] = sym ? eb.symbol(std::string("BHW").substr(k, 1)) : eb.constant(c.in[i].d[k]);
-                }
-            }
-            DimsExprs out{};
-            int32_t const r = cp.build->getOutputShapes(in.data(), nIn, nullptr, 0, &out, 1, eb);
+            OutputShape const out = outputShape(*cp.build, c.in, c.in, c.nbActivations, symbolic);
             std::string const what = symbolic ? "symbolic B/H/W: " : "constant dims: ";
-            check(r == 0, what + "getOutputShapes failed");
-            check(out.nbDims == c.out.nbDims, what + "rank " + std::to_string(out.nbDims));
-            std::map<std::string, int64_t> const env{{"B", c.in[0].d[0]}, {"H", c.in[0].d[1]}, {"W", c.in[0].d[2]}};
-            for (int32_t k = 0; r == 0 && k < out.nbDims && k < c.out.nbDims; ++k)
+            check(out.status == 0, what + "getOutputShapes failed");
+            check(out.atRun.nbDims == c.out.nbDims, what + "rank " + std::to_string(out.atRun.nbDims));
+            check(out.nullDim < 0, what + "null dim " + std::to_string(out.nullDim));
+            for (int32_t k = 0; out.status == 0 && k < out.atRun.nbDims && k < c.out.nbDims; ++k)
             {
-                auto const* e = static_cast<Expr const*>(out.d[k]);
-                check(e != nullptr, what + "null dim " + std::to_string(k));
-                if (e == nullptr)
-                {
-                    continue;
-                }
-                check(e->eval(env) == c.out.d[k], what + "dim " + std::to_string(k) + " = " + std::to_string(e->eval(env))
+                check(out.atRun.d[k] == c.out.d[k], what + "dim " + std::to_string(k) + " = " + std::to_string(out.atRun.d[k])
                     + ", expected " + std::to_string(c.out.d[k]));
-                check(symbolic || e->isConstant(), what + "dim " + std::to_string(k) + " not constant");
+                check(symbolic || out.constant[k], what + "dim " + std::to_string(k) + " not constant");
             }
-            check(!symbolic || (r == 0 && !out.d[0]->isConstant()), what + "the batch dim lost its symbol");
+            check(!symbolic || (out.status == 0 && !out.constant[0]), what + "the batch dim lost its symbol");
         }
     }
     {
@@ -819,20 +510,10 @@ void checkCase(Library const& lib, Case const& c, int index)
             check(!cp.build->supportsFormatCombination(pos, io.data(), nIn, 1), "pos " + std::to_string(pos) + ": kHWC8 accepted");
         }
     }
-    std::vector<DynamicPluginTensorDesc> dyn(nIn);
-    for (int32_t i = 0; i < nIn; ++i)
-    {
-        dyn[i].desc = PluginTensorDesc{actDims(c, i, true), DataType::kHALF, TensorFormat::kLINEAR, 1.F};
-        dyn[i].min = c.in[i];
-        dyn[i].opt = c.in[i];
-        dyn[i].max = actDims(c, i, false);
-    }
-    DynamicPluginTensorDesc dynOut{};
-    dynOut.desc = PluginTensorDesc{c.out, DataType::kHALF, TensorFormat::kLINEAR, 1.F};
-    for (int32_t k = 0; k < dynOut.desc.dims.nbDims && k < 3; ++k)
-    {
-        dynOut.desc.dims.d[k] = -1;
-    }
+    std::vector<Dims> const max = profileMax(c);
+    std::vector<DynamicPluginTensorDesc> const dyn = dynamicInputs(c.in, max, c.nbActivations, DataType::kHALF);
+    DynamicPluginTensorDesc const dynOut
+        = dynamicOutput(outputShape(*cp.build, c.in, max, c.nbActivations, true), DataType::kHALF);
     {
         Group g(name + " configurePlugin");
         check(cp.build->configurePlugin(dyn.data(), nIn, &dynOut, 1) == 0, "-1 B/H/W rejected" + gLogger.dump());
@@ -852,9 +533,10 @@ void checkCase(Library const& lib, Case const& c, int index)
         if (c.workspace)
         {
             std::vector<long long> maxInts = c.ints;
-            maxInts[0] = 3 * c.ints[0];
-            maxInts[1] = c.ints[1] + 3;
-            maxInts[2] = c.ints[2] + 5;
+            for (int32_t k = 0; k < 3; ++k)
+            {
+                maxInts[k] = max[0].d[k]; // B, H, W
+            }
             nvk_stub_call const* call = nvk_stub_last_call();
             check(call != nullptr && c.fn + "_workspace_size" == call->fn, "did not ask " + c.fn + "_workspace_size");
             check(call != nullptr && std::vector<long long>(call->ints, call->ints + call->nb_ints) == maxInts,
@@ -1158,7 +840,7 @@ void describe(Library const& lib)
 void checkStaticRegistration(char const* path)
 {
     registry().registered.clear();
-    Library const lib = openLibrary(path);
+    Library const lib = openOrExit(path);
     Group g("static registration");
     auto const cs = creators(lib);
     check(registry().registered.size() == cs.size() && !cs.empty(),
@@ -1187,7 +869,7 @@ int main(int argc, char** argv)
     }
     else
     {
-        Library const lib = openLibrary(argv[2]);
+        Library const lib = openOrExit(argv[2]);
         lib.setLoggerFinder(&gFinder); // TensorRT's order: the logger first, then the creators
         if (mode == "describe")
         {
