@@ -9,6 +9,11 @@ the lean path (``model(x)``: bound programs), and the registered-op path it repl
 (``fused.run``: custom-op dispatch, checks and launch set-up per op), per forward and per
 op. Triton's own launch cost comes on top on a GPU.
 
+With the C library built, CPU mode also times the whole-model C runtime on the same plan under the
+CPU driver stand-in's counting mode (launches checked and counted, nothing runs): one
+``nvk_model_forward`` call, ``runtime.Model(x)``, the cost per launch, and the model file's size
+and load time.
+
 GPU mode: ``model(x)`` with automatic CUDA graphs and without, ``model.cuda_graph(x)``'s
 replay, and the sum of the kernels' device times (torch.profiler), per forward.
 
@@ -90,11 +95,64 @@ def cpu_rows(args):
                        launches=plan.launches(b, args.res, args.res),
                        lean_us=lean, registered_ops_us=dispatch, weight_check_us=check,
                        per_op_us={op: statistics.median(ts) for op, ts in sorted(per_op.items())})
+            row.update(_c_runtime(model, x, args.iters))
             rows.append(row)
             print(f"{v} batch {b:>3}: lean {lean:8.1f} us/forward   registered ops {dispatch:8.1f} us   "
                   f"weight check {check:6.1f} us   ({row['ops']} ops, {row['launches']} launches)", flush=True)
             print("    per op (lean, us/call): " + ", ".join(f"{k} {u:.1f}" for k, u in row["per_op_us"].items()))
+            if "c_forward_us" in row:
+                print(f"    C runtime: nvk_model_forward {row['c_forward_us']:.1f} us/forward "
+                      f"({row['c_launches']} launches, {row['c_per_launch_us']:.3f} us each), "
+                      f"{lean / row['c_forward_us']:.0f}x less host time than model(x); runtime.Model(x) "
+                      f"{row['c_front_us']:.1f} us; fp16 model file {row['file_mb']:.1f} MB, loaded in "
+                      f"{row['load_ms']:.1f} ms", flush=True)
     return rows
+
+
+def _c_runtime(model, x, iters):
+    """The whole-model C runtime on the same model and input size, in fp16 (a deployment's dtype),
+    under the CPU driver stand-in's counting mode (launches checked and counted, nothing runs): host time of one nvk_model_forward call and
+    of runtime.Model(x), per launch, and the model file's size and load time (the CPU part: parse,
+    checks, allocation and copy into host memory). {} when the C library is not built."""
+    import tempfile
+
+    import torch
+
+    from nextvit_kernels import _library, model_file, runtime, testing
+    try:
+        _library.open_default()
+    except RuntimeError as err:
+        print(f"    C runtime: not measured ({err})")
+        return {}
+    data = model_file.plan_bytes(model_file.fold_for_runtime(model, torch.float16))
+    x = x.half()
+    with tempfile.TemporaryDirectory() as d, testing.cpu_driver(execute=False) as drv:
+        path = os.path.join(d, "model.nvk")
+        with open(path, "wb") as f:
+            f.write(data)
+        loads = []
+        for _ in range(3):
+            t = time.perf_counter()
+            runtime.Model(path).close()
+            loads.append(time.perf_counter() - t)
+        m = runtime.Model(path)
+        b, _, h, w = x.shape
+        nbytes = m.workspace_size(b, h, w)
+        out = torch.empty(b, m.n_classes, dtype=x.dtype)
+        ws = torch.empty(nbytes, dtype=torch.uint8)
+        with drv.registered(x, out, ws):
+            args = (m._handle, x.data_ptr(), runtime.NCHW, out.data_ptr(), ws.data_ptr(), nbytes, b, h, w, None)
+            forward = m._lib.model_forward
+            if forward(*args):
+                raise RuntimeError(m._lib.last_error())
+            drv.reset_counters()
+            forward(*args)
+            launches = drv.counters()["launches"]
+            c_us = _median_us(lambda: forward(*args), iters * 10)
+        front_us = _median_us(lambda: m(x), iters)
+        m.close()
+    return dict(c_forward_us=c_us, c_launches=launches, c_per_launch_us=c_us / launches, c_front_us=front_us,
+                file_dtype="fp16", file_mb=len(data) / 1e6, load_ms=min(loads) * 1e3)
 
 
 def gpu_rows(args):
