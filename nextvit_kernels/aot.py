@@ -663,11 +663,13 @@ def _c_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def emit_c(manifest: dict, out: str, path: str) -> None:
+def emit_c(manifest: dict, out: str, path: str, images: bool = True) -> None:
     """Writes the C source embedded in libnextvit_kernels.so: every cubin (sm_80, sm_90)
     and the sm_80 PTX (the forward-compatible fallback; sm_90a PTX is not) as read-only
     byte arrays (assembler ``.incbin``: instant to build, unlike megabytes of hex
-    literals), the kernel table and the shape-class table (types in csrc/src/nvk_table.h)."""
+    literals), the kernel table and the shape-class table (types in csrc/src/nvk_table.h).
+    ``images=False``: the tables only, no image (every launch then fails with "no image"): what
+    the C tests of the loader build from a manifest whose images are not on disk."""
     out = os.path.abspath(out)
     missing = [a for a in ("sm_80", "sm_90") if a not in manifest["archs"]]
     for k in manifest["kernels"]:
@@ -679,6 +681,8 @@ def emit_c(manifest: dict, out: str, path: str) -> None:
     blobs = []
 
     def blob(relpath, nul):
+        if not images:
+            return "0", 0
         full = os.path.join(out, relpath)
         if '"' in full or "\n" in full:
             raise RuntimeError(f"unsupported character in path {full!r}")
@@ -696,7 +700,7 @@ def emit_c(manifest: dict, out: str, path: str) -> None:
                 name, size = blob(k["archs"][a]["cubin"], False)
                 fields[f"cubin{slot}"] = (name, size, k["archs"][a]["shared"])
         ptx = None
-        if "sm_80" in k["archs"]:
+        if "sm_80" in k["archs"] and images:
             ptx, _ = blob(k["archs"]["sm_80"]["ptx"], True)
         any_arch = next(iter(k["archs"].values()))
         n_user = len(k["passed_params"])
@@ -720,7 +724,7 @@ def emit_c(manifest: dict, out: str, path: str) -> None:
     # the manifest itself, NUL-terminated (nvk_manifest())
     man_path = path + ".manifest.json"
     with open(man_path + ".tmp", "w") as f:
-        f.write(embedded_manifest(manifest, out))
+        f.write(embedded_manifest(manifest, out) if images else json.dumps(manifest))
     os.replace(man_path + ".tmp", man_path)
     if '"' in man_path or "\n" in man_path:
         raise RuntimeError(f"unsupported character in path {man_path!r}")

@@ -583,7 +583,7 @@ static nvk_status walk(const nvk_model* m, const nvk_ctx_t* cx, const void* x, i
     int stage_end = features && s->stage_end >= 0;
     int direct = stage_end && !m->n_norms; /* the stage output goes straight into the caller's buffer */
     int slot = -1;
-    void* dst = direct ? feats[s->stage_end] : NULL;
+    void* dst = direct && feats ? feats[s->stage_end] : NULL; /* a dry walk has no buffers */
     if (!direct) {
       slot = s->flags & TO_BRANCH ? (br.slot == 2 ? 3 : 2) : (main_t.slot == 0 ? 1 : 0);
       size_t bytes = align256((size_t)pixels * (size_t)oc * es);
@@ -633,7 +633,7 @@ static nvk_status walk(const nvk_model* m, const nvk_ctx_t* cx, const void* x, i
         st = nvki_run_patch_embed(cx, nc, main_t.p, (const void*)(uintptr_t)n->w,
                                   (const void*)(uintptr_t)m->dev[n->shift], feats[se], batch, oh, ow, n->c, n->c, 1,
                                   stream);
-      main_t.p = feats[se];
+      main_t.p = feats ? feats[se] : NULL;
       main_t.slot = -1;
     }
   }
@@ -698,7 +698,7 @@ nvk_status nvk_model_output_shape(const nvk_model* m, int batch, int h, int w_, 
 }
 
 static nvk_status forward(const char* fn, const nvk_model* m, const void* x, nvk_layout layout, void* out,
-                          void* const* feats, void* ws, size_t ws_bytes, int batch, int h, int w_, void* stream) {
+                          void* const* feats, void* workspace, size_t ws_bytes, int batch, int h, int w_, void* stream) {
   int features = feats != NULL;
   layout_t L;
   nvk_status st = plan_layout(m, batch, h, w_, features, fn, &L);
@@ -716,12 +716,12 @@ static nvk_status forward(const char* fn, const nvk_model* m, const void* x, nvk
     PTR(op, out);
   CHK(ws_bytes >= L.total, "%s: the workspace has %zu bytes, a %d x %d x %d forward needs %zu "
       "(nvk_model_workspace_size)", fn, ws_bytes, batch, h, w_, L.total);
-  if (L.total) PTR(op, ws);
+  if (L.total) PTR(op, workspace);
   /* O(1) in the weights: they are on the model's device since load; only the caller's buffers
    * are asked about */
   const nvk_dptr_t dp[] = {DEV(x), {"out", features ? NULL : out}, {"features[0]", features ? feats[0] : NULL},
                            {"features[1]", features ? feats[1] : NULL}, {"features[2]", features ? feats[2] : NULL},
-                           {"features[3]", features ? feats[3] : NULL}, {"workspace", L.total ? ws : NULL}};
+                           {"features[3]", features ? feats[3] : NULL}, {"workspace", L.total ? workspace : NULL}};
   /* A default stream (NULL, legacy, per-thread) is the model's context's: made current for the
    * call when another one is, so no front has to set the current device. */
   int pushed = 0;
@@ -741,7 +741,7 @@ static nvk_status forward(const char* fn, const nvk_model* m, const void* x, nvk
       st = BAD("%s: the stream belongs to another context than the model's (device %d's primary context)", fn,
                m->device);
     else
-      st = walk(m, call.c, x, layout, out, feats, (char*)ws, &L, batch, h, w_, features, stream);
+      st = walk(m, call.c, x, layout, out, feats, (char*)workspace, &L, batch, h, w_, features, stream);
     st = nvki_leave(&call, st);
   }
   if (pushed) {

@@ -1,0 +1,444 @@
+"""The whole-model C runtime on the CPU: model files, nvk_model_* through the CPU driver stand-in
+(every launch runs the Triton kernel under the interpreter), its Python front, the C example and a
+loader fuzz under AddressSanitizer + UBSan.
+
+Models: NextViT-S and a tiny NextViT (depths 1, 1, 5, 1: the same channel counts, so the kernels
+compiled for S cover it) with random weights from timm's Next-ViT, the independent oracle.
+"""
+import copy
+import json
+import re
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import nextvit_kernels as nk
+from nextvit_kernels import model_file, runtime, testing
+from _util import c_library_with, randomize_
+
+timm = pytest.importorskip("timm")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = (1, 1, 5, 1)
+GAIN = 0.7
+MODEL_API = ("nvk_model_forward", "nvk_manifest")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return c_library_with(*MODEL_API)
+
+
+def _pair(depths, **kw):
+    """(ours, timm's) with the same random weights."""
+    from timm.models.nextvit import NextViT as TimmNextViT
+    t = randomize_(TimmNextViT(in_chans=3, depths=depths), gain=GAIN).eval()
+    m = nk.NextViT(depths=depths, **kw).eval()
+    res = nk.load_checkpoint(m, t.state_dict(), strict=not kw)
+    assert res.format == "timm"
+    return m, t
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _pair(TINY)
+
+
+def _images(b, h, w):
+    # different scale and offset per image: random-weight logits of same-statistics noise barely differ
+    x = torch.randn(b, 3, h, w)
+    return x * torch.linspace(1, 3, b).view(b, 1, 1, 1) + torch.linspace(0, 1, b).view(b, 1, 1, 1)
+
+
+def _rel(a, b):
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+class HostArray:
+    """A host buffer behind __cuda_array_interface__: what a CuPy array is to the runtime."""
+
+    def __init__(self, a):
+        self.a = np.ascontiguousarray(a)
+
+    @property
+    def __cuda_array_interface__(self):
+        return dict(shape=self.a.shape, typestr=self.a.dtype.str, data=(self.a.ctypes.data, False), strides=None,
+                    version=3)
+
+
+# ------------------------------------------------------------------ the file
+def test_model_file_round_trip_and_safetensors(tiny, tmp_path):
+    m, _ = tiny
+    path = nk.save_runtime(m, str(tmp_path / "tiny.nvk"), dtype=torch.float16)
+    plan, meta = model_file.load_plan(path)
+    folded = model_file.fold_for_runtime(m, torch.float16)
+    assert meta["variant"] == "custom" and meta["dtype"] == "fp16" and meta["abi_version"] == "1"
+    assert len(plan.steps) == len(folded.steps) == 30
+    for a, b in zip(plan.steps, folded.steps):
+        assert (a.op, a.kwargs, a.from_branch, a.to_branch, a.x2_branch, a.stage_end) == \
+            (b.op, b.kwargs, b.from_branch, b.to_branch, b.x2_branch, b.stage_end)
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors))
+    assert all(torch.equal(x, y) for x, y in zip(plan.head, folded.head))
+    # anyone can read it with the safetensors package
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+        assert {"__nvk_plan__", "steps.0.w", "steps.0.b", "head.w", "head.b"} <= keys
+        assert torch.equal(f.get_tensor("steps.6.fc1_w"), folded.steps[6].tensors[0])
+        steps = json.loads(f.metadata()["plan"])["steps"]
+    assert steps[6]["op"] == "mlp" and steps[6]["key"] == dict(c1=96, c2=0, hidden=288, c_out=96, residual=1)
+    # the table must agree with the JSON plan
+    data = bytearray(open(path, "rb").read())
+    (hl,) = struct.unpack_from("<Q", data)
+    struct.pack_into("<q", data, 8 + hl + 8 * (16 + 5), 95)  # step 0's key: c_in 3 -> 95
+    with pytest.raises(ValueError, match="does not match its JSON plan"):
+        model_file.load_plan(bytes(data))
+
+
+# ------------------------------------------------------------------ numerics through the stand-in
+@pytest.fixture(scope="module")
+def tiny32(tiny, lib):
+    """The tiny model's fp32 logits on 2 x 3 x 33 x 40 images, through each front, and timm's."""
+    m, t = tiny
+    x = _images(2, 33, 40)
+    with torch.no_grad():
+        ref = t(x)
+    data = model_file.plan_bytes(model_file.fold_for_runtime(m, torch.float32))
+    out = {}
+    with testing.cpu_driver(library=lib) as drv:
+        rt = runtime.Model(data)
+        out["runtime, torch CPU tensor"] = rt(x)
+        host = rt(_registered(drv, HostArray(x.numpy())))  # out: a DeviceArray in stand-in memory
+        out["runtime, __cuda_array_interface__"] = torch.from_numpy(host.to_host())
+        out["C through ctypes"] = _raw_forward(drv, rt, x)
+        out["counters"] = drv.counters()
+    return ref, out
+
+
+_KEEP = []  # host arrays registered for the module's life
+
+
+def _registered(drv, arr):
+    drv.register(arr.a.ctypes.data, arr.a.nbytes)
+    _KEEP.append(arr)
+    return arr
+
+
+def _raw_forward(drv, rt, x):
+    """nvk_model_forward called directly, the workspace exactly the reported size with a poisoned,
+    unregistered guard after it (the stand-in refuses an access there)."""
+    b, _, h, w = x.shape
+    lib = rt._lib
+    n = lib.model_workspace_size(rt._handle, b, h, w, 0)
+    assert n > 0, lib.last_error()
+    ws = torch.full((n + 4096,), 0x5A, dtype=torch.uint8)
+    out = torch.full((b, rt.n_classes), float("nan"))
+    with drv.registered(x, out, (ws.data_ptr(), n)):
+        drv.reset_counters()
+        st = lib.model_forward(rt._handle, x.data_ptr(), runtime.NCHW, out.data_ptr(), ws.data_ptr(), n, b, h, w, None)
+        assert st == 0, lib.last_error()
+        c = drv.counters()
+        assert drv.reach(ws.data_ptr()) <= n
+    assert (ws[n:] == 0x5A).all(), "the forward wrote past its workspace"
+    assert c["allocs"] == c["frees"] == c["copies"] == c["syncs"] == 0, c  # load is the only place that allocates
+    return out
+
+
+def test_tiny_fp32_every_front_matches_timm(tiny32):
+    ref, out = tiny32
+    assert (ref[0] - ref[1]).abs().max() > 1e-2 * ref.abs().max(), "logits do not depend on the input: test is void"
+    first = out["runtime, torch CPU tensor"]
+    assert first.shape == ref.shape and torch.isfinite(first).all()
+    assert _rel(first, ref) < 1e-4, _rel(first, ref)
+    for name in ("runtime, __cuda_array_interface__", "C through ctypes"):
+        assert torch.equal(out[name], first), name  # the same kernels on the same bytes
+
+
+def _low_precision_case(pair, b, h, w, dtype, channels_last, lib):
+    m, t = pair
+    x = _images(b, h, w)
+    with torch.no_grad():
+        ref = t(x)
+        eager = copy.deepcopy(m).to(dtype)(x.to(dtype)).float()  # the module graph in that dtype: the error to expect
+    data = model_file.plan_bytes(model_file.fold_for_runtime(m, dtype))
+    xin = x.to(dtype)
+    if channels_last:
+        xin = xin.contiguous(memory_format=torch.channels_last)  # NHWC memory
+    with testing.cpu_driver(library=lib):
+        out = runtime.Model(data)(xin)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert _rel(out.float(), ref) <= 2 * _rel(eager, ref) + 1e-3, (_rel(out.float(), ref), _rel(eager, ref))
+
+
+def test_tiny_fp16_nhwc_64x64_within_twice_eager_error(tiny, lib):
+    _low_precision_case(tiny, 1, 64, 64, torch.float16, True, lib)
+
+
+def test_small_fp16_odd_size_within_twice_eager_error(lib):
+    _low_precision_case(_pair((3, 4, 10, 3)), 1, 33, 40, torch.float16, False, lib)
+
+
+def test_features_of_a_backbone_with_stage_norms(lib):
+    m, _ = _pair(TINY, with_extra_norm=True)
+    with torch.no_grad():
+        for bn in m.extra_norm_list:  # the stage norms must do something
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.2)
+            bn.running_mean.normal_(0, 0.2), bn.running_var.uniform_(0.5, 1.5)
+        x = _images(1, 37, 30)
+        ref = m.forward_features(x)
+    data = model_file.plan_bytes(model_file.fold_for_runtime(m, torch.float32))
+    with testing.cpu_driver(library=lib):
+        rt = runtime.Model(data)
+        assert rt.has_stage_norms and rt.feature_channels == (96, 256, 512, 1024)
+        feats = rt.forward_features(x)
+    for i, (a, r) in enumerate(zip(feats, ref)):
+        assert a.shape == r.shape and a.is_contiguous(memory_format=torch.channels_last), i
+        assert _rel(a, r) < 1e-4, (i, _rel(a, r))
+
+
+def test_threads_with_separate_workspaces_get_their_own_result(tiny, lib):
+    """Two threads on one model: the stand-in interleaves their launches kernel by kernel (as one GPU
+    stream would), so a shared workspace would mix them; each result must be its own input's."""
+    m, t = tiny
+    data = model_file.plan_bytes(model_file.fold_for_runtime(m, torch.float32))
+    xs = [_images(1, 25, 27), _images(1, 25, 27) * -2]
+    with torch.no_grad():
+        refs = [t(x) for x in xs]
+    got, errors = [None] * len(xs), []
+    with testing.cpu_driver(library=lib):
+        rt = runtime.Model(data)
+
+        def work(i):
+            try:
+                got[i] = rt(xs[i])
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    assert not errors, errors
+    assert _rel(refs[0], refs[1]) > 0.1, "the two inputs give the same logits: test is void"
+    for g, r in zip(got, refs):
+        assert _rel(g, r) < 1e-4, _rel(g, r)
+
+
+# ------------------------------------------------------------------ counting mode: the plan's shape
+@pytest.fixture(scope="module")
+def tiny16_path(tiny, tmp_path_factory):
+    return nk.save_runtime(tiny[0], str(tmp_path_factory.mktemp("nvk") / "tiny16.nvk"), dtype=torch.float16)
+
+
+def test_forward_launches_the_plan_and_allocates_nothing(tiny, tiny16_path, lib):
+    plan = model_file.fold_for_runtime(tiny[0], torch.float16)
+    with testing.cpu_driver(execute=False, library=lib) as drv:
+        live = drv.counters()["live_allocs"]  # models of earlier tests stay with the stand-in
+        rt = runtime.Model(tiny16_path)
+        assert rt.weight_bytes == 2 * sum(t.numel() for t in [*plan.head] + [t for s in plan.steps for t in s.tensors])
+        for b, h, w in ((1, 224, 224), (3, 97, 131)):
+            x = torch.zeros(b, 3, h, w, dtype=torch.float16)
+            rt(x)  # the workspace is cached per shape from here on
+            drv.reset_counters()
+            out = rt(x)
+            c = drv.counters()
+            assert c["launches"] == plan.launches(b, h, w), (b, h, w, c)
+            assert c["allocs"] == c["copies"] == c["syncs"] == 0, c
+            assert out.shape == (b, 1000)
+        assert [rt.output_shape(2, 97, 131, s) for s in range(4)] == \
+            [(2, 25, 33, 96), (2, 13, 17, 256), (2, 7, 9, 512), (2, 4, 5, 1024)]
+        workspaces = len(rt._local.ws)
+        rt.close()
+        assert drv.counters()["live_allocs"] == live, "nvk_model_free left device memory behind"
+        assert workspaces == 2
+
+
+# ------------------------------------------------------------------ bad input
+def _table_patch(data, *changes):
+    """The file with plan-table entries changed: (index, value) pairs."""
+    d = bytearray(data)
+    (hl,) = struct.unpack_from("<Q", d)
+    for index, value in zip(changes[::2], changes[1::2]):
+        struct.pack_into("<q", d, 8 + hl + 8 * index, value)
+    return bytes(d)
+
+
+def _load_error(data, lib):
+    with pytest.raises(runtime.ModelError) as e:
+        runtime.Model(data, library=lib)
+    return e.value
+
+
+@pytest.fixture(scope="module")
+def tiny16(tiny16_path):
+    return open(tiny16_path, "rb").read()
+
+
+def test_bad_files_are_refused_with_a_message(tiny16, lib):
+    with testing.cpu_driver(execute=False, library=lib) as drv:
+        live = drv.counters()["live_allocs"]
+        n_steps = 30
+        tensor0 = 16 + 12 * n_steps + 4
+        cases = [
+            (tiny16[:7], 1, "too short"),
+            (tiny16[:4096], 1, "does not fit the file"),
+            (tiny16[:len(tiny16) - 1], 1, "runs past the end"),
+            (b"\x08\x00\x00\x00\x00\x00\x00\x00[       " + tiny16[16:], 1, "not a safetensors file"),
+            (_table_patch(tiny16, 0, 12345), 1, "not a nextvit_kernels model file"),
+            (_table_patch(tiny16, 1, 2), 2, "format version 2; this library reads version 1"),
+            (_table_patch(tiny16, 2, 7), 2, "needs library ABI 7"),
+            (_table_patch(tiny16, 3, 0), 1, "has dtype 1, the file's dtype is 0"),
+            (_table_patch(tiny16, tensor0 + 6, 1, tensor0 + 7, 9), 1, r"tensor 0 \(w\) has shape \[64, 3, 1, 9\]"),
+            (_table_patch(tiny16, tensor0 + 6, 1), 1, "tensor 0: 3456 bytes for 576 elements"),
+            (_table_patch(tiny16, tensor0, 0), 1, "inside the plan"),
+            (_table_patch(tiny16, 16 + 12 + 5, 33), 1, "key .* = .33, 32, 1. with 64 channels flowing in"),
+            (_table_patch(tiny16, 16 + 4, 3), 1, r"step 0 \(conv_bn_relu\): tensors"),
+        ]
+        for data, status, message in cases:
+            err = _load_error(data, lib)
+            assert err.status == status, (message, err)
+            assert re.search(message, str(err)), (message, str(err))
+        drv.fail_alloc_after(50)  # the upload fails half-way: what it allocated is freed
+        err = _load_error(tiny16, lib)
+        drv.fail_alloc_after(None)
+        assert err.status == 3 and "cuMemAlloc" in str(err), err
+        assert drv.counters()["live_allocs"] == live, "a failed load left device memory behind"
+
+
+def test_bad_calls_are_refused_with_a_message(tiny16, lib):
+    from nextvit_kernels.model import NextViT
+    with testing.cpu_driver(execute=False, library=lib) as drv:
+        rt = runtime.Model(tiny16)
+        with pytest.raises(runtime.ModelError, match="too small: step .* fewer than one 4x4 pooling window"):
+            rt.workspace_size(1, 16, 16)
+        with pytest.raises(ValueError, match="the model file is float16, the input is float32"):
+            rt(torch.zeros(1, 3, 32, 32))
+        with pytest.raises(ValueError, match=r"expected \[B, 3, H, W\]"):
+            rt(torch.zeros(1, 4, 32, 32, dtype=torch.float16))
+        L = rt._lib
+        n = rt.workspace_size(1, 32, 32)
+        x = torch.zeros(1, 3, 32, 32, dtype=torch.float16)
+        out = torch.zeros(1, 1000, dtype=torch.float16)
+        ws = torch.zeros(n, dtype=torch.uint8)
+        with drv.registered(x, out, ws):
+            for args, message in [((0, out.data_ptr(), ws.data_ptr(), n), "nvk_model_forward: x is NULL"),
+                                  ((x.data_ptr(), 0, ws.data_ptr(), n), "out is NULL"),
+                                  ((x.data_ptr() + 2, out.data_ptr(), ws.data_ptr(), n), "not 16-byte aligned"),
+                                  ((x.data_ptr(), out.data_ptr(), ws.data_ptr(), n - 1), "the workspace has"),
+                                  ((x.data_ptr(), out.data_ptr(), 0, n), "workspace is NULL")]:
+                xp, op, wp, nb = args
+                assert L.model_forward(rt._handle, xp, runtime.NCHW, op, wp, nb, 1, 32, 32, None) == 1
+                assert message in L.last_error(), (message, L.last_error())
+            assert L.model_forward(rt._handle, x.data_ptr(), 7, out.data_ptr(), ws.data_ptr(), n, 1, 32, 32, None) == 1
+            assert "layout 7" in L.last_error()
+            stray = torch.zeros(1, 1000, dtype=torch.float16)  # not known to the "driver"
+            assert L.model_forward(rt._handle, x.data_ptr(), 0, stray.data_ptr(), ws.data_ptr(), n, 1, 32, 32, None) == 1
+            assert "not memory the CUDA driver knows" in L.last_error()
+        # a head of 10 classes was compiled for no variant
+        m10 = NextViT(depths=TINY, num_classes=10).eval()
+        err = _load_error(model_file.plan_bytes(model_file.fold_for_runtime(m10, torch.float16)), lib)
+        assert err.status == 2 and "no kernel was compiled ahead of time" in str(err) and "(1024, 10)" in str(err)
+
+
+def test_runtime_imports_and_runs_without_torch(tiny16_path, lib):
+    """nextvit_kernels.runtime with torch blocked from import: CAI host arrays under the counting stand-in."""
+    code = f"""
+import sys
+class Block:
+    def find_module(self, name, path=None):
+        return self if name == "torch" or name.startswith("torch.") else None
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, Block())
+import numpy as np
+from nextvit_kernels import runtime, testing
+assert "torch" not in sys.modules
+class HostArray:
+    def __init__(self, a): self.a = a
+    @property
+    def __cuda_array_interface__(self):
+        return dict(shape=self.a.shape, typestr=self.a.dtype.str, data=(self.a.ctypes.data, False), strides=None, version=3)
+with testing.cpu_driver(execute=False, library={lib!r}) as drv:
+    m = runtime.Model({tiny16_path!r})
+    x = np.zeros((2, 224, 224, 3), dtype=np.float16)          # NHWC
+    drv.register(x.ctypes.data, x.nbytes)
+    out = m(HostArray(x))
+    assert isinstance(out, runtime.DeviceArray) and out.shape == (2, 1000), out.shape
+    assert out.to_host().shape == (2, 1000)
+    feats = m.forward_features(HostArray(x))
+    assert [f.shape for f in feats] == [(2, 56, 56, 96), (2, 28, 28, 256), (2, 14, 14, 512), (2, 7, 7, 1024)]
+assert "torch" not in sys.modules
+print("ok", drv.counters()["launches"])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ the C example and the loader fuzz
+def _cc():
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    return cc
+
+
+def test_c_example_runs_under_the_counting_stand_in(tiny16_path, lib, tmp_path):
+    exe = tmp_path / "nvk_classify"
+    libdir = os.path.dirname(lib)
+    r = subprocess.run([_cc(), "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", os.path.join(ROOT, "csrc", "include"),
+                        os.path.join(ROOT, "csrc", "examples", "classify.c"), "-o", str(exe), "-L", libdir,
+                        "-lnextvit_kernels", f"-Wl,-rpath,{libdir}", "-ldl", "-lm"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, NEXTVIT_CUDA_DRIVER=testing.driver_library())
+    ppm = tmp_path / "cat.ppm"
+    ppm.write_bytes(b"P6\n# a comment\n40 33\n255\n" + np.random.randint(0, 256, 33 * 40 * 3, dtype=np.uint8).tobytes())
+    for args in (["--random", "--iters", "5"], [str(ppm), "--iters", "3"], ["--random", "--batch", "2", "--size", "64x48"]):
+        r = subprocess.run([str(exe), tiny16_path, *args], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith(f"model {tiny16_path}: 30 fused ops, fp16")
+        assert lines[2].startswith("top-5:") and len(lines[2].split("(")) == 6, lines[2]
+        assert lines[3].endswith(" ms per forward (mean of %s)" % (args[-1] if "--iters" in args else "20"))
+    ppm.write_bytes(b"P6\n40 33\n255\n" + b"\0" * 100)  # truncated pixels
+    r = subprocess.run([str(exe), tiny16_path, str(ppm)], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "cannot read the image" in r.stderr
+    r = subprocess.run([str(exe), tiny16_path + ".missing", "--random"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "cannot open" in r.stderr
+
+
+def test_loader_fuzz_under_asan_and_ubsan(tiny16_path, lib, tmp_path):
+    """Every prefix up to the end of the plan table (and a spread of longer ones), and 1500 single-byte
+    changes of the bytes the library reads, through nvk_model_load_memory built with
+    -fsanitize=address,undefined (the stand-in too): an error with a message or a model that runs."""
+    from nextvit_kernels import _library, aot
+    cc = _cc()
+    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
+    probe = subprocess.run([cc, *flags, "-x", "c", "-", "-o", str(tmp_path / "probe")], input="int main(void){return 0;}",
+                           capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip("the C compiler cannot build with -fsanitize=address,undefined: " + probe.stderr[-300:])
+    manifest = json.loads(_library.open_path(lib).manifest())
+    table = tmp_path / "table.c"
+    aot.emit_c(manifest, str(tmp_path), str(table), images=False)  # the shape classes; no kernel images needed
+    exe = tmp_path / "fuzz"
+    src = os.path.join(ROOT, "csrc")
+    r = subprocess.run([cc, "-std=c11", *flags, "-I", os.path.join(src, "include"), "-I", os.path.join(src, "src"),
+                        os.path.join(src, "tests", "model_load_fuzz.c"), os.path.join(src, "src", "nextvit_kernels.c"),
+                        os.path.join(src, "src", "nvk_model.c"), str(table), "-o", str(exe), "-ldl", "-lpthread", "-lm"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = dict(os.environ, NEXTVIT_CUDA_DRIVER=testing.driver_library(flags),
+               ASAN_OPTIONS="detect_leaks=1:abort_on_error=0", UBSAN_OPTIONS="print_stacktrace=1")
+    r = subprocess.run([str(exe), tiny16_path, "1500"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "0 failures" in r.stdout, r.stdout
+    print(r.stdout.strip())
