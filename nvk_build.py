@@ -14,11 +14,15 @@ installs its dependencies). So, when the library is wanted:
 - else the backend asks pip for torch and triton as build requirements (the versions already
   installed, if any), so that the first install builds the library too.
 
-The library is wanted when ``NEXTVIT_BUILD_CLIB=1``, or when nvcc is found (a CUDA machine)
-and ``NEXTVIT_BUILD_CLIB`` is not ``0``. nvcc itself is not used: Triton brings its own ptxas,
-and the library dlopens the driver at run time. When the install skips or fails the library it
-says why and prints the command that builds it, on the terminal as well as in the build log:
-pip shows a successful build's output only with ``-v``.
+The library is wanted unless ``NEXTVIT_BUILD_CLIB=0``: by default wherever a C compiler is found
+(``$CC``, ``cc``, ``gcc`` or ``clang``), which is all the build needs besides what pip provides:
+CMake and Ninja are build requirements, the kernels are compiled by Triton with its own ptxas, and
+the library dlopens the CUDA driver at run time, so no CUDA toolkit and no GPU are involved. It is
+what makes the whole-model C runtime (no JIT on the first forward) and the TensorRT plugins work,
+and, on a CPU, what the CPU driver stand-in tests run. ``NEXTVIT_BUILD_CLIB=1`` makes a failed
+build an error. When the install skips or fails the library it says why and prints the command
+that builds it, on the terminal as well as in the build log: pip shows a successful build's
+output only with ``-v``.
 """
 import json
 import os
@@ -36,9 +40,14 @@ MINIMUM = {"torch": "2.4", "triton": "3.0"}   # as install_requires in setup.py
 _ISOLATION_VARS = ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")
 
 
-def nvcc():
-    """Path of the CUDA compiler, or None: only a sign that this is a CUDA machine."""
-    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+def c_compiler(environ=None):
+    """Path of the C compiler the build would use, or None."""
+    environ = os.environ if environ is None else environ
+    for c in ([environ["CC"]] if environ.get("CC") else []) + ["cc", "gcc", "clang"]:
+        found = shutil.which(c)
+        if found:
+            return found
+    return None
 
 
 def wanted(environ=None):
@@ -49,10 +58,10 @@ def wanted(environ=None):
         return False, "NEXTVIT_BUILD_CLIB=0"
     if flag == "1":
         return True, "NEXTVIT_BUILD_CLIB=1"
-    found = nvcc()
+    found = c_compiler(environ)
     if found is None:
-        return False, "no CUDA toolkit here (nvcc is not on PATH or in /usr/local/cuda/bin)"
-    return True, f"nvcc found at {found}"
+        return False, "no C compiler here ($CC, cc, gcc or clang)"
+    return True, f"C compiler {found}"
 
 
 def target_env(environ=None):

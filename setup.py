@@ -1,7 +1,7 @@
 """nextvit_kernels: pure-Python package (always) + the C library and its pybind11 module (when wanted).
 
 The C library (libnextvit_kernels.so, nextvit_kernels._C) is built with CMake + Ninja when
-nvk_build.wanted() says so (nvcc found, or NEXTVIT_BUILD_CLIB=1; NEXTVIT_BUILD_CLIB=0 never);
+nvk_build.wanted() says so (a C compiler found, or NEXTVIT_BUILD_CLIB=1; NEXTVIT_BUILD_CLIB=0 never);
 nvk_build.py explains where its AOT step finds torch and triton. When it is skipped, or fails
 (an error only under NEXTVIT_BUILD_CLIB=1), the install says why and how to build it, and the
 Python package is installed alone. NEXTVIT_AOT_DIR points to a finished AOT output to embed

@@ -2,6 +2,8 @@
 
     python -m nextvit_kernels.aot --arch sm_80,sm_90 --out DIR [--dtypes fp16,bf16,fp32]
         [--variants s,b,l] [--resolutions 224,384] [-j N] [--emit-c FILE] [--from-manifest]
+    python -m nextvit_kernels.aot --export MODEL.nvk --variant s [--checkpoint CKPT] [--dtype fp16]
+        (a model file for the whole-model C runtime: nextvit_kernels.model_file)
 
 Works without a GPU: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))``.
 
@@ -539,7 +541,7 @@ def main(argv=None):
                    "images (and the sm_80 PTX for newer cards).", prog="python -m nextvit_kernels.aot")
     p.add_argument("--arch", type=cli.csv("arch", conv=_parse_arch), default="sm_80,sm_90",
                    help="comma list of CUDA architectures to compile for (sm_80 or newer)")
-    p.add_argument("--out", required=True, help="output folder: manifest.json and kernels/")
+    p.add_argument("--out", help="output folder: manifest.json and kernels/ (required unless --export)")
     p.add_argument("--dtypes", type=cli.dtypes, default="fp16,bf16,fp32",
                    help=f"comma list of {', '.join(DTYPES)}")
     p.add_argument("--variants", type=cli.variants, default="s,b,l",
@@ -551,7 +553,21 @@ def main(argv=None):
     p.add_argument("--from-manifest", action="store_true",
                    help="compile nothing: emit C (--emit-c) from an existing OUT/manifest.json")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    e = p.add_argument_group("model file (--export)")
+    e.add_argument("--export", metavar="MODEL.nvk", help="write a model file for the C runtime instead of compiling")
+    e.add_argument("--variant", type=cli.variant, default="s", help="model variant s, b or l")
+    e.add_argument("--checkpoint", help="weights (any format load_checkpoint takes); default: random init")
+    e.add_argument("--dtype", choices=cli.DTYPES, default="fp16", help="dtype of the folded weights")
+    e.add_argument("--backbone", action="store_true",
+                   help="a detection/segmentation backbone (stage norms, features only)")
     a = p.parse_args(argv)
+    if a.export:
+        cli.not_used(p, argv, ("arch", "out", "dtypes", "variants", "resolutions", "jobs", "emit_c", "from_manifest"),
+                     "with --export")
+        return export(a.export, a.variant, a.checkpoint, a.dtype, a.backbone, quiet=a.quiet)
+    cli.not_used(p, argv, ("variant", "checkpoint", "dtype", "backbone"), "without --export")
+    if not a.out:
+        p.error("--out is required (or --export MODEL.nvk)")
     out = os.path.abspath(a.out)
     if a.from_manifest:
         if not a.emit_c:
@@ -570,6 +586,24 @@ def main(argv=None):
                          list(dict.fromkeys(a.resolutions)), a.jobs, quiet=a.quiet)
     if a.emit_c:
         emit_c(manifest, out, a.emit_c)
+    return 0
+
+
+def export(path, variant="s", checkpoint=None, dtype="fp16", backbone=False, quiet=False) -> int:
+    """Writes the model file of a variant (with a checkpoint's weights) for the C runtime."""
+    from . import cli, model as model_mod, model_file
+    from .checkpoint import load_checkpoint
+    net = getattr(model_mod, cli.VARIANTS[variant])(with_extra_norm=backbone)
+    if checkpoint:
+        res = load_checkpoint(net, checkpoint, strict=not backbone)
+        if not quiet:
+            print(f"aot: loaded {checkpoint} ({res.format} format)", file=sys.stderr)
+    elif not quiet:
+        print("aot: no --checkpoint: random weights (a file to test with, not to classify)", file=sys.stderr)
+    model_file.save_runtime(net, path, dtype=DTYPES[dtype])
+    if not quiet:
+        print(f"aot: wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, {cli.VARIANTS[variant]}, {dtype})",
+              file=sys.stderr)
     return 0
 
 

@@ -60,8 +60,12 @@ def test_not_wanted_asks_for_nothing_and_says_how_to_build(monkeypatch):
     assert "would NOT be built: NEXTVIT_BUILD_CLIB=0" in msg
     assert f"NEXTVIT_BUILD_CLIB=1 pip install -e {ROOT}" in msg
     monkeypatch.delenv("NEXTVIT_BUILD_CLIB")
-    monkeypatch.setattr(nvk_build, "nvcc", lambda: None)
-    assert nvk_build.wanted() == (False, "no CUDA toolkit here (nvcc is not on PATH or in /usr/local/cuda/bin)")
+    monkeypatch.setattr(nvk_build, "c_compiler", lambda environ=None: None)
+    assert nvk_build.wanted() == (False, "no C compiler here ($CC, cc, gcc or clang)")
+    monkeypatch.undo()
+    monkeypatch.delenv("NEXTVIT_BUILD_CLIB", raising=False)
+    monkeypatch.setattr(nvk_build.shutil, "which", lambda c: "/usr/bin/cc" if c == "cc" else None)
+    assert nvk_build.wanted({}) == (True, "C compiler /usr/bin/cc")  # no nvcc needed
 
 
 def test_pip_isolated_build_uses_the_backend_and_reports_the_skip(tmp_path):

@@ -442,3 +442,22 @@ def test_loader_fuzz_under_asan_and_ubsan(tiny16_path, lib, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "0 failures" in r.stdout, r.stdout
     print(r.stdout.strip())
+
+
+def test_export_cli_writes_the_checkpoints_model_file(tmp_path):
+    """python -m nextvit_kernels.aot --export: the folded weights of the checkpoint it was given."""
+    t = randomize_(timm.create_model("nextvit_small"), gain=GAIN).eval()
+    ckpt = tmp_path / "s.pth"
+    torch.save(t.state_dict(), ckpt)
+    out = tmp_path / "s.nvk"
+    r = subprocess.run([sys.executable, "-m", "nextvit_kernels.aot", "--export", str(out), "--variant", "small",
+                        "--checkpoint", str(ckpt), "--dtype", "bf16"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    assert "timm format" in r.stderr and "nextvit_small, bf16" in r.stderr
+    plan, meta = model_file.load_plan(str(out))
+    m = nk.nextvit_small()
+    nk.load_checkpoint(m, t.state_dict())
+    ref = model_file.fold_for_runtime(m, torch.bfloat16)
+    assert meta["variant"] == "nextvit_small" and plan.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for s, q in zip(plan.steps, ref.steps) for a, b in zip(s.tensors, q.tensors))
