@@ -1,4 +1,7 @@
-"""Comparison helpers shared by the tests."""
+"""Helpers shared by the tests."""
+import sys
+import threading
+
 import torch
 
 # Relative to the largest reference magnitude; fp16/bf16 cover one rounding of
@@ -57,3 +60,29 @@ def randomize_(model: torch.nn.Module, gain: float = 0.5, generator=None):
             m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     return model
+
+
+def in_threads(n, body):
+    """Runs ``body(i)`` for i < n in n threads started together, switching between them every
+    few microseconds so that unlocked sections interleave; returns what they raised."""
+    errors = []
+    start = threading.Barrier(n)
+
+    def run(i):
+        start.wait()
+        try:
+            body(i)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(f"thread {i}: {type(err).__name__}: {err}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return errors
