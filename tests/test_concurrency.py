@@ -1,0 +1,140 @@
+"""One model, many threads: every caller gets its own result (README "Threads").
+
+CPU: the CUDA-graph policy with a stand-in graph whose replay really goes through one shared
+input and output buffer, as a CUDA graph's does; the bound programs with each op's launch
+replaced by a cheap deterministic function of its input and folded weights (the interpreter
+takes ~9 s for one tiny forward).
+"""
+import threading
+import time
+
+import pytest
+import torch
+
+import nextvit_kernels as nk
+from nextvit_kernels import fused, graphs, ops
+from _util import in_threads, randomize_
+
+TINY = dict(depths=(1, 1, 5, 1), num_classes=10)
+THREADS, CALLS = 8, 200
+
+
+# ------------------------------------------------------------------ graph policy (CPU)
+class _SharedBufferGraph:
+    """Stands in for graphs._Graph as a CUDA graph behaves: one static input and one static
+    output buffer, a replay that computes from the static input, and release freeing both.
+    The pauses are where another thread runs while the GPU would be working."""
+
+    def __init__(self, x, fn):
+        self.fn = fn
+        self.static_in = x.clone()
+        self.static_out = fn(self.static_in)
+
+    def replay(self, x):
+        self.static_in.copy_(x)
+        time.sleep(0)
+        self.static_out.copy_(self.fn(self.static_in))
+        time.sleep(0)
+        return self.static_out.clone()
+
+    def release(self):
+        self.static_in = self.static_out = None
+
+
+def test_graph_cache_threads_get_their_own_results(monkeypatch):
+    """8 threads x 200 calls, three signatures through two graphs (so graphs are evicted and
+    captured again while others replay): each result is its own input's."""
+    monkeypatch.setattr(graphs.GraphCache, "make_graph", staticmethod(_SharedBufferGraph))
+    cache = graphs.GraphCache(max_graphs=2)
+    shapes = [(2, 3), (4,), (3, 2, 2)]
+
+    def fn(x):
+        return x * 2 + 1
+
+    def body(t):
+        shape = shapes[t % len(shapes)]
+        for i in range(CALLS):
+            x = torch.full(shape, float(t * 1000 + i))
+            out = cache.run(shape, x, fn)
+            assert torch.equal(out, fn(x)), f"call {i} got {out.flatten()[0].item()}, expected {fn(x).flatten()[0]}"
+
+    assert in_threads(THREADS, body) == []
+    assert not cache.failed  # a graph released under a replaying thread would land here
+    assert len(cache) == 2
+
+
+def test_closed_graph_cache_captures_nothing(monkeypatch):
+    """A thread still holding a dropped plan runs its forwards without graphs."""
+    monkeypatch.setattr(graphs.GraphCache, "make_graph", staticmethod(_SharedBufferGraph))
+    m = nk.NextViT(**TINY).eval()
+    plan = m.fused_plan(torch.device("cpu"), torch.float32)
+    m.invalidate_fused()
+    x = torch.ones(3)
+    for _ in range(3):
+        assert torch.equal(plan.graph_cache(8).run("k", x, lambda t: t + 1), x + 1)
+    assert len(plan.graphs) == 0
+
+
+# ---------------------------------------------------- bound programs, launches stubbed
+def _stub_bind(bind):
+    """An op's ``bind`` whose ``run`` is a cheap deterministic function of the input (per
+    image) and of the weights it was bound with, in place of the kernels; the real ``bind``
+    still computes shapes and launch configurations."""
+    def stub(x_shape, *tensors, **kwargs):
+        _, out_shape = bind(x_shape, *tensors, **kwargs)
+        c = float(sum(t.double().mean() for t in tensors))
+
+        def run(x, x2=None):
+            v = x.mean(dim=(1, 2, 3)) + (0 if x2 is None else x2.mean(dim=(1, 2, 3))) + c
+            if len(out_shape) == 2:  # the head: [B, classes]
+                return v[:, None] + torch.arange(out_shape[1])
+            return v.view(-1, 1, 1, 1).expand(out_shape)
+
+        return run, out_shape
+
+    return stub
+
+
+@pytest.fixture
+def stub_launches(monkeypatch):
+    for name in ("conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"):
+        mod = ops.module(name)
+        monkeypatch.setattr(mod, "bind", _stub_bind(mod.bind))
+
+
+def _distinct_input(t, shape=(1, 3, 32, 32)):
+    g = torch.Generator().manual_seed(t)
+    return torch.randn(shape, generator=g) + t
+
+
+class _YieldingDict(dict):
+    """A plan's program cache that lets other threads run between a lookup and what follows
+    it, where a thread switch can land in a real run (rarely: the test makes it the rule)."""
+
+    def get(self, *args):
+        out = super().get(*args)
+        time.sleep(0)
+        return out
+
+    def pop(self, *args):
+        time.sleep(0)
+        return super().pop(*args)
+
+
+def test_bound_programs_threads_get_their_own_results(stub_launches, monkeypatch):
+    """8 threads x 200 calls in four input shapes, with room for two bound programs: programs
+    are dropped and bound again concurrently, and each result is its own input's."""
+    monkeypatch.setattr(fused, "MAX_PROGRAMS", 2)
+    m = randomize_(nk.NextViT(**TINY, kernels="triton"), gain=0.7).eval().requires_grad_(False)
+    shapes = [(1, 3, 32, 32), (2, 3, 32, 32), (1, 3, 40, 32), (1, 3, 32, 40)]
+    xs = [_distinct_input(t, shapes[t % len(shapes)]) for t in range(THREADS)]
+    refs = [m(x) for x in xs]
+    m._fused_plan.programs = _YieldingDict(m._fused_plan.programs)
+    assert len({r[0, 0].item() for r in refs}) == THREADS  # the inputs are told apart
+
+    def body(t):
+        for i in range(CALLS):
+            out = m(xs[t])
+            assert torch.equal(out, refs[t]), f"call {i}: another input's result"
+
+    assert in_threads(THREADS, body) == []
