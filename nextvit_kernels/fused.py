@@ -205,6 +205,11 @@ def fold(model: "NextViT", device=None, dtype=None) -> Plan:
     p = next(model.parameters())
     device = torch.device(device) if device is not None else p.device
     dtype = dtype or p.dtype
+    # The key is taken before the weights are read: a write that lands while they are read
+    # (another thread's) then makes the plan stale at once, rather than marking it current with
+    # the old values folded in.
+    source = model_tensors(model)
+    key = weights_key(source)
     steps: List[Step] = []
     for conv_bn in model.stem:
         w, b = _conv_then_bn(conv_bn.conv, conv_bn.norm)
@@ -239,8 +244,7 @@ def fold(model: "NextViT", device=None, dtype=None) -> Plan:
 
     for s in steps:
         s.tensors = [cast(t) for t in s.tensors]
-    source = model_tensors(model)
-    return Plan(device, dtype, steps, (cast(hw), cast(hb)), extra, source, weights_key(source))
+    return Plan(device, dtype, steps, (cast(hw), cast(hb)), extra, source, key)
 
 
 # ------------------------------------------------------------------ running

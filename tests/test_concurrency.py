@@ -3,7 +3,7 @@
 CPU: the CUDA-graph policy with a stand-in graph whose replay really goes through one shared
 input and output buffer, as a CUDA graph's does; the bound programs with each op's launch
 replaced by a cheap deterministic function of its input and folded weights (the interpreter
-takes ~9 s for one tiny forward).
+takes ~9 s for one tiny forward); and a weight swap in one thread while others call.
 """
 import threading
 import time
@@ -138,3 +138,81 @@ def test_bound_programs_threads_get_their_own_results(stub_launches, monkeypatch
             assert torch.equal(out, refs[t]), f"call {i}: another input's result"
 
     assert in_threads(THREADS, body) == []
+
+
+def test_weight_swap_while_threads_call(stub_launches):
+    """One thread swaps between two sets of weights with load_state_dict, pausing part way
+    through as a slow load does; the others call meanwhile. Each result is that of the old or
+    of the new weights, never of a mix, and after the last swap the new weights' result."""
+    m = nk.NextViT(**TINY, kernels="triton").eval().requires_grad_(False)
+    sds = []
+    for seed in (1, 2):
+        randomize_(m, gain=0.7, generator=torch.Generator().manual_seed(seed))
+        sds.append({k: v.clone() for k, v in m.state_dict().items()})
+    readers = THREADS - 1
+    xs = [_distinct_input(t) for t in range(readers)]
+    refs = []
+    for sd in sds:
+        m.load_state_dict(sd)
+        refs.append([m(x) for x in xs])
+    pause = m.features[1].register_load_state_dict_pre_hook(lambda *args: time.sleep(0.2))
+    swaps, done = 4, threading.Event()
+    seen = [set() for _ in range(readers)]
+
+    def body(t):
+        if t == readers:  # the writer
+            try:
+                for k in range(1, swaps + 1):
+                    m.load_state_dict(sds[k % 2])
+                    time.sleep(0.05)
+            finally:
+                done.set()
+            return
+        calls = 0
+        while not done.is_set() or calls < 10:
+            out = m(xs[t])
+            which = [w for w in (0, 1) if torch.equal(out, refs[w][t])]
+            assert which, f"call {calls}: neither the old nor the new weights' result"
+            seen[t].add(which[0])
+            calls += 1
+
+    try:
+        assert in_threads(THREADS, body) == []
+    finally:
+        pause.remove()
+    assert set().union(*seen) == {0, 1}  # the swaps happened while the readers ran
+    final = swaps % 2
+    assert all(torch.equal(m(x), refs[final][t]) for t, x in enumerate(xs))
+
+
+def test_fold_sees_a_write_that_lands_while_it_reads(monkeypatch):
+    """A weight written while fold reads the weights (by a thread that does not hold
+    weights_lock) leaves the plan stale, so the next forward folds again, instead of
+    a plan marked current with the old value folded in."""
+    m = nk.NextViT(**TINY, kernels="reference").eval()
+    real = fused._mlp_step
+
+    def mlp_step_then_write(*args):
+        with torch.no_grad():
+            m.proj_head[0].bias.add_(1.0)  # folded later in the same fold
+        return real(*args)
+
+    monkeypatch.setattr(fused, "_mlp_step", mlp_step_then_write)
+    plan = fused.fold(m, "cpu", torch.float32)
+    monkeypatch.undo()
+    assert not plan.is_current()
+    assert fused.fold(m, "cpu", torch.float32).is_current()
+
+
+def test_weights_lock_survives_pickle_and_deepcopy():
+    import copy
+    import io
+
+    m = nk.NextViT(**TINY).eval()
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(m)):
+        assert other.weights_lock is not m.weights_lock
+        with other.weights_lock:
+            other.load_state_dict(m.state_dict())  # re-entrant: load_state_dict takes it too
