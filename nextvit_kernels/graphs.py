@@ -24,6 +24,7 @@ without a graph, do not wait for it. Lookups, captures and evictions hold the ca
 evicted or released graph is freed only once the call replaying it has finished (host and GPU),
 and a caller that finds its graph freed meanwhile runs without it.
 """
+import contextlib
 import threading
 import warnings
 from collections import OrderedDict
@@ -39,10 +40,26 @@ def signature(x: torch.Tensor, features: bool) -> tuple:
     return (tuple(x.shape), x.stride(), x.dtype, x.device, features)
 
 
+_thread = threading.local()
+
+
+@contextlib.contextmanager
+def suspended():
+    """No automatic graph is captured or replayed by this thread inside: for a caller that
+    captures a graph of its own (``cuda_graph()``'s warm-up), without touching the model's
+    ``cuda_graphs``, which other threads read."""
+    before = getattr(_thread, "suspended", False)
+    _thread.suspended = True
+    try:
+        yield
+    finally:
+        _thread.suspended = before
+
+
 def capture_allowed(x: torch.Tensor) -> bool:
-    """False where a graph must not be captured or replayed: CPU tensors, and while the
-    caller is capturing a graph of its own (ours would nest)."""
-    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+    """False where a graph must not be captured or replayed: CPU tensors, while the caller
+    is capturing a graph of its own (ours would nest), and inside ``suspended()``."""
+    return x.is_cuda and not getattr(_thread, "suspended", False) and not torch.cuda.is_current_stream_capturing()
 
 
 def _clone(out):

@@ -339,38 +339,41 @@ class GraphedForward:
 
     ``graphed(x)`` copies ``x`` into the captured input buffer, replays the
     graph and returns the captured output buffer: the next call overwrites it
-    (``.clone()`` to keep it). The weights are those of the capture: after
-    changing them, capture again.
+    (``.clone()`` to keep it). ``graphed(x, clone=True)`` returns a copy made before
+    the next call can replay: that is the way to share one ``graphed`` between threads
+    (calls are serialised from copy-in to copy-out, across streams too). The weights are
+    those of the capture: after changing them, capture again.
     """
 
     def __init__(self, model: "NextViT", example: torch.Tensor, warmup: int = 3):
+        from . import graphs
+
         if not example.is_cuda:
             raise ValueError("cuda_graph needs a CUDA input")
         if model.training:
             raise ValueError("cuda_graph captures inference: call model.eval() first")
         self.model = model
-        self.static_in = example.detach().clone()
+        example = example.detach()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        auto, model.cuda_graphs = model.cuda_graphs, "off"  # this graph is the only one wanted
-        try:
-            with torch.no_grad(), torch.cuda.stream(stream):
+        # This graph is the only one wanted: no automatic graph during the warm-up.
+        with torch.no_grad(), graphs.suspended():
+            with torch.cuda.stream(stream):
                 for _ in range(warmup):  # builds the folded plan and compiles the kernels
-                    model(self.static_in)
+                    model(example)
             torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(self.graph):
-                self.static_out = model(self.static_in)
-        finally:
-            model.cuda_graphs = auto
+            self._graph = graphs._Graph(example, model)
+        # The graph reads the folded weights of the plan it was captured with: keep them alive
+        # if the model refolds (a weight change, or .to()) while this graph is still called.
+        self._plan = model._fused_plan
+        self._slot = graphs._Slot(self._graph)
+        self.static_in, self.static_out = self._graph.static_in, self._graph.static_out
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, clone: bool = False) -> torch.Tensor:
         if x.shape != self.static_in.shape or x.dtype != self.static_in.dtype or x.device != self.static_in.device:
             raise ValueError(f"this graph was captured for {tuple(self.static_in.shape)} {self.static_in.dtype} on "
                              f"{self.static_in.device}, got {tuple(x.shape)} {x.dtype} on {x.device}")
-        self.static_in.copy_(x)
-        self.graph.replay()
-        return self.static_out
+        return self._slot.replay(x, clone=clone)
 
 
 def _build(name, **kwargs):

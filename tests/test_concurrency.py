@@ -4,6 +4,7 @@ CPU: the CUDA-graph policy with a stand-in graph whose replay really goes throug
 input and output buffer, as a CUDA graph's does; the bound programs with each op's launch
 replaced by a cheap deterministic function of its input and folded weights (the interpreter
 takes ~9 s for one tiny forward); and a weight swap in one thread while others call.
+GPU-marked: the real graphs on the default stream and on per-thread streams, and cuda_graph().
 """
 import threading
 import time
@@ -216,3 +217,62 @@ def test_weights_lock_survives_pickle_and_deepcopy():
         assert other.weights_lock is not m.weights_lock
         with other.weights_lock:
             other.load_state_dict(m.state_dict())  # re-entrant: load_state_dict takes it too
+
+
+# ------------------------------------------------------------------------ GPU
+gpu = pytest.mark.gpu
+
+
+def _gpu_model(**kw):
+    return randomize_(nk.nextvit_small(**kw), gain=0.7).eval().cuda().half()
+
+
+def _gpu_inputs(t, batch):
+    return _distinct_input(t, (batch, 3, 224, 224)).cuda().half()
+
+
+def _call_in_threads(per_thread_streams, fn, xs, refs, calls):
+    """``fn(xs[t])`` ``calls`` times in one thread per input, on the current stream or on one
+    stream per thread; every result is compared with ``refs[t]``."""
+    def body(t):
+        stream = torch.cuda.Stream() if per_thread_streams else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.default_stream())
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            outs = [fn(xs[t]) for _ in range(calls)]
+        stream.synchronize()
+        bad = [i for i, o in enumerate(outs) if not torch.equal(o, refs[t])]
+        assert not bad, f"calls {bad[:5]}... got another input's result"
+
+    return in_threads(len(xs), body)
+
+
+@gpu
+@pytest.mark.parametrize("per_thread_streams", [False, True], ids=["default-stream", "thread-streams"])
+@pytest.mark.parametrize("max_graphs", [8, 1])
+def test_gpu_threads_share_one_model_with_auto_graphs(per_thread_streams, max_graphs):
+    """8 threads, batch 1 and 8, automatic graphs (max_graphs=1: the two signatures evict each
+    other's graph while threads replay it)."""
+    m = _gpu_model(max_cuda_graphs=max_graphs)
+    xs = [_gpu_inputs(t, 1 if t % 2 else 8) for t in range(THREADS)]
+    with torch.inference_mode():
+        m.cuda_graphs = "off"
+        refs = [m(x) for x in xs]
+        m.cuda_graphs = "auto"
+    assert _call_in_threads(per_thread_streams, m, xs, refs, 20) == []
+    assert len(m._fused_plan.graphs) == min(2, max_graphs) and not m._fused_plan.graphs.failed
+
+
+@gpu
+@pytest.mark.parametrize("per_thread_streams", [False, True], ids=["default-stream", "thread-streams"])
+def test_gpu_threads_share_one_cuda_graph(per_thread_streams):
+    """One cuda_graph() wrapper called from 8 threads with clone=True; its warm-up captured no
+    automatic graph and left cuda_graphs alone."""
+    m = _gpu_model()
+    xs = [_gpu_inputs(t, 2) for t in range(THREADS)]
+    with torch.inference_mode():
+        m.cuda_graphs = "off"
+        refs = [m(x) for x in xs]
+        m.cuda_graphs = "auto"
+        graphed = m.cuda_graph(xs[0])
+    assert m.cuda_graphs == "auto" and not m._fused_plan.graphs
+    assert _call_in_threads(per_thread_streams, lambda x: graphed(x, clone=True), xs, refs, 20) == []
