@@ -8,6 +8,7 @@ the reference path, ONNX export and the C library.
 """
 import importlib
 import operator
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -83,6 +84,12 @@ def _e_mhsa_step(a, pre_norm) -> Step:
                 {"sr_ratio": a.sr_ratio, "head_dim": a.head_dim})
 
 
+# Guards binding into a plan's ``programs`` and making its ``graphs``: threads share a model's
+# plan. One lock for every plan (binding a shape takes about a millisecond, once), as dynamo,
+# which traces fold, cannot make one per plan.
+_PLANS_LOCK = threading.Lock()
+
+
 @dataclass
 class Plan:
     device: torch.device
@@ -104,23 +111,31 @@ class Plan:
         key = (tuple(shape), features)
         prog = self.programs.get(key)
         if prog is None:
-            prog = Program(self, key[0], features)
-            if len(self.programs) >= MAX_PROGRAMS:
-                self.programs.pop(next(iter(self.programs)))
-            self.programs[key] = prog
+            with _PLANS_LOCK:
+                prog = self.programs.get(key)  # bound by another thread while this one waited?
+                if prog is None:
+                    prog = Program(self, key[0], features)
+                    if len(self.programs) >= MAX_PROGRAMS:
+                        self.programs.pop(next(iter(self.programs)))
+                    self.programs[key] = prog
         return prog
 
     def graph_cache(self, max_graphs: int) -> GraphCache:
         if self.graphs is None:
-            self.graphs = GraphCache(max_graphs)
+            with _PLANS_LOCK:
+                if self.graphs is None:
+                    self.graphs = GraphCache(max_graphs)
         self.graphs.max_graphs = max_graphs
         return self.graphs
 
     def release(self):
-        """Frees what this plan holds beyond its weights: bound programs and CUDA graphs."""
-        if self.graphs is not None:
-            self.graphs.clear()
-        self.programs.clear()
+        """Frees what this plan holds beyond its weights: bound programs and CUDA graphs. A
+        thread still running the plan finishes correctly, and captures no graph from then on."""
+        with _PLANS_LOCK:
+            if self.graphs is None:
+                self.graphs = GraphCache()
+            self.programs.clear()
+        self.graphs.close()
 
     def launches(self, batch: int = 1, height: int = 224, width: int = 224) -> int:
         """Kernel launches of one forward at this input size: one per op, two for E-MHSA
@@ -190,6 +205,11 @@ def fold(model: "NextViT", device=None, dtype=None) -> Plan:
     p = next(model.parameters())
     device = torch.device(device) if device is not None else p.device
     dtype = dtype or p.dtype
+    # The key is taken before the weights are read: a write that lands while they are read
+    # (another thread's) then makes the plan stale at once, rather than marking it current with
+    # the old values folded in.
+    source = model_tensors(model)
+    key = weights_key(source)
     steps: List[Step] = []
     for conv_bn in model.stem:
         w, b = _conv_then_bn(conv_bn.conv, conv_bn.norm)
@@ -224,8 +244,7 @@ def fold(model: "NextViT", device=None, dtype=None) -> Plan:
 
     for s in steps:
         s.tensors = [cast(t) for t in s.tensors]
-    source = model_tensors(model)
-    return Plan(device, dtype, steps, (cast(hw), cast(hb)), extra, source, weights_key(source))
+    return Plan(device, dtype, steps, (cast(hw), cast(hb)), extra, source, key)
 
 
 # ------------------------------------------------------------------ running

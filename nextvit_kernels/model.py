@@ -5,6 +5,8 @@ loads with plain ``load_state_dict``. The forward here is plain PyTorch (it is
 what training runs and what the fused path is checked against); in eval mode on
 CUDA it runs the fused graph of ``fused`` instead.
 """
+import contextlib
+import threading
 import warnings
 from typing import List, Optional
 
@@ -43,6 +45,10 @@ class NextViT(nn.Module):
                  use_checkpoint=False, with_extra_norm=False, kernels="auto", cuda_graphs="auto",
                  max_cuda_graphs=8):
         super().__init__()
+        # Held while the folded plan is rebuilt and while the weights are rewritten by
+        # load_state_dict, merge_bn and .to(): a fused forward in another thread then folds all
+        # of a write or none of it. Hold it to make your own in-place writes atomic likewise.
+        self.weights_lock = threading.RLock()
         self.use_checkpoint = use_checkpoint
         self.depths = tuple(depths)
         self.sr_ratios = tuple(sr_ratios)
@@ -118,10 +124,11 @@ class NextViT(nn.Module):
         mode does. The folded BatchNorms become ``nn.Identity``, so the merged
         ``state_dict()`` has no BatchNorm keys for them and ``load_checkpoint``
         recognises it: no BatchNorm is ever applied twice."""
-        self.eval()
-        for m in self.features:
-            m.merge_bn()
-        self.invalidate_fused()  # modules were replaced: fold again
+        with self.weights_lock:
+            self.eval()
+            for m in self.features:
+                m.merge_bn()
+            self.invalidate_fused()  # modules were replaced: fold again
         return self
 
     @property
@@ -210,20 +217,35 @@ class NextViT(nn.Module):
         """Drops the folded plan with its bound programs and CUDA graphs; the next fused
         forward folds again. ``.to()``, ``load_state_dict``/``load_checkpoint`` and
         ``merge_bn`` call it; in-place weight updates are seen without it."""
-        plan, self._fused_plan = getattr(self, "_fused_plan", None), None
+        with self._plan_lock():
+            plan, self._fused_plan = getattr(self, "_fused_plan", None), None
         if plan is not None:
             plan.release()
 
+    def _plan_lock(self):
+        # Dynamo cannot trace a lock; a traced fold is single-threaded.
+        return contextlib.nullcontext() if torch.compiler.is_compiling() else self.weights_lock
+
     def _apply(self, fn, *args, **kwargs):
-        self.invalidate_fused()
-        return super()._apply(fn, *args, **kwargs)
+        with self.weights_lock:
+            self.invalidate_fused()
+            return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        with self.weights_lock:  # its post hook releases the plan; the lock keeps folds out meanwhile
+            return super().load_state_dict(*args, **kwargs)
 
     def __getstate__(self):
         # The plan holds bound launchers and CUDA graphs: neither pickles nor deep-copies,
-        # and a copy folds its own anyway.
+        # and a copy folds its own anyway; nor does a lock.
         state = self.__dict__.copy()
         state["_fused_plan"] = None
+        del state["weights_lock"]
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.weights_lock = threading.RLock()
 
     def fused_plan(self, device, dtype):
         """The BatchNorm-folded parameters of the fused graph for ``device``/``dtype``,
@@ -234,10 +256,15 @@ class NextViT(nn.Module):
         plan = self._fused_plan
         if plan is not None and torch.compiler.is_compiling():
             return plan  # validated by the eager call that built it; dynamo guards on it
-        if plan is None or plan.device != device or plan.dtype != dtype or not plan.is_current():
-            self.invalidate_fused()
-            plan = fused.fold(self, device, dtype)
-            self._fused_plan = plan
+        if _stale(plan, device, dtype):
+            # One thread folds; the others that found the plan stale wait for its plan. The new
+            # plan is published whole, and a forward holding the old one finishes with it.
+            with self._plan_lock():
+                plan = self._fused_plan
+                if _stale(plan, device, dtype):
+                    self.invalidate_fused()
+                    plan = fused.fold(self, device, dtype)
+                    self._fused_plan = plan
         return plan
 
     def _run_fused(self, x, impl, features):
@@ -295,6 +322,10 @@ def _invalidate_after_load(module, incompatible_keys):
     module.invalidate_fused()
 
 
+def _stale(plan, device, dtype) -> bool:
+    return plan is None or plan.device != device or plan.dtype != dtype or not plan.is_current()
+
+
 def _tracing(x) -> bool:
     """True under torch.compile / export, TorchScript tracing, or a dispatch mode (FakeTensor,
     make_fx): the registered ops must run there, not the bound programs."""
@@ -308,38 +339,41 @@ class GraphedForward:
 
     ``graphed(x)`` copies ``x`` into the captured input buffer, replays the
     graph and returns the captured output buffer: the next call overwrites it
-    (``.clone()`` to keep it). The weights are those of the capture: after
-    changing them, capture again.
+    (``.clone()`` to keep it). ``graphed(x, clone=True)`` returns a copy made before
+    the next call can replay: that is the way to share one ``graphed`` between threads
+    (calls are serialised from copy-in to copy-out, across streams too). The weights are
+    those of the capture: after changing them, capture again.
     """
 
     def __init__(self, model: "NextViT", example: torch.Tensor, warmup: int = 3):
+        from . import graphs
+
         if not example.is_cuda:
             raise ValueError("cuda_graph needs a CUDA input")
         if model.training:
             raise ValueError("cuda_graph captures inference: call model.eval() first")
         self.model = model
-        self.static_in = example.detach().clone()
+        example = example.detach()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        auto, model.cuda_graphs = model.cuda_graphs, "off"  # this graph is the only one wanted
-        try:
-            with torch.no_grad(), torch.cuda.stream(stream):
+        # This graph is the only one wanted: no automatic graph during the warm-up.
+        with torch.no_grad(), graphs.suspended():
+            with torch.cuda.stream(stream):
                 for _ in range(warmup):  # builds the folded plan and compiles the kernels
-                    model(self.static_in)
+                    model(example)
             torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(self.graph):
-                self.static_out = model(self.static_in)
-        finally:
-            model.cuda_graphs = auto
+            self._graph = graphs._Graph(example, model)
+        # The graph reads the folded weights of the plan it was captured with: keep them alive
+        # if the model refolds (a weight change, or .to()) while this graph is still called.
+        self._plan = model._fused_plan
+        self._slot = graphs._Slot(self._graph)
+        self.static_in, self.static_out = self._graph.static_in, self._graph.static_out
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, clone: bool = False) -> torch.Tensor:
         if x.shape != self.static_in.shape or x.dtype != self.static_in.dtype or x.device != self.static_in.device:
             raise ValueError(f"this graph was captured for {tuple(self.static_in.shape)} {self.static_in.dtype} on "
                              f"{self.static_in.device}, got {tuple(x.shape)} {x.dtype} on {x.device}")
-        self.static_in.copy_(x)
-        self.graph.replay()
-        return self.static_out
+        return self._slot.replay(x, clone=clone)
 
 
 def _build(name, **kwargs):

@@ -1,9 +1,10 @@
-"""Comparison helpers shared by the tests, and the C library they run."""
+"""Helpers shared by the tests: comparisons, random weights, threads, the C library they run."""
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 import torch
@@ -101,3 +102,29 @@ def c_library_with(*symbols) -> str:
         pytest.fail(f"NEXTVIT_CLIB={os.environ['NEXTVIT_CLIB']}: no C library exporting {', '.join(symbols)} "
                     f"there:\n{r.stderr[-2000:]}")
     return build_c_library()
+
+
+def in_threads(n, body):
+    """Runs ``body(i)`` for i < n in n threads started together, switching between them every
+    few microseconds so that unlocked sections interleave; returns what they raised."""
+    errors = []
+    start = threading.Barrier(n)
+
+    def run(i):
+        start.wait()
+        try:
+            body(i)
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(f"thread {i}: {type(err).__name__}: {err}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    return errors

@@ -21,6 +21,12 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+if interpreter_enabled():  # every op module imports this one before its kernels can run
+    from . import _interpreter
+
+    _interpreter.patch()
+
+
 def resolve_impl(op: str, impl: str, x: torch.Tensor) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
