@@ -101,6 +101,11 @@ class Plan:
     key: tuple = ()
     programs: dict = field(default_factory=dict)  # (shape, features) -> Program
     graphs: Optional[GraphCache] = None  # made on first use (eager only: dynamo traces fold)
+    # The whole-model C runtime (runtime.Model) holding this plan, or why it cannot (NextViT, kernels
+    # "auto" / "clib"), the input signatures checked for it, and those it failed on.
+    clib: object = None
+    clib_seen: set = field(default_factory=set)
+    clib_failed: set = field(default_factory=set)
 
     def is_current(self) -> bool:
         return self.key == weights_key(self.source)
@@ -135,6 +140,7 @@ class Plan:
             if self.graphs is None:
                 self.graphs = GraphCache()
             self.programs.clear()
+            self.clib = None  # its weights are freed once no running forward holds it
         self.graphs.close()
 
     def launches(self, batch: int = 1, height: int = 224, width: int = 224) -> int:

@@ -13,9 +13,10 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from . import _library
 from .blocks import NCB, NTB, ConvBNReLU, _bn
 
-KERNELS = ("auto", "triton", "reference")
+KERNELS = ("auto", "triton", "clib", "reference")
 CUDA_GRAPHS = ("auto", "off")
 HEAD_DIM = 32
 STEM_CHS = (64, 32, 64)
@@ -192,19 +193,23 @@ class NextViT(nn.Module):
             raise ValueError(f"cuda_graphs must be one of {CUDA_GRAPHS}, got {self.cuda_graphs!r}")
         if self.kernels == "reference" or not isinstance(x, torch.Tensor):
             return None  # (check_input rejects a non-tensor)
+        forced = self.kernels in ("triton", "clib")
         if self.training:
-            if self.kernels == "triton":
-                raise ValueError("kernels='triton' is inference-only (BatchNorms are folded): call model.eval(), "
-                                 "or use kernels='auto' to train with the PyTorch reference path")
+            if forced:
+                raise ValueError(f"kernels={self.kernels!r} is inference-only (BatchNorms are folded): call "
+                                 "model.eval(), or use kernels='auto' to train with the PyTorch reference path")
             return None
         if self.kernels == "auto" and not x.is_cuda:
             return None
+        if self.kernels == "clib" and not x.is_cuda and _library.host is None:
+            raise ValueError("kernels='clib' runs the C library on CUDA tensors (on a CPU only under "
+                             "nextvit_kernels.testing.cpu_driver())")
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             self.check_input(x)  # a bad input is reported as such first
             how = ("run it under torch.inference_mode() or torch.no_grad(), or call "
                    "model.requires_grad_(False)")
-            if self.kernels == "triton":
-                raise ValueError(f"kernels='triton' has no backward, and autograd needs this forward: {how}, "
+            if forced:
+                raise ValueError(f"kernels={self.kernels!r} has no backward, and autograd needs this forward: {how}, "
                                  "or use kernels='auto' (reference path when gradients are needed)")
             if not self._grad_warned:
                 self._grad_warned = True
@@ -271,13 +276,18 @@ class NextViT(nn.Module):
         from . import fused
 
         if _tracing(x):
+            if self.kernels == "clib":
+                raise ValueError("kernels='clib' (one C call per forward) cannot be traced by torch.compile or "
+                                 "export: use kernels='auto', which traces the registered Triton ops")
             self.check_input(x)
             return fused.run(self.fused_plan(x.device, x.dtype), x, impl, features=features)
         plan = self._fused_plan
         if plan is None or plan.device != x.device or plan.dtype != x.dtype:
             self.check_input(x)  # before folding for x's device and dtype: they must be the model's
         plan = self.fused_plan(x.device, x.dtype)
-        prog = plan.programs.get((tuple(x.shape), features))
+        prog = self._clib_forward(plan, x, features)
+        if prog is None:
+            prog = plan.programs.get((tuple(x.shape), features))
         if prog is None:  # a new shape: checked once, then bound once
             self.check_input(x)
             prog = plan.program(x.shape, features)
@@ -287,6 +297,55 @@ class NextViT(nn.Module):
             with torch.cuda.device(x.device):  # Triton launches on the current device
                 return self._launch(plan, prog, x, features)
         return self._launch(plan, prog, x, features)
+
+    def _clib_forward(self, plan, x, features):
+        """The whole-model C runtime's forward for ``x``'s signature (one C call), or None where the
+        Triton path runs: kernels="triton", no C library built, or under kernels="auto" a model or
+        signature the C runtime failed on (warned once each)."""
+        if self.kernels not in ("auto", "clib") or (self.kernels == "auto" and not x.is_cuda):
+            return None
+        sig = (tuple(x.shape), x.stride(), features)
+        if sig in plan.clib_failed:
+            return None
+        rt = plan.clib
+        if rt is None:
+            with self._plan_lock():  # one thread uploads the plan
+                rt = plan.clib
+                if rt is None:
+                    rt = plan.clib = self._load_clib(plan, x)
+        if not isinstance(rt, runtime_module().Model):
+            return None
+        if sig not in plan.clib_seen:  # checked once per signature, as the Triton path binds a shape once
+            self.check_input(x)
+            plan.clib_seen.add(sig)
+        forward = rt.forward_features if features else rt
+
+        def run(inp):
+            try:
+                return forward(inp)
+            except (runtime_module().ModelError, ValueError) as err:
+                if self.kernels == "clib":
+                    raise
+                plan.clib_failed.add(sig)
+                warnings.warn(f"nextvit_kernels: the C runtime failed for input {sig[0]} ({err}); this input "
+                              "signature runs the Triton JIT path from now on", RuntimeWarning, stacklevel=5)
+                return plan.program(inp.shape, features)(inp)
+        return run
+
+    def _load_clib(self, plan, x):
+        """The plan on the C runtime (runtime.Model), or the error that prevents it (kernels="auto":
+        the Triton path runs; a library that is not built is not worth a warning)."""
+        from . import model_file
+        rt_mod = runtime_module()
+        try:
+            return rt_mod.Model(model_file.plan_bytes(plan), device=x.device.index or 0)
+        except RuntimeError as err:
+            if self.kernels == "clib":
+                raise RuntimeError(f"kernels='clib': the C runtime cannot run this model: {err}") from err
+            if not str(err).startswith("the nextvit_kernels C library is not built"):
+                warnings.warn(f"nextvit_kernels: the C runtime is not used for this model ({err}); the Triton "
+                              "JIT path runs", RuntimeWarning, stacklevel=5)
+            return err
 
     def _launch(self, plan, prog, x, features):
         from . import graphs
@@ -320,6 +379,11 @@ class NextViT(nn.Module):
 
 def _invalidate_after_load(module, incompatible_keys):
     module.invalidate_fused()
+
+
+def runtime_module():
+    from . import runtime
+    return runtime
 
 
 def _stale(plan, device, dtype) -> bool:

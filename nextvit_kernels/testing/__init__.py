@@ -172,6 +172,8 @@ class CpuDriver:
     # -------------------------------------------------------------- execute mode
     def _install(self, manifest_json: str) -> None:
         from . import _interpret
+        from ..ops import _interpreter
+        _interpreter.patch()  # Triton < 3.8 with NumPy >= 2.4; launches from several threads
         _interpret.install_checks()
         ex = _interpret.Executor(manifest_json, self.find, self._touch)
 

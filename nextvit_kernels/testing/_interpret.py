@@ -149,7 +149,6 @@ class Executor:
             raise LaunchError("the C library's manifest has no image hashes (built before the stand-in existed): "
                               "rebuild the library")
         self._images = {}
-        self._lock = threading.Lock()  # the interpreter's builder and patched triton.language are global
 
     def variant(self, image: int):
         digest = self._images.get(image)
@@ -217,21 +216,21 @@ class Executor:
                 raise LaunchError(f"{what}: parameter {pname} of type {p['type']!r} is not modelled")
         fn = getattr(importlib.import_module(f"nextvit_kernels.ops.{k['op']}"), k["kernel"])
         consts = {c: v for c, v in k["constexprs"].items()}
-        with self._lock:
-            _active.launch = (what, regions)
-            try:
-                fn[tuple(grid)](**dict(values, **consts))
-            except LaunchError:
-                raise
-            except Exception as err:  # the interpreter wraps what a kernel raised, once per jit call level
-                cause = err
-                while cause is not None and not isinstance(cause, LaunchError):
-                    cause = cause.__cause__
-                if cause is not None:
-                    raise cause from None
-                raise LaunchError(f"{what}: the interpreter failed: {err}") from err
-            finally:
-                _active.launch = None
-                for r in regions:
-                    if r.high > r.start:
-                        self.touched(r.buffer, r.high)
+        # one launch at a time: ops._interpreter serialises the interpreter, whose state is global
+        _active.launch = (what, regions)
+        try:
+            fn[tuple(grid)](**dict(values, **consts))
+        except LaunchError:
+            raise
+        except Exception as err:  # the interpreter wraps what a kernel raised, once per jit call level
+            cause = err
+            while cause is not None and not isinstance(cause, LaunchError):
+                cause = cause.__cause__
+            if cause is not None:
+                raise cause from None
+            raise LaunchError(f"{what}: the interpreter failed: {err}") from err
+        finally:
+            _active.launch = None
+            for r in regions:
+                if r.high > r.start:
+                    self.touched(r.buffer, r.high)
