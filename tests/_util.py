@@ -57,3 +57,63 @@ def randomize_(model: torch.nn.Module, gain: float = 0.5, generator=None):
             m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
     return model
+
+
+_CPU_DRIVER_LIBRARY = {}
+
+
+def cpu_driver_library():
+    """The C library that the CPU driver stand-in tests (test_clib_cpu.py, test_cpu_driver.py) run:
+    ``(library, manifest)`` where ``library`` is what ``testing.cpu_driver(library=...)`` takes (None:
+    ``clib.load()``, the installed library or ``$NEXTVIT_CLIB``) and ``manifest`` the JSON it embeds.
+    Without a usable library one is built once per process into a temp dir (AOT of NextViT-S at 224
+    and 384, all dtypes, as test_clib.py's fixture does: minutes on 2 cores; set NEXTVIT_CLIB to
+    reuse a build). Called at collection time, since the cases are the library's shape classes:
+    skips the calling module when nothing can be built."""
+    import ctypes
+    import json
+    import os
+    import shutil
+    import tempfile
+
+    import pytest
+
+    from nextvit_kernels import clib
+
+    if "found" not in _CPU_DRIVER_LIBRARY:
+        def embedded(path):
+            lib = ctypes.CDLL(path)
+            if not hasattr(lib, "nvk_manifest"):
+                return None
+            lib.nvk_manifest.restype = ctypes.c_char_p
+            m = json.loads(lib.nvk_manifest().decode())
+            # image hashes: how the stand-in tells the variants apart (aot.embedded_manifest)
+            ok = any(info.get("cubin_sha1") for k in m.get("kernels", ()) for info in k["archs"].values())
+            return m if ok else None
+
+        why = "no C library is built"
+        try:
+            path = clib.library_path(clib.load())
+            manifest = embedded(path)
+            if manifest is not None:
+                _CPU_DRIVER_LIBRARY["found"] = (None, manifest)
+            else:
+                why = f"the C library {path} predates the CPU stand-in (its manifest has no image hashes)"
+        except RuntimeError:
+            pass
+        if "found" not in _CPU_DRIVER_LIBRARY:
+            missing = [t for t in ("cmake", "ninja") if shutil.which(t) is None]
+            if missing:
+                _CPU_DRIVER_LIBRARY["found"] = f"{why} and {' and '.join(missing)} are missing to build one"
+            else:
+                from nextvit_kernels import aot
+                build = tempfile.mkdtemp(prefix="nvk_cpu_build_")
+                print(f"{why}: building one into {build}")
+                aot.build_library(build, aot_args=["--variants", "nextvit_small", "--resolutions", "224,384",
+                                                   "--dtypes", "fp16,bf16,fp32"])
+                path = os.path.join(build, "libnextvit_kernels.so")
+                _CPU_DRIVER_LIBRARY["found"] = (path, embedded(path))
+    found = _CPU_DRIVER_LIBRARY["found"]
+    if isinstance(found, str):
+        pytest.skip(found, allow_module_level=True)
+    return found
