@@ -234,6 +234,28 @@ class TestRefusals:
         assert torch.isnan(out.flatten()[-4:]).all(), "bytes past a buffer were written"
 
 
+def test_counting_mode_runs_nothing(monkeypatch):
+    """execute=False: launches are checked and counted (from zero in each activation: the
+    stand-in stays loaded between them), no kernel runs, outputs stay as they were."""
+    (hx, hw, hb, _), _ = _head_inputs()
+    with testing.cpu_driver(execute=False, library=LIBRARY):
+        clib.head(hx, hw, hb)  # counted by that activation only
+    seen = _spy(monkeypatch)
+    split = next(r for r in MANIFEST["shape_classes"] if r["op"] == "mlp" and len(r["kernels"]) == 2)
+    k = split["key"]
+    dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[split["dtype"]]
+    x = torch.randn(2, k["c1"], 3, 5, dtype=dt).contiguous(memory_format=torch.channels_last)
+    x2 = torch.randn(2, k["c2"], 3, 5, dtype=dt).contiguous(memory_format=torch.channels_last) if k["c2"] else None
+    w1, b1 = torch.randn(k["hidden"], k["c1"] + k["c2"], dtype=dt), torch.randn(k["hidden"], dtype=dt)
+    w2, b2 = torch.randn(k["c_out"], k["hidden"], dtype=dt), torch.randn(k["c_out"], dtype=dt)
+    with testing.cpu_driver(execute=False, library=LIBRARY) as drv:
+        out = clib.mlp(x, w1, b1, w2, b2, x2=x2, residual=bool(k["residual"]))
+        counters = drv.counters()
+    assert counters["launches"] == 2 and counters["allocs"] == counters["syncs"] == 0, counters
+    assert seen == [] and drv.errors == []
+    assert torch.isnan(out).all(), "a kernel ran in counting mode"
+
+
 @pytest.mark.parametrize("cc,arch,kind", [(80, "sm_80", "cubin"), (86, "sm_80", "cubin"), (90, "sm_90", "cubin"),
                                           (100, "sm_80", "ptx")])
 def test_image_of_the_devices_compute_capability(monkeypatch, cc, arch, kind):
@@ -256,6 +278,7 @@ def test_below_sm80_is_refused_by_the_library():
         with pytest.raises(clib.CLibError, match=r"NVK_ERR_UNSUPPORTED: GPU compute capability 7\.5: the kernels need "
                                                  r"sm_80 or newer"):
             clib.head(x, w, b)
+        assert drv.counters()["launches"] == 0
 
 
 def test_importing_the_package_does_not_load_the_stand_in():
