@@ -256,6 +256,16 @@ def test_counting_mode_runs_nothing(monkeypatch):
     assert torch.isnan(out).all(), "a kernel ran in counting mode"
 
 
+def test_activations_do_not_fill_the_module_table():
+    """Each activation loads every module of the library again, and the stand-in holds 4096
+    (MAX_MODULES, cpu_driver.c): more activations than 4096 / modules per load must still work."""
+    (x, w, b, _), _ = _head_inputs()
+    for _ in range(4096 // len(MANIFEST["kernels"]) + 2):
+        with testing.cpu_driver(execute=False, library=LIBRARY) as drv:
+            clib.head(x, w, b)
+            assert drv.counters()["launches"] == 1
+
+
 @pytest.mark.parametrize("cc,arch,kind", [(80, "sm_80", "cubin"), (86, "sm_80", "cubin"), (90, "sm_90", "cubin"),
                                           (100, "sm_80", "ptx")])
 def test_image_of_the_devices_compute_capability(monkeypatch, cc, arch, kind):

@@ -248,7 +248,9 @@ def cpu_driver(execute: bool = True, library: Optional[str] = None, compute_capa
         old_env = os.environ.get(DRIVER_ENV)
         os.environ[DRIVER_ENV] = path
         control.nvk_reset_driver()
-        # The stand-in stays loaded between activations: each counts from zero, as its errors do.
+        # The stand-in stays loaded between activations: each starts with an empty module table
+        # (the C library has just forgotten its handles) and counts from zero, as its errors do.
+        drv._lib.nvkcpu_reset_modules()
         drv.reset_counters()
         clib._host_driver, clib._host_lib = drv, lib
         _active = drv
