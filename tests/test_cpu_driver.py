@@ -129,6 +129,11 @@ def hand(stand_in):
     return HandLaunch(drv, launched)
 
 
+def _unknown_image(L):
+    L.keep = ctypes.create_string_buffer(b"// a PTX module no manifest knows\n")
+    L.image = ctypes.addressof(L.keep)
+
+
 def _short_buffer(tensor_of):
     """Registers a tensor 16 bytes short: the kernel's last access through it is refused."""
     def f(L):
@@ -151,6 +156,7 @@ def _bits(t):
 
 # (id, change to the valid launch, what the message says: every one also names the kernel)
 REFUSALS = [
+    ("unknown-image", _unknown_image, r"unknown kernel image"),
     ("unknown-entry", lambda L: setattr(L, "symbol", "nvk_no_such_entry"),
      r"launched as entry 'nvk_no_such_entry', the image's entry is"),
     ("parameter-short", lambda L: setattr(L, "params", L.params[:-1]), r"kernel parameters given, the kernel takes"),
