@@ -70,6 +70,7 @@ def cpu_driver_library():
     and 384, all dtypes, as test_clib.py's fixture does: minutes on 2 cores; set NEXTVIT_CLIB to
     reuse a build). Called at collection time, since the cases are the library's shape classes:
     skips the calling module when nothing can be built."""
+    import atexit
     import ctypes
     import json
     import os
@@ -108,6 +109,7 @@ def cpu_driver_library():
             else:
                 from nextvit_kernels import aot
                 build = tempfile.mkdtemp(prefix="nvk_cpu_build_")
+                atexit.register(shutil.rmtree, build, True)  # the process has it loaded, no one else
                 print(f"{why}: building one into {build}")
                 aot.build_library(build, aot_args=["--variants", "nextvit_small", "--resolutions", "224,384",
                                                    "--dtypes", "fp16,bf16,fp32"])

@@ -105,11 +105,14 @@ def _runs(row):
 
 
 def _batch(row, rows):
-    """2 for the lowest probe class of each key (its inputs are the smallest) and for every other
-    key of the ops without a probe, else 1: batch 2 in every op and mode, where it costs little."""
+    """1 or 2, so that every op and mode runs both where it costs little: alternating over the keys
+    for the ops whose probe is none or counts the whole batch (MHCA's pixels: a batch-2 input is
+    no larger there, and a probe that forgot the batch picks another class); for the per-image
+    probes, 2 for the lowest probe class of each key (the smallest inputs), else 1."""
     group = [r for r in rows if (r["op"], r["dtype"]) == (row["op"], row["dtype"])]
-    if MANIFEST["probe"][row["op"]] is None:
-        return 1 + group.index(row) % 2
+    if MANIFEST["probe"][row["op"]] in (None, "pixels"):
+        keys = list(dict.fromkeys(tuple(r["key_tuple"]) for r in group))
+        return 1 + keys.index(tuple(row["key_tuple"])) % 2
     return 2 if row["probe_lo"] == min(r["probe_lo"] for r in group if r["key_tuple"] == row["key_tuple"]) else 1
 
 
