@@ -119,3 +119,36 @@ def cpu_driver_library():
     if isinstance(found, str):
         pytest.skip(found, allow_module_level=True)
     return found
+
+
+def record_launches(monkeypatch):
+    """The launches the CPU stand-in executes from now on (``cpu_driver(execute=True)``), as dicts:
+    entry ``name``, ``image`` address, its ``sha1`` (which variant and arch: aot.embedded_manifest),
+    ``grid``, ``block``, ``shared`` bytes."""
+    from nextvit_kernels.testing import _interpret
+
+    seen = []
+    run = _interpret.Executor.launch
+
+    def spy(self, name, image, grid, block, shared, *args):
+        try:
+            self.variant(image)  # hashes it
+        except _interpret.LaunchError:
+            pass  # refused by the launch itself, below
+        seen.append(dict(name=name, image=image, sha1=self._images.get(image), grid=tuple(grid), block=tuple(block),
+                         shared=shared))
+        return run(self, name, image, grid, block, shared, *args)
+
+    monkeypatch.setattr(_interpret.Executor, "launch", spy)
+    return seen
+
+
+def interpreted():
+    """Skips a test that runs kernels under the stand-in where Triton's interpreter is off (a GPU
+    machine: conftest sets TRITON_INTERPRET=1 only without one)."""
+    import os
+
+    import pytest
+
+    return pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                              reason="cpu_driver(execute=True) runs kernels under TRITON_INTERPRET=1")

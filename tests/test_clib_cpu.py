@@ -6,7 +6,8 @@ The cases are the library's own shape-class table (the manifest it embeds), so a
 later is tested without editing this file: for each (op, shape key, spatial probe range) the
 smallest input whose probe (MHCA pixels B*H*W, E-MHSA key tokens H*W // sr^2, head H*W) falls in
 the range, odd H and W, batch 1 or 2 (``_batch``), in the dtypes of ``_runs``: fp32 for
-every class, fp16 for every key and mode (both modes of every split op), bf16 for the head.
+every class, fp16 for every key and mode (both modes of every split op), bf16 for the head;
+and in fp32 also the smallest input at the top of each bounded range (``_tops``).
 
 Each call must launch exactly the kernels of the class the table holds for that input (a wrong
 probe or key in the C lookup picks another class or none), write every output element within
@@ -25,10 +26,10 @@ import torch
 from triton.runtime import interpreter
 
 from nextvit_kernels import clib, ops, testing
-from nextvit_kernels.testing import _interpret
-from _util import assert_close, cpu_driver_library, rand_like_dtype
+from _util import assert_close, cpu_driver_library, interpreted, rand_like_dtype, record_launches
 
 LIBRARY, MANIFEST = cpu_driver_library()
+pytestmark = interpreted()
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WORKSPACE_OPS = ("mhca", "mlp", "e_mhsa")
 SPLIT_OPS = WORKSPACE_OPS  # ops whose classes run as one kernel or split into several
@@ -62,29 +63,46 @@ class Case:
         return f"{self.op}-{self.dtype}-{','.join(map(str, self.key))}-b{self.batch}-{self.h}x{self.w}"
 
 
-def _odd_hw(lo, hi):
-    """The smallest odd H < W <= 4H (H >= 3: every conv tap meets a border; H != W: a swapped
-    height and width show) with lo <= H*W <= hi (hi < 0: open), or None."""
-    best = None
-    for h in range(3, 256, 2):
-        w = max(h + 2, -(-lo // h))
-        w += 1 - w % 2
-        if w <= 4 * h and (hi < 0 or h * w <= hi) and (best is None or h * w < best[0] * best[1]):
-            best = (h, w)
-    return best
+def _hw(lo, hi):
+    """The smallest H < W <= 4H, both odd, H >= 3 (every conv tap meets a border; H != W: a swapped
+    height and width show) with lo <= H*W <= hi (hi < 0: open); where no odd pair fits (an exact
+    even probe), the smallest 2 <= H <= W <= 4H; else None."""
+    def smallest(h_from, step, w_min, parity):
+        best = None
+        for h in range(h_from, 256, step):
+            w = max(w_min(h), -(-lo // h))
+            w += parity and 1 - w % 2
+            if w <= 4 * h and (hi < 0 or h * w <= hi) and (best is None or h * w < best[0] * best[1]):
+                best = (h, w)
+        return best
+    return smallest(3, 2, lambda h: h + 2, True) or smallest(2, 1, lambda h: h, False)
 
 
-def _spatial(row, batch):
-    """(H, W) of the smallest input of ``batch`` images whose probe falls in the class's range."""
+def _spatial(row, batch, top=False):
+    """(H, W) of the smallest input of ``batch`` images whose probe falls in the class's range
+    (``top``: the smallest whose probe is the range's last value)."""
     lo, hi = row["probe_lo"], row["probe_hi"]
+    if top:
+        lo = hi
     if row["op"] == "mhca":  # the probe counts the pixels of the whole batch
-        return _odd_hw(-(-lo // batch), hi // batch if hi >= 0 else -1)
+        return _hw(-(-lo // batch), hi // batch if hi >= 0 else -1)
     if row["op"] == "e_mhsa":  # key tokens: H*W // r, the trailing H*W % r tokens dropped
         r = row["key"]["sr_ratio"] ** 2
-        return _odd_hw(lo * r, (hi + 1) * r - 1 if hi >= 0 else -1)
+        return _hw(lo * r, (hi + 1) * r - 1 if hi >= 0 else -1)
     if row["op"] == "head":
-        return _odd_hw(lo, hi)
+        return _hw(lo, hi)
     return 3, 5
+
+
+def _tops(row):
+    """Whether the class also runs at the top of its probe range (fp32, batch 1), so that both
+    ends of every range are seen to pick it: for the per-image probes (cheap there) and MHCA's
+    narrowest key (4095 pixels cost little only there)."""
+    if row["dtype"] != "fp32" or row["probe_hi"] < 0:
+        return False
+    if row["op"] == "mhca":
+        return row["key"]["c"] == min(r["key"]["c"] for r in MANIFEST["shape_classes"] if r["op"] == "mhca")
+    return True
 
 
 def _runs(row):
@@ -123,9 +141,10 @@ def _plan():
         if not _runs(row):
             continue
         batch = _batch(row, rows)
-        hw = _spatial(row, batch)
-        assert hw is not None, f"no odd H x W fits the probe range of {row}"
-        cases.append(Case(row["op"], row["dtype"], tuple(row["key_tuple"]), batch, *hw))
+        for b, top in [(batch, False)] + [(1, True)] * _tops(row):
+            hw = _spatial(row, b, top)
+            assert hw is not None, f"no H x W fits the probe range of {row}"
+            cases.append(Case(row["op"], row["dtype"], tuple(row["key_tuple"]), b, *hw))
     return cases
 
 
@@ -228,21 +247,14 @@ def _raw_call(drv, case, tensors, c_out):
 # ----------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def stand_in():
-    """The stand-in for the module, and the (image SHA-1, grid) of every launch it runs."""
-    launched = []
-    run = _interpret.Executor.launch
-
-    def spy(self, name, image, grid, *args):
-        self.variant(image)  # hashes the image
-        launched.append((self._images[image], tuple(grid)))
-        return run(self, name, image, grid, *args)
-
+    """The stand-in for the module, and every launch it runs (_util.record_launches)."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(_interpret.Executor, "launch", spy)
+    launched = record_launches(mp)
     # The interpreter's int32 overflow sanitizer doubles its time per op; no index of these tiny
     # shapes comes near 2**31, and a wrapped address would be refused by the stand-in's bounds check.
-    mp.setattr(interpreter.interpreter_builder, "options",
-               dataclasses.replace(interpreter.interpreter_builder.options, sanitize_overflow=False))
+    options = interpreter.interpreter_builder.options
+    if hasattr(options, "sanitize_overflow"):
+        mp.setattr(interpreter.interpreter_builder, "options", dataclasses.replace(options, sanitize_overflow=False))
     try:
         with testing.cpu_driver(library=LIBRARY) as drv:
             yield drv, launched
@@ -289,7 +301,7 @@ def test_entry_point_matches_reference(stand_in, case, via):
     # By image: variants that differ only in a divisibility hint the code never used compile to
     # the same bytes (kv_kernel with sr_ratio 2 and 4), and the stand-in runs either for them.
     want = [KERNELS[kid]["archs"]["sm_90"]["cubin_sha1"] for kid in row["kernels"]]  # an sm_90 device
-    assert [digest for digest, _ in launched] == want, f"{case}: launched {launched}, the class is {row}"
+    assert [x["sha1"] for x in launched] == want, f"{case}: launched {launched}, the class is {row}"
     counters = drv.counters()
     assert (counters["launches"], counters["allocs"], counters["syncs"]) == (len(row["kernels"]), 0, 0), counters
     ref = _py_call(ops.module(case.op).reference, case, t64, kw)

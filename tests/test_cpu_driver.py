@@ -8,7 +8,6 @@ launches built by hand through the stand-in's own driver entry points, from the 
 name the C library itself launched for a head call (so this works with any library on a clean
 clone, no AOT output needed) and the kernel's parameter list in the embedded manifest."""
 import ctypes
-import hashlib
 import os
 import re
 import subprocess
@@ -18,8 +17,7 @@ import pytest
 import torch
 
 from nextvit_kernels import clib, testing
-from nextvit_kernels.testing import _interpret
-from _util import assert_close, cpu_driver_library, rand_like_dtype
+from _util import assert_close, cpu_driver_library, interpreted, rand_like_dtype, record_launches
 
 LIBRARY, MANIFEST = cpu_driver_library()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,19 +25,6 @@ KERNELS = {k["id"]: k for k in MANIFEST["kernels"]}
 HEAD = next(r for r in MANIFEST["shape_classes"] if r["op"] == "head" and r["dtype"] == "fp32")
 HEAD_KERNEL = KERNELS[HEAD["kernels"][0]]
 SM90_LIMIT = 232448  # 227 KB: sm_90's dynamic shared memory per block with the opt-in
-
-
-def _spy(monkeypatch):
-    """Records (entry name, image address, grid, block, shared bytes) of every executed launch."""
-    seen = []
-    run = _interpret.Executor.launch
-
-    def spy(self, name, image, grid, block, shared, *args):
-        seen.append(dict(name=name, image=image, grid=tuple(grid), block=tuple(block), shared=shared))
-        return run(self, name, image, grid, block, shared, *args)
-
-    monkeypatch.setattr(_interpret.Executor, "launch", spy)
-    return seen
 
 
 def _head_inputs(batch=1):
@@ -111,7 +96,7 @@ class HandLaunch:
 @pytest.fixture(scope="class")
 def stand_in():
     mp = pytest.MonkeyPatch()
-    seen = _spy(mp)
+    seen = record_launches(mp)
     try:
         with testing.cpu_driver(library=LIBRARY) as drv:
             (x, w, b, _), _ = _head_inputs()
@@ -184,6 +169,7 @@ REFUSALS = [
 ]
 
 
+@interpreted()
 class TestRefusals:
     def test_the_hand_made_launch_is_valid(self, stand_in, hand):
         """The baseline the refusal cases change one thing of: it runs and computes the head."""
@@ -213,11 +199,12 @@ class TestRefusals:
                 assert torch.equal(_bits(t), t0), "a refused launch changed memory"
 
     @pytest.mark.parametrize("case,status,match", [
-        ("pointer-unknown", 1, r"^nvk_head: x = 0x[0-9a-f]+ is not memory the CUDA driver knows"),
-        ("pointer-unaligned", 1, r"^nvk_head: x = 0x[0-9a-f]+ is not 16-byte aligned"),
-        ("store-past-a-buffer", 3, rf"^cuLaunchKernel failed: CUDA error 1 \(CUDA_ERROR_INVALID_VALUE: CPU stand-in: "
-                                   rf"kernel {HEAD_KERNEL['id']} .*: store of 4 bytes"),
-    ], ids=lambda v: v if isinstance(v, str) and not v.startswith("^") else "")
+        pytest.param("pointer-unknown", 1, r"^nvk_head: x = 0x[0-9a-f]+ is not memory the CUDA driver knows",
+                     id="pointer-unknown"),
+        pytest.param("pointer-unaligned", 1, r"^nvk_head: x = 0x[0-9a-f]+ is not 16-byte aligned", id="pointer-unaligned"),
+        pytest.param("store-past-a-buffer", 3, rf"^cuLaunchKernel failed: CUDA error 1 \(CUDA_ERROR_INVALID_VALUE: CPU "
+                     rf"stand-in: kernel {HEAD_KERNEL['id']} .*: store of 4 bytes", id="store-past-a-buffer"),
+    ])
     def test_the_c_library_reports_the_refusal(self, stand_in, case, status, match):
         """Through nvk_head: the library refuses what it checks itself (a pointer the driver does
         not know, a misaligned one: NVK_ERR_INVALID, nothing launched); what only the launch can
@@ -246,7 +233,7 @@ def test_counting_mode_runs_nothing(monkeypatch):
     (hx, hw, hb, _), _ = _head_inputs()
     with testing.cpu_driver(execute=False, library=LIBRARY):
         clib.head(hx, hw, hb)  # counted by that activation only
-    seen = _spy(monkeypatch)
+    seen = record_launches(monkeypatch)
     split = next(r for r in MANIFEST["shape_classes"] if r["op"] == "mlp" and len(r["kernels"]) == 2)
     k = split["key"]
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[split["dtype"]]
@@ -272,25 +259,25 @@ def test_activations_do_not_fill_the_module_table():
             assert drv.counters()["launches"] == 1
 
 
+@interpreted()
 @pytest.mark.parametrize("cc,arch,kind", [(80, "sm_80", "cubin"), (86, "sm_80", "cubin"), (90, "sm_90", "cubin"),
                                           (100, "sm_80", "ptx")])
 def test_image_of_the_devices_compute_capability(monkeypatch, cc, arch, kind):
     """sm_90 cubin on 9.0, sm_80 cubin on every 8.x, the sm_80 PTX elsewhere (csrc/README.md)."""
-    seen = _spy(monkeypatch)
+    seen = record_launches(monkeypatch)
     (x, w, b, _), ref = _head_inputs(batch=2)
     with testing.cpu_driver(library=LIBRARY, compute_capability=cc) as drv:
         out = clib.head(x, w, b)
         assert drv.errors == []
     assert len(seen) == 1
-    digest = hashlib.sha1(_interpret.image_bytes(seen[0]["image"])).hexdigest()
-    assert digest == HEAD_KERNEL["archs"][arch][f"{kind}_sha1"]
+    assert seen[0]["sha1"] == HEAD_KERNEL["archs"][arch][f"{kind}_sha1"]
     assert seen[0]["shared"] == HEAD_KERNEL["archs"][arch]["shared"]
     assert_close(out, ref, torch.float32)
 
 
 def test_below_sm80_is_refused_by_the_library():
     (x, w, b, _), _ = _head_inputs()
-    with testing.cpu_driver(library=LIBRARY, compute_capability=75) as drv:
+    with testing.cpu_driver(execute=False, library=LIBRARY, compute_capability=75) as drv:
         with pytest.raises(clib.CLibError, match=r"NVK_ERR_UNSUPPORTED: GPU compute capability 7\.5: the kernels need "
                                                  r"sm_80 or newer"):
             clib.head(x, w, b)
