@@ -128,3 +128,58 @@ def in_threads(n, body):
     finally:
         sys.setswitchinterval(interval)
     return errors
+_CPU_DRIVER_LIBRARY = {}
+
+
+def cpu_driver_library():
+    """The C library that the CPU driver stand-in tests (test_clib_cpu.py, test_cpu_driver.py) run:
+    ``(path, manifest)``, ``path`` for ``testing.cpu_driver(library=...)`` (``c_library_with``: the
+    installed one or ``$NEXTVIT_CLIB``'s when it is current, else one built once per process) and
+    ``manifest`` the JSON it embeds. Called at collection time, since the cases are the library's
+    shape classes: skips the calling module when nothing can be built."""
+    import json
+
+    from nextvit_kernels import _library
+    if "found" not in _CPU_DRIVER_LIBRARY:
+        try:
+            path = c_library_with("nvk_manifest", "nvk_model_forward")
+            _CPU_DRIVER_LIBRARY["found"] = (path, json.loads(_library.open_path(path).manifest()))
+        except pytest.skip.Exception as skip:
+            _CPU_DRIVER_LIBRARY["found"] = str(skip)
+    found = _CPU_DRIVER_LIBRARY["found"]
+    if isinstance(found, str):
+        pytest.skip(found, allow_module_level=True)
+    return found
+
+
+def record_launches(monkeypatch):
+    """The launches the CPU stand-in executes from now on (``cpu_driver(execute=True)``), as dicts:
+    entry ``name``, ``image`` address, its ``sha1`` (which variant and arch: aot.embedded_manifest),
+    ``grid``, ``block``, ``shared`` bytes."""
+    from nextvit_kernels.testing import _interpret
+
+    seen = []
+    run = _interpret.Executor.launch
+
+    def spy(self, name, image, grid, block, shared, *args):
+        try:
+            self.variant(image)  # hashes it
+        except _interpret.LaunchError:
+            pass  # refused by the launch itself, below
+        seen.append(dict(name=name, image=image, sha1=self._images.get(image), grid=tuple(grid), block=tuple(block),
+                         shared=shared))
+        return run(self, name, image, grid, block, shared, *args)
+
+    monkeypatch.setattr(_interpret.Executor, "launch", spy)
+    return seen
+
+
+def interpreted():
+    """Skips a test that runs kernels under the stand-in where Triton's interpreter is off (a GPU
+    machine: conftest sets TRITON_INTERPRET=1 only without one)."""
+    import os
+
+    import pytest
+
+    return pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                              reason="cpu_driver(execute=True) runs kernels under TRITON_INTERPRET=1")

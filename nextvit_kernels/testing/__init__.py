@@ -250,6 +250,10 @@ def cpu_driver(execute: bool = True, library: Optional[str] = None, compute_capa
         old_env = os.environ.get(DRIVER_ENV)
         os.environ[DRIVER_ENV] = path
         lib.reset_driver()
+        # The stand-in stays loaded between activations: each starts with an empty module table
+        # (the C library has just forgotten its handles) and counts from zero, as its errors do.
+        drv._lib.nvkcpu_reset_modules()
+        drv.reset_counters()
         _library.host, _library.host_lib = drv, lib
         _active = drv
     try:

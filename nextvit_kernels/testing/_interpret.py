@@ -161,7 +161,10 @@ class Executor:
         return found
 
     def launch(self, name, image, grid, block, shared, params, n_params):
-        k, arch, info = self.variant(image)
+        try:
+            k, arch, info = self.variant(image)
+        except LaunchError as err:  # no variant to name: the entry it was launched as
+            raise LaunchError(f"entry {name!r}: {err}") from None
         what = f"kernel {k['id']} ({k['op']}.{k['kernel']}, {arch})"
         if name != info["symbol"]:
             raise LaunchError(f"{what}: launched as entry {name!r}, the image's entry is {info['symbol']!r}")

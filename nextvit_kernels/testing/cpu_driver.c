@@ -256,6 +256,15 @@ void nvkcpu_reset_counters(void) {
   pthread_mutex_unlock(&g_lock);
 }
 
+/* Forgets every module and function; earlier handles are invalid afterwards. cpu_driver calls it
+ * when it starts, once the C library has forgotten its handles (nvk_reset_driver), so that the
+ * activations of one process do not fill the tables (MAX_MODULES) with modules nobody holds. */
+void nvkcpu_reset_modules(void) {
+  pthread_mutex_lock(&g_lock);
+  g_nmods = g_nfuncs = 0;
+  pthread_mutex_unlock(&g_lock);
+}
+
 /* ------------------------------------------------------------------ device, contexts */
 CUresult cuInit(unsigned flags) {
   if (flags) return fail(ERR_INVALID_VALUE, "cuInit: flags must be 0");
