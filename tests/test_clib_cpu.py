@@ -151,6 +151,25 @@ def _plan():
             hw = _spatial(row, b, top)
             assert hw is not None, f"no H x W fits the probe range of {row}"
             cases.append(Case(row["op"], row["dtype"], tuple(row["key_tuple"]), b, *hw))
+    cases += _multi_program_cases(rows)
+    return cases
+
+
+def _multi_program_cases(rows):
+    """The 3x5 inputs of the ops without a probe fit one program along the pixels: a grid one short
+    there would launch nothing and show, but one short of several would not. So each mode of those
+    ops also runs, in fp32, its narrowest key on an input of more than two tiles of pixels."""
+    cases = []
+    for op in ("conv_bn_relu", "patch_embed", "mlp"):
+        modes = {}
+        for r in rows:
+            if r["op"] == op and r["dtype"] == "fp32":
+                modes.setdefault(len(r["kernels"]), []).append(r)
+        for group in modes.values():
+            row = min(group, key=lambda r: sum(r["key_tuple"]))
+            tile = max(v for n, v in row["consts"].items() if n.endswith("BLOCK_M"))
+            stride = row["key"].get("stride", 1)
+            cases.append(Case(op, "fp32", tuple(row["key_tuple"]), 1, *_hw((2 * tile + 1) * stride ** 2, -1)))
     return cases
 
 

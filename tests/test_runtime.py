@@ -461,3 +461,101 @@ def test_export_cli_writes_the_checkpoints_model_file(tmp_path):
     ref = model_file.fold_for_runtime(m, torch.bfloat16)
     assert meta["variant"] == "nextvit_small" and plan.dtype == torch.bfloat16
     assert all(torch.equal(a, b) for s, q in zip(plan.steps, ref.steps) for a, b in zip(s.tensors, q.tensors))
+
+
+# ------------------------------------------------------------------ on a GPU
+@pytest.fixture(scope="module")
+def gpu_small():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    m, _ = _pair((3, 4, 10, 3))
+    return m.cuda().half()
+
+
+def _rel_to(out, ref):
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.mark.gpu
+def test_gpu_runtime_matches_the_triton_path(gpu_small, lib, tmp_path):
+    m = gpu_small
+    path = nk.save_runtime(m, str(tmp_path / "s.nvk"), dtype=torch.float16)
+    x = _images(2, 224, 224).cuda().half()
+    with torch.inference_mode():
+        m.kernels = "triton"
+        ref = m(x)
+        rt = runtime.Model(path, library=lib)
+        out = rt(x)
+        nhwc = rt(x.contiguous(memory_format=torch.channels_last))
+        feats, ref_feats = rt.forward_features(x), m.forward_features(x)
+    torch.cuda.synchronize()
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert _rel_to(out, ref) < 2e-2 and torch.equal(out, nhwc)
+    for a, r in zip(feats, ref_feats):
+        assert a.shape == r.shape and _rel_to(a, r) < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_auto_runs_the_c_runtime_under_cuda_graphs(gpu_small, lib, monkeypatch):
+    monkeypatch.setenv("NEXTVIT_CLIB", os.path.dirname(lib))
+    m = gpu_small
+    x = _images(1, 224, 224).cuda().half()
+    with torch.inference_mode():
+        m.kernels = "triton"
+        ref = m(x)
+        m.kernels = "auto"
+        first, second, third = m(x), m(x), m(x)  # eager, capture + replay, replay
+        assert isinstance(m._fused_plan.clib, runtime.Model)
+        m.kernels = "clib"
+        forced = m(x)
+    torch.cuda.synchronize()
+    assert _rel_to(first, ref) < 2e-2
+    assert torch.equal(first, second) and torch.equal(first, third) and torch.equal(first, forced)
+
+
+@pytest.mark.gpu
+def test_gpu_runtime_in_a_cuda_graph_and_from_threads(gpu_small, lib, tmp_path):
+    path = nk.save_runtime(gpu_small, str(tmp_path / "s.nvk"), dtype=torch.float16)
+    rt = runtime.Model(path, library=lib)
+    xs = [_images(1, 224, 224).cuda().half() * (i + 1) for i in range(8)]
+    with torch.inference_mode():
+        refs = [rt(x) for x in xs]
+        static_x = xs[0].clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            rt(static_x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = rt(static_x)
+        for x, r in zip(xs, refs):
+            static_x.copy_(x)
+            g.replay()
+            assert torch.equal(static_out, r)
+        got = [None] * len(xs)
+
+        def work(i):
+            with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream()):
+                got[i] = rt(xs[i])
+                torch.cuda.current_stream().synchronize()
+        from _util import in_threads
+        assert not in_threads(len(xs), work)
+    for g_, r in zip(got, refs):
+        assert torch.equal(g_, r)
+
+
+@pytest.mark.gpu
+def test_gpu_cupy_front(gpu_small, lib, tmp_path):
+    cp = pytest.importorskip("cupy")
+    path = nk.save_runtime(gpu_small, str(tmp_path / "s.nvk"), dtype=torch.float16)
+    rt = runtime.Model(path, library=lib)
+    x = _images(2, 224, 224).half()
+    with torch.inference_mode():
+        ref = rt(x.cuda())
+    out = rt(cp.asarray(x.numpy()))
+    assert isinstance(out, cp.ndarray) and out.dtype == cp.float16
+    cp.cuda.get_current_stream().synchronize()
+    assert np.array_equal(cp.asnumpy(out), ref.cpu().numpy())
+    nhwc = rt(cp.ascontiguousarray(cp.asarray(x.numpy()).transpose(0, 2, 3, 1)))
+    assert np.array_equal(cp.asnumpy(nhwc), ref.cpu().numpy())
