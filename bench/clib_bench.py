@@ -121,18 +121,8 @@ def gpu(args, path, model, rt):
 
 
 def _events_ms(fn, iters):
-    import torch
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    from nextvit_kernels.bench import time_cuda
+    return time_cuda(fn, iters, warmup=3)[0]
 
 
 def cpu(args, path):

@@ -226,7 +226,7 @@ def test_threads_with_separate_workspaces_get_their_own_result(tiny, lib):
         for th in threads:
             th.join()
     assert not errors, errors
-    assert _rel(refs[0], refs[1]) > 0.1, "the two inputs give the same logits: test is void"
+    assert _rel(refs[0], refs[1]) > 100 * 1e-4, "the two inputs give nearly the same logits: a swap would pass"
     for g, r in zip(got, refs):
         assert _rel(g, r) < 1e-4, _rel(g, r)
 
