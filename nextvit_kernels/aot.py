@@ -797,9 +797,10 @@ def emit_c(manifest: dict, out: str, path: str, images: bool = True) -> None:
 
 # --------------------------------------------------------------------------- building the C library
 def build_library(build_dir: str, aot_dir: Optional[str] = None, aot_args=(), python_module: bool = True,
-                  source_dir: Optional[str] = None, env=None, quiet: bool = True) -> str:
+                  source_dir: Optional[str] = None, env=None, quiet: bool = True, cmake_args=()) -> str:
     """Configures and builds libnextvit_kernels.so (+ nextvit_kernels._C) with CMake + Ninja into
-    ``build_dir``, embedding ``aot_dir`` (compiled first when it has no manifest.json).
+    ``build_dir``, embedding ``aot_dir`` (compiled first when it has no manifest.json); ``cmake_args``
+    are added to the configure step (e.g. ``-DCMAKE_C_FLAGS=...``).
     Returns the build directory. Used by the tests; ``pip install .`` does the same in setup.py."""
     import shutil
     import subprocess
@@ -813,6 +814,7 @@ def build_library(build_dir: str, aot_dir: Optional[str] = None, aot_args=(), py
         cfg.append(f"-DNEXTVIT_AOT_DIR={os.path.abspath(aot_dir)}")
     if aot_args:
         cfg.append("-DNEXTVIT_AOT_ARGS=" + ";".join(aot_args))
+    cfg += list(cmake_args)
     for cmd in (cfg, [cmake, "--build", build_dir]):
         r = subprocess.run(cmd, capture_output=quiet, text=True, env=env)
         if r.returncode:

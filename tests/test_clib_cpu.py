@@ -17,9 +17,17 @@ between guard bytes the stand-in does not know (an access there is refused befor
 that must be unchanged afterwards; the cheapest fp16 case of each of their modes also runs
 through ``nextvit_kernels.clib`` (its workspace sizing), the other ops always do.
 
+``test_entry_point_refuses_bad_arguments`` gives each entry point, with arguments built from the
+public header's prototype, every argument it can get wrong (NULL, misaligned and unknown pointers,
+sizes of zero or below, an unknown dtype, channel counts no class holds): each must return its
+status with a message naming the op and the argument, and launch, write and read nothing.
+tests/test_clib_sanitizers.py runs this module again against a library built with ASan + UBSan.
+
 Run time (2 cores, quiet): ~110 s, 70 of them the fused MHCA classes of C = 768 and 384 (every
 program walks all heads for 4096+ pixels under the interpreter)."""
 import dataclasses
+import os
+import re
 
 import pytest
 import torch
@@ -346,3 +354,96 @@ def test_cases_cover_the_shape_class_table():
     assert {case.batch for case in CASES} == {1, 2}
     print(f"{len(table)} shape classes (op, key, probe class, kernels) of {len(MANIFEST['shape_classes'])} table "
           f"rows covered by {len(CASES)} cases")
+
+
+# ----------------------------------------------------------------------------- bad arguments
+HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "include",
+                      "nextvit_kernels.h")
+CHANNEL_KEYS = ("c", "c_in", "c1", "c_out", "n_classes")  # shifted together: consistent, and no class holds it
+
+
+def _prototype(op):
+    """nvk_<op>'s parameters as (name, is_pointer), read from the public header."""
+    with open(HEADER) as f:
+        text = re.sub(r"/\*.*?\*/", "", f.read(), flags=re.S)
+    m = re.search(rf"nvk_status nvk_{op}\((.*?)\);", text, re.S)
+    assert m, f"nvk_{op} is not declared in {HEADER}"
+    return [(re.findall(r"\w+", p)[-1], "*" in p) for p in m.group(1).split(",")]
+
+
+def _refusal_cases():
+    """Per op, its cheapest fp32 case in the mode with the most kernels (a workspace to check)."""
+    best = {}
+    for case in CASES:
+        if case.dtype == "fp32":
+            rank = (-len(_lookup(case)["kernels"]), case.batch * case.h * case.w, case.key)
+            if case.op not in best or rank < best[case.op][0]:
+                best[case.op] = (rank, case)
+    return [c for _, c in best.values()]
+
+
+def _bad_calls(case, names, values):
+    """(what, changed values, status name, message fragment) of every argument a call can get wrong."""
+    k = case.k
+    out = []
+    for i, (name, ptr) in enumerate(names):
+        if not ptr or name == "stream" or values[i] == 0:
+            continue  # a NULL x2 (no concat) or workspace (one kernel) is a valid call
+        out.append((f"{name}=NULL", {name: 0}, "NVK_ERR_INVALID", f"{name} is NULL"))
+        out.append((f"{name} misaligned", {name: values[i] + 8}, "NVK_ERR_INVALID", f"{name} = 0x"))
+        out.append((f"{name} unknown", {name: 1 << 40}, "NVK_ERR_INVALID", f"{name} = 0x"))
+    for name in ("batch", "h", "w_"):
+        for v in (0, -3):
+            out.append((f"{name}={v}", {name: v}, "NVK_ERR_INVALID", f"{name} must be positive, got {v}"))
+    out.append(("dtype 3", {"dt": 3}, "NVK_ERR_INVALID", "unknown dtype 3"))
+    names_ = MANIFEST["key_names"][case.op]
+    held = {tuple(r["key_tuple"]) for r in MANIFEST["shape_classes"] if (r["op"], r["dtype"]) == (case.op, case.dtype)}
+    shift = next(s for s in range(k.get("head_dim", 32), 1 << 16, k.get("head_dim", 32))
+                 if tuple(k[n] + s * (n in CHANNEL_KEYS) for n in names_) not in held)
+    shifted = {n: k[n] + shift for n in CHANNEL_KEYS if n in k}
+    out.append(("no class", shifted, "NVK_ERR_UNSUPPORTED", "no kernel was compiled ahead of time"))
+    return out
+
+
+REFUSALS = _refusal_cases()
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=[c.op for c in REFUSALS])
+def test_entry_point_refuses_bad_arguments(stand_in, case):
+    """Each argument an nvk_* call can get wrong (a NULL, misaligned or unknown pointer, a size of
+    zero or below, an unknown dtype, a shape no class holds) gives its error code and a message
+    naming the op and the argument, and launches nothing, writes nothing, reads no buffer."""
+    drv, launched = stand_in
+    pairs, kw, _c_out = _inputs(case)
+    tensors = [p[0] for p in pairs]
+    ref = _py_call(ops.module(case.op).reference, case, [p[1] for p in pairs], kw)
+    lib = drv.library
+    dt = clib._DT[DTYPES[case.dtype]]
+    names = _prototype(case.op)
+    ws_size = getattr(lib, f"{case.op}_workspace_size")(case.batch, case.h, case.w, *case.key, dt) \
+        if case.op in WORKSPACE_OPS else 0
+    ws = torch.full((max(ws_size, 16),), 0x5A, dtype=torch.uint8)
+    out = torch.full(ref.shape, float("nan"), dtype=DTYPES[case.dtype])
+    out = out.contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out
+    pointers = iter([0 if t is None else t.data_ptr() for t in tensors])
+    given = dict(case.k, batch=case.batch, h=case.h, w_=case.w, dt=dt, stream=0, out=out.data_ptr(),
+                 workspace=ws.data_ptr() if ws_size else 0)
+    values = [given[n] if n in given else next(pointers) for n, _ in names]
+    assert next(pointers, None) is None, f"{case.op}: the header's pointers are not _inputs' tensors"
+    before = [t.clone() for t in tensors if t is not None] + [ws.clone()]
+    with drv.registered(*tensors, out, ws):
+        for what, change, status, fragment in _bad_calls(case, names, values):
+            args = [change.get(n, v) for (n, _), v in zip(names, values)]
+            drv.reset_counters()
+            launched.clear()
+            got = getattr(lib, case.op)(*args)
+            message = lib.last_error()
+            assert clib._STATUS.get(got, got) == status, f"{case} {what}: {clib._STATUS.get(got, got)}: {message}"
+            assert message.startswith(f"nvk_{case.op}: ") and fragment in message, f"{case} {what}: {message}"
+            assert launched == [] and drv.counters()["launches"] == 0, f"{case} {what}: launched {launched}"
+            assert drv.errors == []
+        ok = getattr(lib, case.op)(*values)  # the unchanged call still runs
+    assert clib._STATUS.get(ok, ok) == "OK", lib.last_error()
+    assert torch.equal(ws[ws_size:], before[-1][ws_size:]) if ws_size else torch.equal(ws, before[-1])
+    assert all(torch.equal(a, b) for a, b in zip([t for t in tensors if t is not None], before)), "an input changed"
+    assert_close(out, ref, DTYPES[case.dtype], what=str(case))
