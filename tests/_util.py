@@ -9,6 +9,11 @@ import threading
 import pytest
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = os.path.join(ROOT, "csrc", "include", "nextvit_kernels.h")
+# What the C tests build with when they run under ASan + UBSan.
+SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1")
+
 # Relative to the largest reference magnitude; fp16/bf16 cover one rounding of
 # each stored intermediate (eager PyTorch in those dtypes makes errors of the
 # same order against a float64 reference).
@@ -185,3 +190,33 @@ def interpreted():
 
     return pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                               reason="cpu_driver(execute=True) runs kernels under TRITON_INTERPRET=1")
+
+
+def c_compiler() -> str:
+    """The C compiler an install would use (nvk_build.c_compiler); skips the test without one."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import nvk_build
+    cc = nvk_build.c_compiler()
+    if cc is None:
+        pytest.skip("no C compiler")
+    return cc
+
+
+def sanitizing_c_compiler() -> str:
+    """``c_compiler()`` once it has built a program with ``SANITIZE``; skips the test where it cannot."""
+    cc = c_compiler()
+    probe = subprocess.run([cc, *SANITIZE, "-x", "c", "-", "-o", os.devnull], input="int main(void){return 0;}",
+                           capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip("the C compiler cannot build with -fsanitize=address,undefined: " + probe.stderr[-300:])
+    return cc
+
+
+def header_prototypes() -> dict:
+    """Every NVK_API function of the public header: name -> (return type, [parameter declarations])."""
+    import re
+    with open(HEADER) as f:
+        header = re.sub(r"/\*.*?\*/", "", f.read(), flags=re.S)
+    return {m.group(2): (m.group(1).strip(), [p.strip() for p in m.group(3).split(",") if p.strip() not in ("", "void")])
+            for m in re.finditer(r"NVK_API\s+([\w\s\*]+?)\s*(nvk_\w+)\(([^)]*)\);", header)}

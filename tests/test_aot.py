@@ -248,16 +248,12 @@ def test_clib_missing_message(tmp_path):
 def test_ctypes_signatures_match_header():
     """clib.SIGNATURES (the ctypes fallback) against the prototypes of nextvit_kernels.h."""
     import ctypes
-    import re
     from nextvit_kernels import clib
-    header = open(os.path.join(ROOT, "csrc", "include", "nextvit_kernels.h")).read()
-    header = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
-    protos = {m.group(2): (m.group(1).strip(), m.group(3))
-              for m in re.finditer(r"NVK_API\s+([\w\s\*]+?)\s*(nvk_\w+)\(([^)]*)\);", header)}
+    from _util import header_prototypes
+    protos = header_prototypes()
     assert set(protos) == EXPORTS
     assert set(clib.SIGNATURES) == EXPORTS
     for name, (ret, params) in protos.items():
-        params = [p.strip() for p in params.split(",") if p.strip() not in ("", "void")]
         want = [ctypes.c_char_p if p.startswith("const char*") else
                 ctypes.c_void_p if "*" in p or "[" in p else
                 ctypes.c_size_t if p.startswith("size_t") else ctypes.c_int for p in params]

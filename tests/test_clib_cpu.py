@@ -26,7 +26,6 @@ tests/test_clib_sanitizers.py runs this module again against a library built wit
 Run time (2 cores, quiet): ~110 s, 70 of them the fused MHCA classes of C = 768 and 384 (every
 program walks all heads for 4096+ pixels under the interpreter)."""
 import dataclasses
-import os
 import re
 
 import pytest
@@ -34,7 +33,7 @@ import torch
 from triton.runtime import interpreter
 
 from nextvit_kernels import clib, ops, testing
-from _util import assert_close, cpu_driver_library, interpreted, rand_like_dtype, record_launches
+from _util import assert_close, cpu_driver_library, header_prototypes, interpreted, rand_like_dtype, record_launches
 
 LIBRARY, MANIFEST = cpu_driver_library()
 pytestmark = interpreted()
@@ -357,18 +356,12 @@ def test_cases_cover_the_shape_class_table():
 
 
 # ----------------------------------------------------------------------------- bad arguments
-HEADER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "include",
-                      "nextvit_kernels.h")
 CHANNEL_KEYS = ("c", "c_in", "c1", "c_out", "n_classes")  # shifted together: consistent, and no class holds it
 
 
 def _prototype(op):
     """nvk_<op>'s parameters as (name, is_pointer), read from the public header."""
-    with open(HEADER) as f:
-        text = re.sub(r"/\*.*?\*/", "", f.read(), flags=re.S)
-    m = re.search(rf"nvk_status nvk_{op}\((.*?)\);", text, re.S)
-    assert m, f"nvk_{op} is not declared in {HEADER}"
-    return [(re.findall(r"\w+", p)[-1], "*" in p) for p in m.group(1).split(",")]
+    return [(re.findall(r"\w+", p)[-1], "*" in p) for p in header_prototypes()[f"nvk_{op}"][1]]
 
 
 def _refusal_cases():
@@ -396,10 +389,10 @@ def _bad_calls(case, names, values):
         for v in (0, -3):
             out.append((f"{name}={v}", {name: v}, "NVK_ERR_INVALID", f"{name} must be positive, got {v}"))
     out.append(("dtype 3", {"dt": 3}, "NVK_ERR_INVALID", "unknown dtype 3"))
-    names_ = MANIFEST["key_names"][case.op]
     held = {tuple(r["key_tuple"]) for r in MANIFEST["shape_classes"] if (r["op"], r["dtype"]) == (case.op, case.dtype)}
-    shift = next(s for s in range(k.get("head_dim", 32), 1 << 16, k.get("head_dim", 32))
-                 if tuple(k[n] + s * (n in CHANNEL_KEYS) for n in names_) not in held)
+    step = k.get("head_dim", 32)  # keeps every channel count a multiple of the head size
+    shift = next(s for s in range(step, 1 << 16, step)
+                 if tuple(v + s * (n in CHANNEL_KEYS) for n, v in k.items()) not in held)
     shifted = {n: k[n] + shift for n in CHANNEL_KEYS if n in k}
     out.append(("no class", shifted, "NVK_ERR_UNSUPPORTED", "no kernel was compiled ahead of time"))
     return out
@@ -430,7 +423,8 @@ def test_entry_point_refuses_bad_arguments(stand_in, case):
                  workspace=ws.data_ptr() if ws_size else 0)
     values = [given[n] if n in given else next(pointers) for n, _ in names]
     assert next(pointers, None) is None, f"{case.op}: the header's pointers are not _inputs' tensors"
-    before = [t.clone() for t in tensors if t is not None] + [ws.clone()]
+    inputs = [t for t in tensors if t is not None]
+    before, ws_before = [t.clone() for t in inputs], ws.clone()
     with drv.registered(*tensors, out, ws):
         for what, change, status, fragment in _bad_calls(case, names, values):
             args = [change.get(n, v) for (n, _), v in zip(names, values)]
@@ -444,6 +438,6 @@ def test_entry_point_refuses_bad_arguments(stand_in, case):
             assert drv.errors == []
         ok = getattr(lib, case.op)(*values)  # the unchanged call still runs
     assert clib._STATUS.get(ok, ok) == "OK", lib.last_error()
-    assert torch.equal(ws[ws_size:], before[-1][ws_size:]) if ws_size else torch.equal(ws, before[-1])
-    assert all(torch.equal(a, b) for a, b in zip([t for t in tensors if t is not None], before)), "an input changed"
+    assert torch.equal(ws[ws_size:], ws_before[ws_size:])  # all of it where the call needs none
+    assert all(torch.equal(a, b) for a, b in zip(inputs, before)), "an input changed"
     assert_close(out, ref, DTYPES[case.dtype], what=str(case))

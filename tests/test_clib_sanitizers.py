@@ -24,10 +24,9 @@ import tempfile
 
 import pytest
 
-from _util import C_LIBRARY_AOT_ARGS, interpreted
+from _util import C_LIBRARY_AOT_ARGS, ROOT, SANITIZE, interpreted, sanitizing_c_compiler
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1"
+FLAGS = " ".join(SANITIZE)
 SELECTION = [
     ("tests/test_clib_cpu.py", "not 37x111 and not 35x117 and not 29x71"),
     ("tests/test_cpu_driver.py", None),
@@ -35,13 +34,6 @@ SELECTION = [
     ("tests/test_trt_numerics.py", "float16 and trt11"),
 ]
 REPORT = re.compile(r"ERROR: AddressSanitizer|runtime error:|LeakSanitizer|SUMMARY: UndefinedBehaviorSanitizer")
-
-
-def _cc():
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return cc
-    pytest.skip("no C compiler")
 
 
 def _runtime(cc, name):
@@ -54,11 +46,7 @@ def _runtime(cc, name):
 def sanitized_library():
     """(build dir, the sanitizer runtimes to preload)."""
     from nextvit_kernels import aot
-    cc = _cc()
-    probe = subprocess.run([cc, *FLAGS.split(), "-x", "c", "-", "-o", os.devnull], input="int main(void){return 0;}",
-                           capture_output=True, text=True)
-    if probe.returncode:
-        pytest.skip("the C compiler cannot build with -fsanitize=address,undefined: " + probe.stderr[-300:])
+    cc = sanitizing_c_compiler()
     preload = [_runtime(cc, "libasan.so"), _runtime(cc, "libubsan.so")]
     if None in preload:
         pytest.skip(f"{cc} names no shared libasan.so / libubsan.so to preload")

@@ -9,7 +9,6 @@ import copy
 import json
 import re
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import torch
 
 import nextvit_kernels as nk
 from nextvit_kernels import model_file, runtime, testing
-from _util import c_library_with, randomize_
+from _util import SANITIZE, c_compiler, c_library_with, randomize_, sanitizing_c_compiler
 
 timm = pytest.importorskip("timm")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -384,17 +383,10 @@ print("ok", drv.counters()["launches"])
 
 
 # ------------------------------------------------------------------ the C example and the loader fuzz
-def _cc():
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    return cc
-
-
 def test_c_example_runs_under_the_counting_stand_in(tiny16_path, lib, tmp_path):
     exe = tmp_path / "nvk_classify"
     libdir = os.path.dirname(lib)
-    r = subprocess.run([_cc(), "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", os.path.join(ROOT, "csrc", "include"),
+    r = subprocess.run([c_compiler(), "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", os.path.join(ROOT, "csrc", "include"),
                         os.path.join(ROOT, "csrc", "examples", "classify.c"), "-o", str(exe), "-L", libdir,
                         "-lnextvit_kernels", f"-Wl,-rpath,{libdir}", "-ldl", "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -420,12 +412,8 @@ def test_loader_fuzz_under_asan_and_ubsan(tiny16_path, lib, tmp_path):
     changes of the bytes the library reads, through nvk_model_load_memory built with
     -fsanitize=address,undefined (the stand-in too): an error with a message or a model that runs."""
     from nextvit_kernels import _library, aot
-    cc = _cc()
-    flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1"]
-    probe = subprocess.run([cc, *flags, "-x", "c", "-", "-o", str(tmp_path / "probe")], input="int main(void){return 0;}",
-                           capture_output=True, text=True)
-    if probe.returncode:
-        pytest.skip("the C compiler cannot build with -fsanitize=address,undefined: " + probe.stderr[-300:])
+    cc = sanitizing_c_compiler()
+    flags = list(SANITIZE)
     manifest = json.loads(_library.open_path(lib).manifest())
     table = tmp_path / "table.c"
     aot.emit_c(manifest, str(tmp_path), str(table), images=False)  # the shape classes; no kernel images needed
