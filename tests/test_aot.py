@@ -1,21 +1,24 @@
 """AOT compilation of every kernel the fused model uses + the C library build (CPU, no GPU).
 
 The session fixture compiles every kernel variant of the S/B/L plans at 224 and 384 for
-sm_80 and sm_90 once (all three dtypes by default: ~4 minutes cold on a 2-core machine;
-NEXTVIT_AOT_TEST_DTYPES=fp16 cuts it to ~1.5; NEXTVIT_AOT_TEST_DIR=path reuses a finished
-AOT output), then builds the C library from it with CMake + Ninja."""
+sm_80 and sm_90 (all three dtypes by default, the install's kernels: 1.5 to 4 minutes cold on a
+2-core machine, seconds where Triton's cache has them; NEXTVIT_AOT_TEST_DTYPES=fp16 compiles
+fewer; NEXTVIT_AOT_TEST_DIR=path reuses a finished AOT output), then builds the C library from it
+with CMake + Ninja; both are kept on disk for the next run and shared by every test
+(tests/_builds.py)."""
 import ctypes
 import json
 import os
 import shutil
 import subprocess
 import sys
-import time
+import tempfile
 
 import pytest
 import torch
 
 from nextvit_kernels import aot
+import _builds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = os.environ.get("NEXTVIT_AOT_TEST_DTYPES", "fp16,bf16,fp32").split(",")
@@ -29,19 +32,15 @@ EXPORTS = {"nvk_conv_bn_relu", "nvk_patch_embed", "nvk_mhca", "nvk_mlp", "nvk_e_
 
 
 @pytest.fixture(scope="session")
-def aot_dir(tmp_path_factory):
+def aot_dir():
+    """The kernels of every plan (S/B/L at 224 and 384, sm_80 and sm_90): ``_builds.aot_output``, kept
+    on disk by a key of their sources; NEXTVIT_AOT_TEST_DIR=path uses a finished AOT output instead."""
     reuse = os.environ.get("NEXTVIT_AOT_TEST_DIR")
     if reuse and os.path.exists(os.path.join(reuse, "manifest.json")):
         return reuse
-    out = str(tmp_path_factory.mktemp("aot"))
-    t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "nextvit_kernels.aot", "--arch", "sm_80,sm_90", "--out", out,
-                        "--dtypes", ",".join(DTYPES), "--variants", ",".join(VARIANTS),
-                        "--resolutions", ",".join(map(str, RESOLUTIONS))],
-                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert r.returncode == 0, r.stderr[-4000:]
-    print(f"AOT compile: {time.time() - t0:.0f}s; {r.stderr.strip().splitlines()[0]}")
-    return out
+    args = ("--arch", "sm_80,sm_90", "--dtypes", ",".join(DTYPES), "--variants", ",".join(VARIANTS),
+            "--resolutions", ",".join(map(str, RESOLUTIONS)))
+    return str(_builds.aot_output(args))
 
 
 @pytest.fixture(scope="session")
@@ -51,16 +50,15 @@ def manifest(aot_dir):
 
 
 @pytest.fixture(scope="session")
-def build_dir(aot_dir, tmp_path_factory):
+def build_dir(aot_dir):
+    """The library built by CMake + Ninja from ``aot_dir`` (``_builds.c_library``)."""
     missing = [t for t in ("cmake", "ninja") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"{' and '.join(missing)} not found: cannot build the C library "
                     "(it needs no nvcc: the kernels come from Triton, libcuda is dlopen'ed)")
-    out = str(tmp_path_factory.mktemp("build"))
-    t0 = time.time()
-    aot.build_library(out, aot_dir=aot_dir)
-    print(f"CMake build: {time.time() - t0:.0f}s")
-    return out
+    if aot_dir != str(_builds.aot_output()):
+        return aot.build_library(tempfile.mkdtemp(prefix="nvk_build_"), aot_dir=aot_dir)
+    return str(_builds.c_library())
 
 
 def test_every_plan_op_has_a_shape_class(manifest):
