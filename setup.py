@@ -87,8 +87,9 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
         # timm (the independent oracle) needs torchvision; onnx/onnxruntime for the export tests;
-        # pybind11/cmake/ninja for the C library tests; matplotlib for the benchmark plots.
-        "test": ["pytest", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxruntime",
+        # pybind11/cmake/ninja for the C library tests; matplotlib for the benchmark plots;
+        # pytest-xdist runs the tests in parallel (and sanitized: tests/conftest.py).
+        "test": ["pytest", "pytest-xdist>=3.2", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxruntime",
                  "pybind11", "cmake", "ninja", "matplotlib", "pytest-benchmark", "hypothesis"],
         "bench": ["timm>=1.0", "torchvision", "matplotlib"],
     },

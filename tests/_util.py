@@ -3,7 +3,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 
 import pytest
@@ -72,34 +71,104 @@ def randomize_(model: torch.nn.Module, gain: float = 0.5, generator=None):
     return model
 
 
-_built_c_library = []
-# What the tests' own builds of the C library compile: every op and mode, at a fraction of the
-# installed library's kernels.
-C_LIBRARY_AOT_ARGS = ("--variants", "nextvit_small", "--resolutions", "224,384", "--dtypes", "fp16,bf16,fp32")
+def sanitized() -> bool:
+    """Whether this process runs with the ASan + UBSan runtimes loaded: a pytest-xdist worker started
+    with them preloaded (tests/_workers.py), where the C tests run sanitized builds."""
+    import ctypes
+    return hasattr(ctypes.CDLL(None), "__asan_init")
+
+
+def sanitizer_runtimes():
+    """[libasan.so, libubsan.so] of the C compiler an install uses, when it builds with ``SANITIZE``
+    and names both shared runtimes (a Python executable is not linked with them: preload them);
+    else None."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import nvk_build
+    cc = nvk_build.c_compiler()
+    if cc is None or _sanitizer_probe(cc):
+        return None
+    found = []
+    for name in ("libasan.so", "libubsan.so"):
+        r = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True)
+        path = r.stdout.strip()
+        if r.returncode or not os.path.isabs(path) or not os.path.exists(path):
+            return None
+        found.append(path)
+    return found
+
+
+def sanitizer_env(env: dict, runtimes, reports: str) -> dict:
+    """``env`` for a process that loads sanitized code into an uninstrumented executable (Python):
+    the runtimes preloaded, reports written under ``reports`` (pytest's capture of fd 2 is lost when
+    a sanitizer ends the process) and fatal. Leaks are not checked there: CPython and torch keep
+    their allocations to exit (the loader fuzz and the C programs check leaks in processes of
+    their own)."""
+    env = dict(env)
+    env["LD_PRELOAD"] = " ".join([*runtimes, *env.get("LD_PRELOAD", "").split()])
+    env["ASAN_OPTIONS"] = f"detect_leaks=0:halt_on_error=1:abort_on_error=0:log_path={reports}/asan"
+    env["UBSAN_OPTIONS"] = f"print_stacktrace=1:halt_on_error=1:log_path={reports}/ubsan"
+    return env
+
+
+SANITIZER_RUNTIMES_ENV = "NEXTVIT_SANITIZER_RUNTIMES"  # set for the workers: what they preload
+SANITIZER_REPORTS_ENV = "NEXTVIT_SANITIZER_REPORTS"    # ... and where their reports go
+
+
+def child_env(env: dict = None) -> dict:
+    """The environment of a child process that loads what this one runs (``c_library_with``'s
+    library, the stand-in): in a sanitized worker, with the sanitizer runtimes preloaded."""
+    env = dict(os.environ if env is None else env)
+    if sanitized() and os.environ.get(SANITIZER_RUNTIMES_ENV):
+        env = sanitizer_env(env, os.environ[SANITIZER_RUNTIMES_ENV].split(os.pathsep),
+                            os.environ[SANITIZER_REPORTS_ENV])
+    return env
+
+
+# NEXTVIT_CLIB as the run started: an explicit choice of the C library the tests must not replace.
+USER_CLIB = os.environ.get("NEXTVIT_CLIB")
+
+
+def _use_c_library(build_dir) -> str:
+    from nextvit_kernels import clib
+    os.environ["NEXTVIT_CLIB"] = str(build_dir)
+    clib._lib = None
+    return os.path.join(str(build_dir), "libnextvit_kernels.so")
 
 
 def build_c_library() -> str:
-    """libnextvit_kernels.so built from this checkout, once per session, into a temp dir (AOT for
-    nextvit_small at 224 and 384, every dtype); NEXTVIT_CLIB then names it, so ``clib.load()``
-    loads it. Skips when cmake or ninja is missing."""
-    from nextvit_kernels import aot, clib
-    if not _built_c_library:
-        if shutil.which("cmake") is None or shutil.which("ninja") is None:
-            pytest.skip("the C library is not built and cmake/ninja are missing to build it")
-        build = tempfile.mkdtemp(prefix="nvk_build_")
-        aot.build_library(build, aot_args=C_LIBRARY_AOT_ARGS)
-        _built_c_library.append(build)
-    os.environ["NEXTVIT_CLIB"] = _built_c_library[0]
-    clib._lib = None
-    return os.path.join(_built_c_library[0], "libnextvit_kernels.so")
+    """libnextvit_kernels.so built from this checkout (``_builds.c_library``: the install's kernels,
+    cached on disk) and made the one ``clib.load()`` loads ($NEXTVIT_CLIB). Skips when cmake or
+    ninja is missing."""
+    import _builds
+    if shutil.which("cmake") is None or shutil.which("ninja") is None:
+        pytest.skip("the C library is not built and cmake/ninja are missing to build it")
+    return _use_c_library(_builds.c_library())
+
+
+def sanitized_c_library() -> str:
+    """The library built with ``SANITIZE`` (``_builds.c_library(sanitized=True)``), for sanitized
+    workers only. Not made $NEXTVIT_CLIB: the worker's children, Python without the preload, would
+    inherit it; the tests give it to ``cpu_driver(library=...)``, which routes clib and runtime to it."""
+    import _builds
+    assert sanitized(), "a library built with ASan needs the ASan runtime loaded first"
+    return str(_builds.c_library(sanitized=True) / "libnextvit_kernels.so")
 
 
 def c_library_with(*symbols) -> str:
-    """The path of the C library ``clib.load()`` finds ($NEXTVIT_CLIB's, else the installed one)
-    when it exports ``symbols``, else of one built by ``build_c_library``. The installed one is
-    probed in a fresh interpreter: one built from older sources, loaded here, would keep its
-    SONAME for every later library that links libnextvit_kernels.so. A $NEXTVIT_CLIB without
-    ``symbols`` fails the test (an explicit choice is not replaced)."""
+    """The C library the C tests run: in a sanitized worker the sanitized build (unless
+    $NEXTVIT_CLIB names one; in a plain worker of that run the plain one), else the one
+    ``clib.load()`` finds ($NEXTVIT_CLIB's, else the installed one) when it exports ``symbols``,
+    else one built by ``build_c_library``. The
+    installed one is probed in a fresh interpreter: one built from older sources, loaded here,
+    would keep its SONAME for every later library that links libnextvit_kernels.so. A
+    $NEXTVIT_CLIB without ``symbols`` fails the test (an explicit choice is not replaced)."""
+    if sanitized() and not USER_CLIB:
+        return sanitized_c_library()
+    if os.environ.get("NEXTVIT_WORKER_KIND") == "plain" and not USER_CLIB:
+        # a plain worker of a split run only collects the C suites (tests/_workers.py): the same
+        # test ids as the sanitized workers, from the build of the same kernels
+        return build_c_library()
     probe = ("import ctypes, sys\nfrom nextvit_kernels import clib\npath = clib.library_path()\n"
              "lib = ctypes.CDLL(path)\nfor s in sys.argv[1:]:\n    getattr(lib, s)\nprint(path)\n")
     r = subprocess.run([sys.executable, "-c", probe, *symbols], capture_output=True, text=True, timeout=300)
@@ -203,13 +272,19 @@ def c_compiler() -> str:
     return cc
 
 
+def _sanitizer_probe(cc) -> str:
+    """Why ``cc`` cannot build a program with ``SANITIZE`` ("" when it can)."""
+    probe = subprocess.run([cc, *SANITIZE, "-x", "c", "-", "-o", os.devnull], input="int main(void){return 0;}",
+                           capture_output=True, text=True)
+    return probe.stderr[-300:] or "failed" if probe.returncode else ""
+
+
 def sanitizing_c_compiler() -> str:
     """``c_compiler()`` once it has built a program with ``SANITIZE``; skips the test where it cannot."""
     cc = c_compiler()
-    probe = subprocess.run([cc, *SANITIZE, "-x", "c", "-", "-o", os.devnull], input="int main(void){return 0;}",
-                           capture_output=True, text=True)
-    if probe.returncode:
-        pytest.skip("the C compiler cannot build with -fsanitize=address,undefined: " + probe.stderr[-300:])
+    why = _sanitizer_probe(cc)
+    if why:
+        pytest.skip("the C compiler cannot build with -fsanitize=address,undefined: " + why)
     return cc
 
 

@@ -9,13 +9,45 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import _util  # noqa: E402
+import _workers  # noqa: E402
+
+# Under pytest-xdist: sanitized workers for the C suites, plain ones for the rest (_workers.py).
+_workers.enter_worker()
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
-    config.addinivalue_line("markers", "slow: long CPU test")
+    config.addinivalue_line("markers", "slow: takes more than ~10 s on a 2-core machine (the quick tier, "
+                                       "-m 'not slow', leaves it out)")
+    if _workers.is_controller(config):
+        _workers.configure_controller(config)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    return _workers.make_scheduler(config, log)
+
+
+def pytest_sessionstart(session):
+    # The first libnextvit_kernels.so a process loads is what every later library that links it by
+    # SONAME (the TensorRT plugins) binds to: in a sanitized worker, make it the sanitized one.
+    if _util.sanitized() and not _util.USER_CLIB:
+        import ctypes
+        session.config._nvk_library = ctypes.CDLL(_util.sanitized_c_library())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _workers.reports(session.config) and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _workers.summarize(terminalreporter, config)
 
 
 def pytest_collection_modifyitems(config, items):
+    # The longest first: parallel workers then finish together (a stable sort keeps the file order).
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

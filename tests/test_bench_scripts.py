@@ -5,12 +5,16 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(args, tmp_path, timeout=600):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    # not a pytest-xdist worker: pytest-benchmark turns itself off in one (and refuses --benchmark-only)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(TRITON_INTERPRET="1", PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable] + args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     return r.stdout
@@ -37,6 +41,7 @@ def test_op_cases_are_the_model_calls():
         assert sorted({(op, json.dumps(s, sort_keys=True)) for op, s in calls}) == want, name
 
 
+@pytest.mark.slow
 def test_bench_suite_saves_compares_and_prints(tmp_path):
     """CPU mode of the pytest-benchmark suite (one op): a saved run with machine info, a
     --benchmark-compare against it, and ops_bench's table from the JSON."""
@@ -63,6 +68,7 @@ def test_tune_plan_lists_candidates(tmp_path):
     assert "split" in out and "configs to compile and time" in out
 
 
+@pytest.mark.slow
 def test_warm_cache_partition_covers_every_step(tmp_path):
     out = _run(["bench/warm_cache.py", "--cpu-check"], tmp_path)
     assert "2 parts each, 31 of 31 steps on Triton" in out, out

@@ -1,88 +1,92 @@
-"""The C library's own code under ASan + UBSan while it computes.
+"""The C code the tests load runs under ASan + UBSan (conftest.py's sanitized workers).
 
-The stand-in suites load the C library into the Python process, so in the main run nothing
-watches the library's host code (shape-class lookup, argument checks, parameter marshalling,
-workspace offsets, the whole-model runtime). Here a copy of the library is built with
--fsanitize=address,undefined, and a child pytest runs a selection of those suites against it,
-with the sanitizer runtimes preloaded (a Python executable is not linked with them):
-- every ``nvk_*`` entry point in every shape class and its refusals of bad arguments
-  (test_clib_cpu), leaving out the large probe-range ends, whose cost is the interpreter's and
-  not more host code;
-- the stand-in's refusals (test_cpu_driver);
-- the whole-model runtime's bad files and calls, its counted forward and a numeric forward
-  (test_runtime);
-- every TensorRT plugin's enqueue in fp16 (test_trt_numerics, TensorRT 11's headers: the library
-  calls are the same for both majors).
-The child must pass with no sanitizer report. The numbers themselves are checked in the main run.
+The stand-in suites (test_clib_cpu, test_cpu_driver, test_runtime, test_trt_numerics) load the C
+library, the CPU driver stand-in and the TensorRT numeric harness into the test process. Under
+pytest-xdist without a GPU, the workers are started with the ASan and UBSan runtimes preloaded
+and those are built with ``_util.SANITIZE``. Each suite then runs once, watched, on every shape
+class: nothing watched the library's host code (shape-class lookup, argument checks, parameter
+marshalling, workspace offsets, the whole-model runtime) in the plain run, and the sanitized run
+computes and checks the same numbers. Here: that the workers really are sanitized, and that a
+report in one fails the run, names the test and is printed.
 """
+import ctypes
 import os
-import re
-import shutil
 import subprocess
 import sys
-import tempfile
+import textwrap
 
 import pytest
 
-from _util import C_LIBRARY_AOT_ARGS, ROOT, SANITIZE, interpreted, sanitizing_c_compiler
+from _util import ROOT, SANITIZE, c_library_with, sanitized, sanitizer_runtimes
 
-FLAGS = " ".join(SANITIZE)
-SELECTION = [
-    ("tests/test_clib_cpu.py", "not 37x111 and not 35x117 and not 29x71"),
-    ("tests/test_cpu_driver.py", None),
-    ("tests/test_runtime.py", "bad_files or bad_calls or forward_launches or tiny_fp16"),
-    ("tests/test_trt_numerics.py", "float16 and trt11"),
-]
-REPORT = re.compile(r"ERROR: AddressSanitizer|runtime error:|LeakSanitizer|SUMMARY: UndefinedBehaviorSanitizer")
-
-
-def _runtime(cc, name):
-    r = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True)
-    path = r.stdout.strip()
-    return path if r.returncode == 0 and os.path.isabs(path) and os.path.exists(path) else None
+# An out-of-bounds read and a signed overflow, in a library built with the tests' flags.
+SEEDED = r"""
+#include <stdlib.h>
+int oob_read(int n) { int* a = malloc(n * sizeof(int)); for (int i = 0; i < n; ++i) a[i] = i;
+                      int v = a[n]; free(a); return v; }
+int overflow(int x) { return x + 1; }
+"""
 
 
 @pytest.fixture(scope="module")
-def sanitized_library():
-    """(build dir, the sanitizer runtimes to preload)."""
-    from nextvit_kernels import aot
-    cc = sanitizing_c_compiler()
-    preload = [_runtime(cc, "libasan.so"), _runtime(cc, "libubsan.so")]
-    if None in preload:
-        pytest.skip(f"{cc} names no shared libasan.so / libubsan.so to preload")
-    if shutil.which("cmake") is None or shutil.which("ninja") is None:
-        pytest.skip("cmake and ninja build the C library")
-    build = tempfile.mkdtemp(prefix="nvk_sanitized_")
-    aot.build_library(build, aot_args=C_LIBRARY_AOT_ARGS, python_module=False,
-                      cmake_args=["-DNEXTVIT_TRT=OFF", "-DNEXTVIT_BUILD_EXAMPLES=OFF", "-DCMAKE_BUILD_TYPE=Debug",
-                                  f"-DCMAKE_C_FLAGS={FLAGS}", f"-DCMAKE_SHARED_LINKER_FLAGS={FLAGS}"],
-                      env=dict(os.environ, PYTHONPATH=ROOT))
-    yield build, preload
-    shutil.rmtree(build, ignore_errors=True)
+def runtimes():
+    found = sanitizer_runtimes()
+    if found is None:
+        pytest.skip("the C compiler cannot build with -fsanitize=address,undefined or names no shared runtimes")
+    return found
 
 
-@interpreted()
-@pytest.mark.parametrize("suite,select", SELECTION, ids=[os.path.basename(s)[:-3] for s, _ in SELECTION])
-def test_stand_in_suite_under_asan_and_ubsan(sanitized_library, suite, select, tmp_path):
-    build, preload = sanitized_library
-    # Reports go to files: pytest's capture of fd 2 is lost when a sanitizer ends the process.
-    logs = tmp_path / "reports"
-    logs.mkdir()
-    env = dict(os.environ, NEXTVIT_CLIB=build, LD_PRELOAD=" ".join(preload),
-               # CPython and torch keep their allocations to exit; the library's leaks are the
-               # loader fuzz's business (test_runtime), where the process is the library's own.
-               ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:abort_on_error=0:log_path={logs}/asan",
-               UBSAN_OPTIONS=f"print_stacktrace=1:halt_on_error=1:log_path={logs}/ubsan")
-    cmd = [sys.executable, "-m", "pytest", suite, "-q", "-p", "no:cacheprovider", "-m", "not gpu", "-rs"]
-    if select:
-        cmd += ["-k", select]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    reports = "".join(f.read_text(errors="replace") for f in sorted(logs.iterdir()))
-    assert not reports, reports[:8000]
+@pytest.fixture(scope="module")
+def seeded(runtimes, tmp_path_factory):
+    import nvk_build
+    d = tmp_path_factory.mktemp("seeded")
+    (d / "seeded.c").write_text(SEEDED)
+    so = d / "libseeded.so"
+    r = subprocess.run([nvk_build.c_compiler(), *SANITIZE, "-shared", "-fPIC", str(d / "seeded.c"), "-o", str(so)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return str(so)
+
+
+def _undefined(path):
+    out = subprocess.run(["nm", "-D", "--undefined-only", path], capture_output=True, text=True, check=True).stdout
+    return {ln.split()[-1] for ln in out.splitlines() if ln.strip()}
+
+
+def test_workers_run_the_c_code_sanitized(runtimes):
+    if not os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("NEXTVIT_SANITIZE") == "0":
+        pytest.skip("sanitized workers come with pytest-xdist (-n), unless NEXTVIT_SANITIZE=0")
+    assert os.environ.get("NEXTVIT_WORKER_KIND") == "sanitized", "a C suite scheduled on a plain worker"
+    assert sanitized(), "a worker without the ASan runtime"
+    assert "LD_PRELOAD" not in os.environ or "libasan" not in os.environ["LD_PRELOAD"], \
+        "the worker's children would inherit the preload"
+    from nextvit_kernels import testing
+    for what, path in (("the C library", c_library_with("nvk_manifest")), ("the stand-in", testing.driver_library())):
+        undefined = _undefined(path)
+        assert any(s.startswith("__asan_report_load") for s in undefined), f"{what} ({path}) is not built with ASan"
+        assert any(s.startswith("__ubsan_handle") for s in undefined), f"{what} ({path}) is not built with UBSan"
+    assert ctypes.CDLL(None).__ubsan_handle_add_overflow_abort  # the UBSan runtime too
+
+
+@pytest.mark.parametrize("call,report", [("oob_read(8)", "heap-buffer-overflow"),
+                                         ("overflow(2147483647)", "signed integer overflow")])
+@pytest.mark.slow
+def test_a_report_fails_the_run_names_the_test_and_is_printed(seeded, call, report, tmp_path):
+    """A pytest-xdist run (one worker, this conftest as a plugin) of one test that calls seeded code."""
+    (tmp_path / "test_seeded.py").write_text(textwrap.dedent(f"""
+        import ctypes
+        def test_calls_the_seeded_code():
+            ctypes.CDLL({seeded!r}).{call}
+        """))
+    # NEXTVIT_CLIB set: the worker does not load (or build) the sanitized C library at its start
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]), NEXTVIT_CLIB=str(tmp_path))
+    for k in [k for k in env if k.startswith("PYTEST_XDIST")] + ["LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS",
+                                                                  "NEXTVIT_SANITIZE", "NEXTVIT_WORKER_KIND"]:
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-n", "1", "-p", "no:cacheprovider",
+                        "--rootdir", str(tmp_path), str(tmp_path / "test_seeded.py")],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     out = r.stdout + r.stderr
-    report = REPORT.search(out)
-    assert report is None, out[max(0, report.start() - 2000):report.start() + 6000]
-    assert r.returncode == 0, out[-6000:]
-    summary = out.strip().splitlines()[-1]
-    assert re.search(r"\d+ passed", summary) and "skipped" not in summary, out[-3000:]
-    print(summary)
+    assert r.returncode == 1, out[-4000:]
+    assert "crashed while running" in out and "test_calls_the_seeded_code" in out, out[-4000:]
+    assert "1 sanitizer report(s)" in out and report in out, out[-4000:]

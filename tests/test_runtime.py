@@ -20,7 +20,7 @@ import torch
 
 import nextvit_kernels as nk
 from nextvit_kernels import model_file, runtime, testing
-from _util import SANITIZE, c_compiler, c_library_with, randomize_, sanitizing_c_compiler
+from _util import SANITIZE, c_compiler, c_library_with, child_env, randomize_, sanitized, sanitizing_c_compiler
 
 timm = pytest.importorskip("timm")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,6 +150,7 @@ def _raw_forward(drv, rt, x):
     return out
 
 
+@pytest.mark.slow
 def test_tiny_fp32_every_front_matches_timm(tiny32):
     ref, out = tiny32
     assert (ref[0] - ref[1]).abs().max() > 1e-2 * ref.abs().max(), "logits do not depend on the input: test is void"
@@ -180,10 +181,12 @@ def test_tiny_fp16_nhwc_64x64_within_twice_eager_error(tiny, lib):
     _low_precision_case(tiny, 1, 64, 64, torch.float16, True, lib)
 
 
+@pytest.mark.slow
 def test_small_fp16_odd_size_within_twice_eager_error(lib):
     _low_precision_case(_pair((3, 4, 10, 3)), 1, 33, 40, torch.float16, False, lib)
 
 
+@pytest.mark.slow
 def test_features_of_a_backbone_with_stage_norms(lib):
     m, _ = _pair(TINY, with_extra_norm=True)
     with torch.no_grad():
@@ -202,6 +205,7 @@ def test_features_of_a_backbone_with_stage_norms(lib):
         assert _rel(a, r) < 1e-4, (i, _rel(a, r))
 
 
+@pytest.mark.slow
 def test_threads_with_separate_workspaces_get_their_own_result(tiny, lib):
     """Two threads on one model: the stand-in interleaves their launches kernel by kernel (as one GPU
     stream would), so a shared workspace would mix them; each result must be its own input's."""
@@ -378,7 +382,7 @@ assert "torch" not in sys.modules
 print("ok", drv.counters()["launches"])
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=ROOT))
+                       env=child_env(dict(os.environ, PYTHONPATH=ROOT)))
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
 
 
@@ -386,7 +390,9 @@ print("ok", drv.counters()["launches"])
 def test_c_example_runs_under_the_counting_stand_in(tiny16_path, lib, tmp_path):
     exe = tmp_path / "nvk_classify"
     libdir = os.path.dirname(lib)
-    r = subprocess.run([c_compiler(), "-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-I", os.path.join(ROOT, "csrc", "include"),
+    # a sanitized worker's library is built with ASan: so is the program that links it (leaks counted)
+    flags = list(SANITIZE) if sanitized() else []
+    r = subprocess.run([c_compiler(), "-std=c11", "-O2", *flags, "-Wall", "-Wextra", "-Werror", "-I", os.path.join(ROOT, "csrc", "include"),
                         os.path.join(ROOT, "csrc", "examples", "classify.c"), "-o", str(exe), "-L", libdir,
                         "-lnextvit_kernels", f"-Wl,-rpath,{libdir}", "-ldl", "-lm"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -407,6 +413,7 @@ def test_c_example_runs_under_the_counting_stand_in(tiny16_path, lib, tmp_path):
     assert r.returncode == 1 and "cannot open" in r.stderr
 
 
+@pytest.mark.slow
 def test_loader_fuzz_under_asan_and_ubsan(tiny16_path, lib, tmp_path):
     """Every prefix up to the end of the plan table (and a spread of longer ones), and 1500 single-byte
     changes of the bytes the library reads, through nvk_model_load_memory built with

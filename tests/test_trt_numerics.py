@@ -40,8 +40,9 @@ import torch
 
 from nextvit_kernels import clib, ops, testing
 from nextvit_kernels.onnx_export import PLUGINS
-from _trt import configure_and_build, header_sets, major
-from _util import assert_close, c_library_with, rand_like_dtype
+import _builds
+from _trt import header_sets, major
+from _util import assert_close, c_library_with, rand_like_dtype, sanitized
 
 # What the stand-in needs of the C library (nextvit_kernels/testing/__init__.py).
 STAND_IN_ENTRY_POINTS = ("nvk_reset_driver", "nvk_manifest")
@@ -197,10 +198,10 @@ def drv(c_library):
 
 
 @pytest.fixture(scope="module", params=header_sets())
-def harness(request, c_library, drv, tmp_path_factory):
+def harness(request, c_library, drv):
     include = request.param
-    build = tmp_path_factory.mktemp(f"trt{major(include)}-numeric")
-    configure_and_build(include, build, [f"-DNEXTVIT_KERNELS_LIBRARY={c_library}"])
+    # sanitized with the library in a sanitized worker (conftest.py); kept on disk (tests/_builds.py)
+    build = _builds.trt_harness(include, library=c_library, sanitized=sanitized())
     h = Harness(build, major(include))
     # The plugins find their C library by SONAME: one loaded earlier under that name would take
     # the calls, bypassing the stand-in's library.
