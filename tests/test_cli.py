@@ -67,6 +67,7 @@ def test_variant_names_are_shared():
     assert cli.variants("s,base,nextvit_large") == ["s", "b", "l"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of the main command")
 def test_bench_on_the_cpu_writes_labelled_results_and_names_unused_options(tmp_path):
     out = tmp_path / "results"

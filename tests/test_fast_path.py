@@ -30,6 +30,7 @@ def _inputs(b, h, w, dtype=torch.float32, device="cpu"):
 
 
 # ----------------------------------------------------------- lean path, interpreter
+@pytest.mark.slow
 @interpreter
 @pytest.mark.parametrize("batch,h,w", [(1, 25, 25), (2, 33, 40)])
 def test_lean_path_bit_identical_nextvit_small(batch, h, w):
@@ -46,6 +47,7 @@ def test_lean_path_bit_identical_nextvit_small(batch, h, w):
     assert torch.isfinite(lean).all()
 
 
+@pytest.mark.slow
 @interpreter
 def test_lean_path_after_weight_change_and_features():
     m = randomize_(nk.NextViT(**TINY, kernels="triton", with_extra_norm=True), gain=0.7).eval()
@@ -176,6 +178,7 @@ def test_cuda_graphs_argument():
         m(_inputs(1, 32, 32))
 
 
+@pytest.mark.slow
 @interpreter
 def test_autograd_needed_never_runs_kernels_without_backward():
     m = randomize_(nk.NextViT(**TINY, kernels="triton"), gain=0.7).eval()
@@ -344,6 +347,7 @@ def test_model_with_a_plan_pickles_and_deep_copies():
     assert m._fused_plan is plan
 
 
+@pytest.mark.slow
 @interpreter
 def test_compiled_model_traces_the_registered_ops_and_matches_eager():
     """Under torch.compile model(x) takes the registered-op path in one graph (fullgraph)

@@ -131,6 +131,7 @@ needs_interpreter = pytest.mark.skipif(
     reason="CPU interpreter check (GPU runs cover this in test_fused_gpu)")
 
 
+@pytest.mark.slow
 @needs_interpreter
 def test_fused_triton_interpreter_fp32():
     m = _model("tiny")
@@ -284,6 +285,7 @@ def test_gpu_peak_memory_not_above_eager():
     assert peaks["auto"] <= peaks["reference"], peaks
 
 
+@pytest.mark.slow
 def test_fold_and_run_trace_in_one_graph():
     """Dynamo traces the plan lookup/fold and the executor without graph breaks, with or
     without a cached plan (the GPU test compiles the real kernels)."""

@@ -139,6 +139,7 @@ def split_mode(module_name: str, split: bool):
 
 
 # --------------------------------------------------------------------------- conv_bn_relu
+@pytest.mark.slow
 @fuzz(150)
 @given(case=common(c_in=st.sampled_from([3, 16, 32, 64]), c_out=st.sampled_from([32, 64]),
                    stride=st.sampled_from([1, 2])))
@@ -175,6 +176,7 @@ def mhca_cases(draw):
     return two_mode_case(draw, c, dict(c=c), proj_4d=st.booleans())
 
 
+@pytest.mark.slow
 @fuzz(150)
 @given(case=mhca_cases())
 def test_fuzz_mhca(case):
@@ -197,6 +199,7 @@ def mlp_cases(draw):
                          hidden=st.sampled_from([32, 64, 96, 128]), w4d=st.booleans())
 
 
+@pytest.mark.slow
 @fuzz(200)
 @given(case=mlp_cases())
 def test_fuzz_mlp(case):
@@ -225,6 +228,7 @@ def e_mhsa_cases(draw):
                          sr_ratio=st.integers(1, 3), w4d=st.booleans())
 
 
+@pytest.mark.slow
 @fuzz(150)
 @given(case=e_mhsa_cases())
 # More than 64 key tokens: the online-softmax path (key tiles), in both modes.
