@@ -9,8 +9,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import _arena  # noqa: E402
 import _util  # noqa: E402
 import _workers  # noqa: E402
+
+# CPython's frame stack otherwise maps and unmaps a chunk per call in the interpreter's hot loops.
+_arena.install()
 
 # Under pytest-xdist: sanitized workers for the C suites, plain ones for the rest (_workers.py).
 _workers.enter_worker()

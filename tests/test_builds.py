@@ -70,3 +70,31 @@ def test_a_changed_input_rebuilds_and_a_half_built_one_is_redone(store):
     assert not (second / ".complete").exists()                          # a failed build does not count
     assert _builds.cached("demo", [source, ("-O2",)], build) == second
     assert not (second / "stale").exists() and (second / ".complete").exists()
+
+
+def test_the_caching_arena_allocator_serves_this_process():
+    """tests/_arena.py: CPython's arenas and frame-stack chunks come from it, freed ones are reused."""
+    import ctypes
+    import sys
+
+    import _arena
+    if not _arena.install():
+        pytest.skip(f"no caching arena allocator for Python {sys.version_info[:2]} on {sys.platform}")
+    lib = _arena._installed[0]
+
+    class Allocator(ctypes.Structure):
+        _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ctypes.c_void_p), ("free", ctypes.c_void_p)]
+
+    current = Allocator()
+    ctypes.pythonapi.PyObject_GetArenaAllocator(ctypes.byref(current))
+    assert (current.alloc, current.free) == (Allocator.in_dll(lib, "nvk_test_arena").alloc,
+                                             Allocator.in_dll(lib, "nvk_test_arena").free)
+
+    def deep(n):  # frames past a 16 KiB chunk, popped again: a chunk freed to the cache
+        return 0 if n == 0 else deep(n - 1) + 1
+
+    deep(500)
+    junk = [[i] for i in range(300_000)]  # a few obmalloc arenas, freed below
+    del junk
+    assert lib.nvk_test_arena_kept() > 0
+    assert deep(500) == 500  # taken from the cache again, and working
