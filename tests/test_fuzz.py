@@ -139,7 +139,6 @@ def split_mode(module_name: str, split: bool):
 
 
 # --------------------------------------------------------------------------- conv_bn_relu
-@pytest.mark.slow
 @fuzz(150)
 @given(case=common(c_in=st.sampled_from([3, 16, 32, 64]), c_out=st.sampled_from([32, 64]),
                    stride=st.sampled_from([1, 2])))
@@ -199,7 +198,6 @@ def mlp_cases(draw):
                          hidden=st.sampled_from([32, 64, 96, 128]), w4d=st.booleans())
 
 
-@pytest.mark.slow
 @fuzz(200)
 @given(case=mlp_cases())
 def test_fuzz_mlp(case):
