@@ -204,6 +204,8 @@ def in_threads(n, body):
     finally:
         sys.setswitchinterval(interval)
     return errors
+
+
 _CPU_DRIVER_LIBRARY = {}
 
 
