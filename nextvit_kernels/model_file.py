@@ -17,7 +17,7 @@ reads. Both are written here from one walk of the plan; ``load_plan`` checks tha
 import json
 import os
 import struct
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
