@@ -78,7 +78,9 @@ def install() -> bool:
 
     import _builds
 
-    cc = _builds._c_compiler()
+    cc = _builds.find_c_compiler()
+    if cc is None:
+        return False
 
     def build(d):
         (d / "arena.c").write_text(SOURCE)
@@ -88,7 +90,7 @@ def install() -> bool:
             raise RuntimeError(r.stderr)
 
     try:
-        d = _builds.cached("arena", [SOURCE, cc, _builds._tool_version([cc])], build)
+        d = _builds.cached("arena", [SOURCE, cc, _builds.tool_version([cc])], build)
     except (OSError, RuntimeError):
         return False
     lib = ctypes.CDLL(str(Path(d) / "libnvk_test_arena.so"))

@@ -5,7 +5,7 @@ a file lock so that parallel workers (pytest-xdist), and later runs, build each 
   sm_90), what an install compiles; Triton's own cache makes a repeat of a compile cheap, this
   makes a repeat of the whole step free.
 - ``c_library(sanitized)``: libnextvit_kernels.so built by CMake from that output, plain (with the
-  pybind11 module) or with ASan + UBSan (``_util.SANITIZE``).
+  pybind11 module) or with ASan + UBSan (``SANITIZE``).
 - ``trt_harness(include, library, sanitized)``: the TensorRT plugins and their CPU harnesses for
   one TensorRT major, against the recording stub of the C library (``library=None``) or a real one.
 
@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = 3  # folders kept per kind: a few checkouts or branches side by side
 BUILD_TIMEOUT = 1200
+# What the C tests build with when they run under ASan + UBSan.
+SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1")
 
 
 def root() -> Path:
@@ -96,18 +98,43 @@ def _prune(kind: str, keep_dir: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _tool_version(cmd) -> str:
+def tool_version(cmd) -> str:
     try:
         return subprocess.run([*cmd, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     except OSError:
         return "missing"
 
 
-def _c_compiler() -> str:
+def find_c_compiler():
+    """The C compiler an install would use (nvk_build.c_compiler), or None."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import nvk_build
-    return nvk_build.c_compiler() or "cc"
+    return nvk_build.c_compiler()
+
+
+def sanitizer_probe(cc) -> str:
+    """Why ``cc`` cannot build a program with ``SANITIZE`` ("" when it can)."""
+    probe = subprocess.run([cc, *SANITIZE, "-x", "c", "-", "-o", os.devnull], input="int main(void){return 0;}",
+                           capture_output=True, text=True)
+    return probe.stderr[-300:] or "failed" if probe.returncode else ""
+
+
+def sanitizer_runtimes():
+    """[libasan.so, libubsan.so] of the C compiler an install uses, when it builds with ``SANITIZE``
+    and names both shared runtimes (a Python executable is not linked with them: preload them);
+    else None."""
+    cc = find_c_compiler()
+    if cc is None or sanitizer_probe(cc):
+        return None
+    found = []
+    for name in ("libasan.so", "libubsan.so"):
+        r = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True)
+        path = r.stdout.strip()
+        if r.returncode or not os.path.isabs(path) or not os.path.exists(path):
+            return None
+        found.append(path)
+    return found
 
 
 # ------------------------------------------------------------------ the products
@@ -135,8 +162,6 @@ def c_library(sanitized: bool = False) -> Path:
     """The CMake build folder of libnextvit_kernels.so over ``aot_output()``: plain (Release, with
     nextvit_kernels._C and the C example) or sanitized (Debug, ``SANITIZE`` flags, the library alone)."""
     from nextvit_kernels import aot
-
-    from _util import SANITIZE
     aot_dir = aot_output()
     flags = " ".join(SANITIZE)
     cmake_args = ["-DNEXTVIT_TRT=OFF"]
@@ -150,7 +175,7 @@ def c_library(sanitized: bool = False) -> Path:
 
     inputs = [ROOT / "csrc" / "src", ROOT / "csrc" / "include", ROOT / "csrc" / "python", ROOT / "csrc" / "examples",
               ROOT / "CMakeLists.txt", ROOT / "nextvit_kernels" / "aot.py", str(aot_dir), cmake_args, sys.executable,
-              _tool_version([_c_compiler()]), _tool_version(["cmake"])]
+              tool_version([find_c_compiler() or "cc"]), tool_version(["cmake"])]
     return cached("clib-sanitized" if sanitized else "clib", inputs, build)
 
 
@@ -159,7 +184,6 @@ def trt_harness(include: Path, library=None, sanitized: bool = False) -> Path:
     harness over the recording stub (``library=None``) or the numeric one over ``library``; the
     build's output is kept in ``build.log`` (the warning check reads it)."""
     from _trt import configure_and_build
-    from _util import SANITIZE
     extra = [f"-DNEXTVIT_KERNELS_LIBRARY={library}"] if library else []
     if sanitized:
         flags = " ".join(SANITIZE)
@@ -170,16 +194,15 @@ def trt_harness(include: Path, library=None, sanitized: bool = False) -> Path:
         (d / "build.log").write_text(configure_and_build(include, d, extra))
 
     inputs = [ROOT / "csrc" / "trt", ROOT / "csrc" / "include", include / "NvInferVersion.h", str(include), extra,
-              Path(library) if library else None, _tool_version(["c++"]), _tool_version(["cmake"])]
+              Path(library) if library else None, tool_version(["c++"]), tool_version(["cmake"])]
     kind = f"trt-{'numeric' if library else 'contract'}{'-sanitized' if sanitized else ''}"
     return cached(kind, inputs, build)
 
 
 def main():
     """Builds what a test run needs, before its workers start (.ci/run): each product and its time."""
-    import _util
     products = [("AOT kernels", aot_output), ("C library", c_library)]
-    if _util.sanitizer_runtimes() is not None:
+    if sanitizer_runtimes() is not None:
         products.append(("C library, ASan + UBSan", lambda: c_library(sanitized=True)))
     for what, make in products:
         t0 = time.time()

@@ -8,10 +8,11 @@ import threading
 import pytest
 import torch
 
+import _builds
+from _builds import SANITIZE, sanitizer_runtimes  # noqa: F401 - the tests import them from here
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = os.path.join(ROOT, "csrc", "include", "nextvit_kernels.h")
-# What the C tests build with when they run under ASan + UBSan.
-SANITIZE = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g", "-O1")
 
 # Relative to the largest reference magnitude; fp16/bf16 cover one rounding of
 # each stored intermediate (eager PyTorch in those dtypes makes errors of the
@@ -78,26 +79,6 @@ def sanitized() -> bool:
     return hasattr(ctypes.CDLL(None), "__asan_init")
 
 
-def sanitizer_runtimes():
-    """[libasan.so, libubsan.so] of the C compiler an install uses, when it builds with ``SANITIZE``
-    and names both shared runtimes (a Python executable is not linked with them: preload them);
-    else None."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    import nvk_build
-    cc = nvk_build.c_compiler()
-    if cc is None or _sanitizer_probe(cc):
-        return None
-    found = []
-    for name in ("libasan.so", "libubsan.so"):
-        r = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True)
-        path = r.stdout.strip()
-        if r.returncode or not os.path.isabs(path) or not os.path.exists(path):
-            return None
-        found.append(path)
-    return found
-
-
 def sanitizer_env(env: dict, runtimes, reports: str) -> dict:
     """``env`` for a process that loads sanitized code into an uninstrumented executable (Python):
     the runtimes preloaded, reports written under ``reports`` (pytest's capture of fd 2 is lost when
@@ -113,6 +94,7 @@ def sanitizer_env(env: dict, runtimes, reports: str) -> dict:
 
 SANITIZER_RUNTIMES_ENV = "NEXTVIT_SANITIZER_RUNTIMES"  # set for the workers: what they preload
 SANITIZER_REPORTS_ENV = "NEXTVIT_SANITIZER_REPORTS"    # ... and where their reports go
+WORKER_KIND_ENV = "NEXTVIT_WORKER_KIND"                # "sanitized" / "plain" in a worker of a split run
 
 
 def child_env(env: dict = None) -> dict:
@@ -140,7 +122,6 @@ def build_c_library() -> str:
     """libnextvit_kernels.so built from this checkout (``_builds.c_library``: the install's kernels,
     cached on disk) and made the one ``clib.load()`` loads ($NEXTVIT_CLIB). Skips when cmake or
     ninja is missing."""
-    import _builds
     if shutil.which("cmake") is None or shutil.which("ninja") is None:
         pytest.skip("the C library is not built and cmake/ninja are missing to build it")
     return _use_c_library(_builds.c_library())
@@ -150,7 +131,6 @@ def sanitized_c_library() -> str:
     """The library built with ``SANITIZE`` (``_builds.c_library(sanitized=True)``), for sanitized
     workers only. Not made $NEXTVIT_CLIB: the worker's children, Python without the preload, would
     inherit it; the tests give it to ``cpu_driver(library=...)``, which routes clib and runtime to it."""
-    import _builds
     assert sanitized(), "a library built with ASan needs the ASan runtime loaded first"
     return str(_builds.c_library(sanitized=True) / "libnextvit_kernels.so")
 
@@ -165,7 +145,7 @@ def c_library_with(*symbols) -> str:
     $NEXTVIT_CLIB without ``symbols`` fails the test (an explicit choice is not replaced)."""
     if sanitized() and not USER_CLIB:
         return sanitized_c_library()
-    if os.environ.get("NEXTVIT_WORKER_KIND") == "plain" and not USER_CLIB:
+    if os.environ.get(WORKER_KIND_ENV) == "plain" and not USER_CLIB:
         # a plain worker of a split run only collects the C suites (tests/_workers.py): the same
         # test ids as the sanitized workers, from the build of the same kernels
         return build_c_library()
@@ -265,26 +245,16 @@ def interpreted():
 
 def c_compiler() -> str:
     """The C compiler an install would use (nvk_build.c_compiler); skips the test without one."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    import nvk_build
-    cc = nvk_build.c_compiler()
+    cc = _builds.find_c_compiler()
     if cc is None:
         pytest.skip("no C compiler")
     return cc
 
 
-def _sanitizer_probe(cc) -> str:
-    """Why ``cc`` cannot build a program with ``SANITIZE`` ("" when it can)."""
-    probe = subprocess.run([cc, *SANITIZE, "-x", "c", "-", "-o", os.devnull], input="int main(void){return 0;}",
-                           capture_output=True, text=True)
-    return probe.stderr[-300:] or "failed" if probe.returncode else ""
-
-
 def sanitizing_c_compiler() -> str:
     """``c_compiler()`` once it has built a program with ``SANITIZE``; skips the test where it cannot."""
     cc = c_compiler()
-    why = _sanitizer_probe(cc)
+    why = _builds.sanitizer_probe(cc)
     if why:
         pytest.skip("the C compiler cannot build with -fsanitize=address,undefined: " + why)
     return cc

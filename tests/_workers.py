@@ -4,7 +4,7 @@ the rest (tests/conftest.py calls this module).
 The C suites load the C library, the CPU driver stand-in and the TensorRT numeric harness into the
 test process. Under pytest-xdist on a machine without a GPU, about half of the workers start with
 the ASan and UBSan runtimes preloaded (a Python executable is not linked with them), and those
-load copies of the C code built with ``_util.SANITIZE``: each C suite then runs once, watched,
+load copies of the C code built with ``_builds.SANITIZE``: each C suite then runs once, watched,
 on every shape class. The other workers stay plain, because ASan makes torch's large allocations
 slow (the model and ONNX tests ran 2.5x longer under it) and they load no C code under test. The
 scheduler hands the C suites (``SANITIZED_MODULES``) only to sanitized workers, everything else
@@ -26,7 +26,7 @@ import _util
 # the C library for a module not listed here (_util.c_library_with).
 SANITIZED_MODULES = ("test_clib_cpu.py", "test_cpu_driver.py", "test_runtime.py", "test_trt_numerics.py",
                      "test_clib_sanitizers.py")
-KIND_ENV = "NEXTVIT_WORKER_KIND"  # "sanitized" / "plain" in a worker of a split run
+KIND_ENV = _util.WORKER_KIND_ENV
 _RESTORE = "NEXTVIT_SANITIZER_RESTORE"  # the environment before the preload, for a worker's children
 
 

@@ -3,7 +3,7 @@
 The stand-in suites (test_clib_cpu, test_cpu_driver, test_runtime, test_trt_numerics) load the C
 library, the CPU driver stand-in and the TensorRT numeric harness into the test process. Under
 pytest-xdist without a GPU, the workers are started with the ASan and UBSan runtimes preloaded
-and those are built with ``_util.SANITIZE``. Each suite then runs once, watched, on every shape
+and those are built with ``_builds.SANITIZE``. Each suite then runs once, watched, on every shape
 class: nothing watched the library's host code (shape-class lookup, argument checks, parameter
 marshalling, workspace offsets, the whole-model runtime) in the plain run, and the sanitized run
 computes and checks the same numbers. Here: that the workers really are sanitized, and that a
@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from _util import ROOT, SANITIZE, c_library_with, sanitized, sanitizer_runtimes
+from _util import ROOT, SANITIZE, WORKER_KIND_ENV, c_compiler, c_library_with, sanitized, sanitizer_runtimes
 
 # An out-of-bounds read and a signed overflow, in a library built with the tests' flags.
 SEEDED = r"""
@@ -38,11 +38,10 @@ def runtimes():
 
 @pytest.fixture(scope="module")
 def seeded(runtimes, tmp_path_factory):
-    import nvk_build
     d = tmp_path_factory.mktemp("seeded")
     (d / "seeded.c").write_text(SEEDED)
     so = d / "libseeded.so"
-    r = subprocess.run([nvk_build.c_compiler(), *SANITIZE, "-shared", "-fPIC", str(d / "seeded.c"), "-o", str(so)],
+    r = subprocess.run([c_compiler(), *SANITIZE, "-shared", "-fPIC", str(d / "seeded.c"), "-o", str(so)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return str(so)
@@ -56,7 +55,7 @@ def _undefined(path):
 def test_workers_run_the_c_code_sanitized(runtimes):
     if not os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("NEXTVIT_SANITIZE") == "0":
         pytest.skip("sanitized workers come with pytest-xdist (-n), unless NEXTVIT_SANITIZE=0")
-    assert os.environ.get("NEXTVIT_WORKER_KIND") == "sanitized", "a C suite scheduled on a plain worker"
+    assert os.environ.get(WORKER_KIND_ENV) == "sanitized", "a C suite scheduled on a plain worker"
     assert sanitized(), "a worker without the ASan runtime"
     assert "LD_PRELOAD" not in os.environ or "libasan" not in os.environ["LD_PRELOAD"], \
         "the worker's children would inherit the preload"
@@ -81,7 +80,7 @@ def test_a_report_fails_the_run_names_the_test_and_is_printed(seeded, call, repo
     # NEXTVIT_CLIB set: the worker does not load (or build) the sanitized C library at its start
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests"), ROOT]), NEXTVIT_CLIB=str(tmp_path))
     for k in [k for k in env if k.startswith("PYTEST_XDIST")] + ["LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS",
-                                                                  "NEXTVIT_SANITIZE", "NEXTVIT_WORKER_KIND"]:
+                                                                  "NEXTVIT_SANITIZE", WORKER_KIND_ENV]:
         env.pop(k, None)
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-n", "1", "-p", "no:cacheprovider",
                         "--rootdir", str(tmp_path), str(tmp_path / "test_seeded.py")],
