@@ -16,6 +16,7 @@ once its ``.complete`` marker is written; the newest few of each kind are kept.
 """
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -113,9 +114,10 @@ def find_c_compiler():
     return nvk_build.c_compiler()
 
 
-def sanitizer_probe(cc) -> str:
-    """Why ``cc`` cannot build a program with ``SANITIZE`` ("" when it can)."""
-    probe = subprocess.run([cc, *SANITIZE, "-x", "c", "-", "-o", os.devnull], input="int main(void){return 0;}",
+@functools.lru_cache(maxsize=None)
+def sanitizer_probe(cc, language: str = "c") -> str:
+    """Why ``cc`` cannot build a ``language`` (c, c++) program with ``SANITIZE`` ("" when it can)."""
+    probe = subprocess.run([cc, *SANITIZE, "-x", language, "-", "-o", os.devnull], input="int main(void){return 0;}",
                            capture_output=True, text=True)
     return probe.stderr[-300:] or "failed" if probe.returncode else ""
 

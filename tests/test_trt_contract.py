@@ -22,7 +22,6 @@ import pytest
 
 import _builds
 from _trt import ROOT, header_sets, major, run
-from _util import SANITIZE
 
 ENTRY_POINTS = {"getCreators", "setLoggerFinder"}
 
@@ -44,8 +43,7 @@ class Build:
 
 
 def _can_sanitize() -> bool:
-    probe = run(["c++", *SANITIZE, "-x", "c++", "-", "-o", os.devnull], input="int main() { return 0; }\n")
-    return probe.returncode == 0
+    return not _builds.sanitizer_probe("c++", "c++")
 
 
 @pytest.fixture(scope="module", params=header_sets())
