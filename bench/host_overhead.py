@@ -84,7 +84,7 @@ def cpu_rows(args):
                 plan = model.fused_plan(x.device, x.dtype)
                 dispatch = _median_us(lambda: fused.run(plan, x, impl="triton"), args.iters)
                 check = _median_us(plan.is_current, args.iters)
-                prog = plan.program(x.shape)
+                prog = fused.Program(plan, x.shape, False)
                 per_op = defaultdict(list)
                 for _ in range(max(3, args.iters // 10)):
                     stamps = [time.perf_counter()]

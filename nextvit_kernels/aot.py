@@ -49,15 +49,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import triton
 
+from .plan import (CONST_LEN, DTYPE_ID, DTYPES, KEY_LEN, KEY_NAMES, MAX_KERNELS, OP_ID, OPS, spatial_sizes,
+                   step_keys)
+
 MANIFEST_VERSION = 1
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-NVK_DTYPE = {"fp32": 0, "fp16": 1, "bf16": 2}       # nvk_dtype in nextvit_kernels.h
 TRITON_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-OPS = ("conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head")
-OP_ID = {op: i for i, op in enumerate(OPS)}           # nvk op ids in the generated table
-KEY_LEN = 6
-CONST_LEN = 8
-MAX_KERNELS = 3       # kernels of one op call (E-MHSA split: kv, per-head attention, projection)
 # Spatial samples used to tell shape-key-fixed integer arguments from runtime ones.
 # (1, 1, 1) first: a value divisible by 16 there is a multiple of 16 made of shape-key values.
 _SAMPLES = ((1, 1, 1), (1, 3, 5), (1, 17, 19), (2, 23, 29), (3, 41, 37), (5, 7, 11))
@@ -82,10 +78,6 @@ def _kernel(op: str, name: str):
     return _JIT[(op, name)]
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 # --------------------------------------------------------------------------- per-op specs
 @dataclass
 class KernelCall:
@@ -101,7 +93,6 @@ class KernelCall:
 
 @dataclass
 class OpSpec:
-    key_names: Tuple[str, ...]     # shape key (C-side lookup key, in this order)
     const_names: Tuple[str, ...]   # launch constants the C side needs (grid, workspace)
     probe: Optional[str]           # spatial quantity _config depends on, or None
     calls: Callable                # (key: dict, dtype, probe_value) -> (list[KernelCall], consts)
@@ -287,17 +278,14 @@ def _head_calls(key, dtype, hw):
 
 
 SPECS: Dict[str, OpSpec] = {
-    # nchw = 1: the input read as contiguous NCHW (the stem's first conv in the whole-model runtime)
-    "conv_bn_relu": OpSpec(("c_in", "c_out", "stride", "nchw"), ("BLOCK_M", "BLOCK_N"), None, _conv_calls),
-    "patch_embed": OpSpec(("c_in", "c_out", "stride"), ("BLOCK_M", "BLOCK_N"), None, _patch_embed_calls),
-    "mhca": OpSpec(("c", "c_out", "residual"),
-                   ("BLOCK_M", "BLOCK_N", "CONV_BLOCK_M", "PROJ_BLOCK_M", "PROJ_BLOCK_N"), "pixels", _mhca_calls),
-    "mlp": OpSpec(("c1", "c2", "hidden", "c_out", "residual"),
-                  ("BLOCK_M", "BLOCK_N", "FC1_BLOCK_M", "FC1_BLOCK_H"), None, _mlp_calls),
-    "e_mhsa": OpSpec(("c", "c_out", "sr_ratio", "head_dim", "residual"),
-                     ("KV_BLOCK_NK", "BLOCK_M", "BLOCK_CO", "HEADS_BLOCK_M", "PROJ_BLOCK_M", "PROJ_BLOCK_N"),
+    # (each op's shape key: plan.KEY_NAMES)
+    "conv_bn_relu": OpSpec(("BLOCK_M", "BLOCK_N"), None, _conv_calls),
+    "patch_embed": OpSpec(("BLOCK_M", "BLOCK_N"), None, _patch_embed_calls),
+    "mhca": OpSpec(("BLOCK_M", "BLOCK_N", "CONV_BLOCK_M", "PROJ_BLOCK_M", "PROJ_BLOCK_N"), "pixels", _mhca_calls),
+    "mlp": OpSpec(("BLOCK_M", "BLOCK_N", "FC1_BLOCK_M", "FC1_BLOCK_H"), None, _mlp_calls),
+    "e_mhsa": OpSpec(("KV_BLOCK_NK", "BLOCK_M", "BLOCK_CO", "HEADS_BLOCK_M", "PROJ_BLOCK_M", "PROJ_BLOCK_N"),
                      "n_keys", _e_mhsa_calls),
-    "head": OpSpec(("c", "n_classes"), ("BLOCK_N",), "hw", _head_calls),
+    "head": OpSpec(("BLOCK_N",), "hw", _head_calls),
 }
 
 
@@ -317,42 +305,10 @@ def _plan(variant: str):
     return _PLANS[variant]
 
 
-def step_keys(plan) -> List[Tuple[str, dict]]:
-    """The C table's shape key of each step of ``plan`` (the stem conv's with an NHWC input):
-    what the C library looks a step's kernels up by, and what a model file records."""
-    branch_c, cur_c, out = None, 3, []
-    for s in plan.steps:
-        t = s.tensors
-        if s.op in ("conv_bn_relu", "patch_embed"):
-            key = dict(c_in=t[0].shape[1], c_out=t[0].shape[0], stride=s.kwargs["stride"])
-            if s.op == "conv_bn_relu":
-                key["nchw"] = 0
-            if s.to_branch:
-                branch_c = key["c_out"]
-            else:
-                cur_c = key["c_out"]
-        elif s.op == "mhca":
-            key = dict(c=t[0].shape[0], c_out=t[2].shape[0], residual=int(s.kwargs.get("residual", True)))
-        elif s.op == "mlp":
-            c2 = branch_c if s.x2_branch else 0
-            key = dict(c1=cur_c, c2=c2, hidden=t[0].shape[0], c_out=t[2].shape[0],
-                       residual=int(s.kwargs.get("residual", True)))
-            assert t[0].shape[1] == cur_c + c2
-            cur_c = key["c_out"]
-        elif s.op == "e_mhsa":
-            key = dict(c=t[0].shape[0], c_out=t[6].shape[0], sr_ratio=s.kwargs["sr_ratio"],
-                       head_dim=s.kwargs.get("head_dim", 32), residual=int(s.kwargs.get("residual", True)))
-        else:
-            raise ValueError(f"unknown op {s.op}")
-        out.append((s.op, key))
-    return out
-
-
 def plan_keys(variant: str, resolution: int):
     """[(op, key dict, probe value or None)] for every step of the fused plan of ``variant``
     at ``resolution`` x ``resolution`` (probe: E-MHSA key tokens, head H*W, MHCA pixels at batch 1),
     the stem conv also with an NCHW input (the whole-model runtime reads images either way)."""
-    from .fused import spatial_sizes
     plan = _plan(variant)
     sizes, (h_out, w_out) = spatial_sizes(plan, resolution, resolution)
     out = []
@@ -492,7 +448,7 @@ def collect(variants, resolutions, dtypes):
     for v in variants:
         for r in resolutions:
             for op, key, probe in plan_keys(v, r):
-                kt = tuple(key[n] for n in SPECS[op].key_names)
+                kt = tuple(key[n] for n in KEY_NAMES[op])
                 keys[(op, kt)] = key
                 needed.add((op, kt, probe))
     kernels, classes = {}, []
@@ -664,7 +620,7 @@ def build(out, archs, dtypes, variants, resolutions, jobs=None, quiet=False):
         version=MANIFEST_VERSION, triton_version=triton.__version__, torch_version=torch.__version__,
         archs=[f"sm_{cc}" for cc in archs], dtypes=list(dtypes), variants=list(variants),
         resolutions=list(resolutions), ops=list(OPS),
-        key_names={op: list(s.key_names) for op, s in SPECS.items()},
+        key_names={op: list(KEY_NAMES[op]) for op in SPECS},
         const_names={op: list(s.const_names) for op, s in SPECS.items()},
         probe={op: s.probe for op, s in SPECS.items()},
         specialization=("pointers 16-byte aligned (tt.divisibility=16); integer args fixed by the shape "
@@ -751,7 +707,7 @@ def emit_c(manifest: dict, out: str, path: str, images: bool = True) -> None:
         c80 = fields.get("cubin80", ("0", 0, 0))
         c90 = fields.get("cubin90", ("0", 0, 0))
         rows.append(
-            f"  {{{_c_str(k['id'])}, {_c_str(any_arch['symbol'])}, {OP_ID[k['op']]}, {NVK_DTYPE[k['dtype']]}, "
+            f"  {{{_c_str(k['id'])}, {_c_str(any_arch['symbol'])}, {OP_ID[k['op']]}, {DTYPE_ID[k['dtype']]}, "
             f"{k['num_warps']}, {n_user}, {n_hidden}, {len(k['params'])}, {mask:#x}ull, "
             f"{c80[0]}, {c80[1]}u, {c80[2]}u, {c90[0]}, {c90[1]}u, {c90[2]}u, "
             f"{'(const char*)' + ptx if ptx else '0'}}},")
@@ -779,7 +735,7 @@ def emit_c(manifest: dict, out: str, path: str, images: bool = True) -> None:
         consts = [c["consts"][n] for n in manifest["const_names"][c["op"]]]
         consts += [0] * (CONST_LEN - len(consts))
         ks = [kid[x] for x in c["kernels"]] + [-1] * (MAX_KERNELS - len(c["kernels"]))
-        crow.append(f"  {{{OP_ID[c['op']]}, {NVK_DTYPE[c['dtype']]}, {{{', '.join(map(str, key))}}}, "
+        crow.append(f"  {{{OP_ID[c['op']]}, {DTYPE_ID[c['dtype']]}, {{{', '.join(map(str, key))}}}, "
                     f"{c['probe_lo']}ll, {c['probe_hi']}ll, {{{', '.join(map(str, ks))}}}, {len(c['kernels'])}, "
                     f"{{{', '.join(map(str, consts))}}}}},")
     lines.append("const nvk_shape_class_t nvk_shape_classes[] = {\n" + "\n".join(crow) + "\n};")
@@ -796,9 +752,9 @@ def emit_c(manifest: dict, out: str, path: str, images: bool = True) -> None:
 
 
 # --------------------------------------------------------------------------- building the C library
-def build_library(build_dir: str, aot_dir: Optional[str] = None, aot_args=(), python_module: bool = True,
+def build_library(build_dir: str, aot_dir: Optional[str] = None, aot_args=(),
                   source_dir: Optional[str] = None, env=None, quiet: bool = True, cmake_args=()) -> str:
-    """Configures and builds libnextvit_kernels.so (+ nextvit_kernels._C) with CMake + Ninja into
+    """Configures and builds libnextvit_kernels.so with CMake + Ninja into
     ``build_dir``, embedding ``aot_dir`` (compiled first when it has no manifest.json); ``cmake_args``
     are added to the configure step (e.g. ``-DCMAKE_C_FLAGS=...``).
     Returns the build directory. Used by the tests; ``pip install .`` does the same in setup.py."""
@@ -808,8 +764,7 @@ def build_library(build_dir: str, aot_dir: Optional[str] = None, aot_args=(), py
     cmake = shutil.which("cmake")
     if cmake is None or shutil.which("ninja") is None:
         raise RuntimeError("building the C library needs cmake and ninja on PATH")
-    cfg = [cmake, "-S", src, "-B", build_dir, "-G", "Ninja", f"-DPython3_EXECUTABLE={sys.executable}",
-           f"-DNEXTVIT_BUILD_PYTHON={'ON' if python_module else 'OFF'}"]
+    cfg = [cmake, "-S", src, "-B", build_dir, "-G", "Ninja", f"-DPython3_EXECUTABLE={sys.executable}"]
     if aot_dir:
         cfg.append(f"-DNEXTVIT_AOT_DIR={os.path.abspath(aot_dir)}")
     if aot_args:

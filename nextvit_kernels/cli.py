@@ -7,7 +7,8 @@ from one tool works in every other.
 """
 import argparse
 
-VARIANTS = {"s": "nextvit_small", "b": "nextvit_base", "l": "nextvit_large"}
+from .config import SHORT_NAMES as VARIANTS
+
 _ALIASES = {**{k: k for k in VARIANTS},
             **{v: k for k, v in VARIANTS.items()},
             **{v.split("_", 1)[1]: k for k, v in VARIANTS.items()}}

@@ -1,30 +1,31 @@
-"""The fused inference graph of docs/design.md §4 (folding: §3).
+"""Folding and walking the fused inference graph of docs/design.md §4 (folding: §3).
 
-``fold(model, device, dtype)`` turns a NextViT (BatchNorms merged or not) into a
-flat list of steps whose parameters have every BatchNorm folded in (in float64,
-then cast once), and ``run(plan, x, impl)`` executes them with the ops of
-``nextvit_kernels.ops`` in channels_last. The same plan drives the Triton path,
-the reference path, ONNX export and the C library.
+``fold(model, device, dtype)`` turns a NextViT module (BatchNorms merged or not) into a
+``plan.Plan``: a flat list of steps whose parameters have every BatchNorm folded in (in
+float64, then cast once). ``run(plan, x, impl)`` executes a plan with the ops of
+``nextvit_kernels.ops`` (or any backend with their signatures) in channels_last, and
+``Program`` is the same walk with every op bound once for one input shape. Which of them runs
+an input, and when a plan is folded again, is the engine's business (``engine.py``).
+
+The ops (and with them Triton) are imported on the first walk, not here: folding a model for
+the C runtime compiles nothing.
 """
-import importlib
-import operator
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
-from . import ops
-from .graphs import GraphCache
 from .blocks import NCB, NTB, affine_then_linear, bn_scale_shift, compose_affine
-
-if TYPE_CHECKING:
-    from .model import NextViT
+from .plan import Plan, Step, model_tensors, weights_key
 
 Tensor = torch.Tensor
+
+
+def _ops():
+    from . import ops  # (an import statement, not importlib: dynamo traces this under torch.compile)
+    return ops
 
 
 # ------------------------------------------------------------------ folding
@@ -38,21 +39,6 @@ def _conv_then_bn(conv: nn.Conv2d, bn) -> Tuple[Tensor, Tensor]:
         return w, b
     s, t = aff
     return w * s.view(-1, *([1] * (w.dim() - 1))), s * b + t
-
-
-@dataclass
-class Step:
-    """One fused op call: ``op`` names a function of ``nextvit_kernels.ops``,
-    ``tensors`` are its weight arguments in order, ``kwargs`` its keyword
-    arguments. In an NTB the MHCA branch (projection, MHCA) reads and writes a
-    second tensor, which the concat-MLP then takes as ``x2``."""
-    op: str
-    tensors: List[Tensor]
-    kwargs: dict = field(default_factory=dict)
-    from_branch: bool = False  # input is the branch tensor instead of the main one
-    to_branch: bool = False    # output becomes the branch tensor
-    x2_branch: bool = False    # the branch tensor is passed as x2 (never concatenated)
-    stage_end: int = -1        # index of the stage this step ends, else -1
 
 
 def _patch_embed_steps(pe, stride) -> List[Step]:
@@ -84,128 +70,10 @@ def _e_mhsa_step(a, pre_norm) -> Step:
                 {"sr_ratio": a.sr_ratio, "head_dim": a.head_dim})
 
 
-# Guards binding into a plan's ``programs`` and making its ``graphs``: threads share a model's
-# plan. One lock for every plan (binding a shape takes about a millisecond, once), as dynamo,
-# which traces fold, cannot make one per plan.
-_PLANS_LOCK = threading.Lock()
-
-
-@dataclass
-class Plan:
-    device: torch.device
-    dtype: torch.dtype
-    steps: List[Step]
-    head: Tuple[Tensor, Tensor]
-    extra_norms: Optional[List[Tuple[Tensor, Tensor]]] = None
-    source: List[Tensor] = field(default_factory=list)  # the model tensors it was folded from
-    key: tuple = ()
-    programs: dict = field(default_factory=dict)  # (shape, features) -> Program
-    graphs: Optional[GraphCache] = None  # made on first use (eager only: dynamo traces fold)
-    # The whole-model C runtime (runtime.Model) holding this plan, or why it cannot (NextViT, kernels
-    # "auto" / "clib"), the input signatures checked for it, and those it failed on.
-    clib: object = None
-    clib_seen: set = field(default_factory=set)
-    clib_failed: set = field(default_factory=set)
-
-    def is_current(self) -> bool:
-        return self.key == weights_key(self.source)
-
-    def program(self, shape, features: bool = False) -> "Program":
-        """The bound forward for inputs of ``shape`` (cached; the oldest of more than
-        ``MAX_PROGRAMS`` shapes is dropped)."""
-        key = (tuple(shape), features)
-        prog = self.programs.get(key)
-        if prog is None:
-            with _PLANS_LOCK:
-                prog = self.programs.get(key)  # bound by another thread while this one waited?
-                if prog is None:
-                    prog = Program(self, key[0], features)
-                    if len(self.programs) >= MAX_PROGRAMS:
-                        self.programs.pop(next(iter(self.programs)))
-                    self.programs[key] = prog
-        return prog
-
-    def graph_cache(self, max_graphs: int) -> GraphCache:
-        if self.graphs is None:
-            with _PLANS_LOCK:
-                if self.graphs is None:
-                    self.graphs = GraphCache(max_graphs)
-        self.graphs.max_graphs = max_graphs
-        return self.graphs
-
-    def release(self):
-        """Frees what this plan holds beyond its weights: bound programs and CUDA graphs. A
-        thread still running the plan finishes correctly, and captures no graph from then on."""
-        with _PLANS_LOCK:
-            if self.graphs is None:
-                self.graphs = GraphCache()
-            self.programs.clear()
-            self.clib = None  # its weights are freed once no running forward holds it
-        self.graphs.close()
-
-    def launches(self, batch: int = 1, height: int = 224, width: int = 224) -> int:
-        """Kernel launches of one forward at this input size: one per op, two for E-MHSA
-        (K/V pooling, attention; three when wider than 256 outputs), for an MLP wider than
-        256 outputs and for an MHCA on few pixels (their split modes, see the op modules),
-        one for the head."""
-        sizes, _ = spatial_sizes(self, height, width)
-        return sum(_kernels(s, self.dtype, batch * h * w) for s, (h, w) in zip(self.steps, sizes)) + 1
-
-
-def spatial_sizes(plan: "Plan", height: int, width: int):
-    """The (H, W) each step's input has for an image of height x width, and the head's."""
-    h, w = height, width
-    sizes = []
-    for s in plan.steps:
-        sizes.append((h, w))
-        st = s.kwargs.get("stride", 1)
-        if s.op == "conv_bn_relu":  # 3x3, padding 1
-            h, w = (h - 1) // st + 1, (w - 1) // st + 1
-        elif s.op == "patch_embed" and not s.to_branch:  # ceil-mode pooling
-            h, w = -(-h // st), -(-w // st)
-    return sizes, (h, w)
-
-
-def _kernels(step: Step, dtype: torch.dtype, pixels: int) -> int:
-    if step.op == "e_mhsa":
-        qw, _, _, _, _, _, pw, _ = step.tensors
-        hd = step.kwargs.get("head_dim", 32)
-        cfg = importlib.import_module(".ops.e_mhsa", __package__)._config(1, qw.shape[0], pw.shape[0], 1, hd,
-                                                                          step.kwargs["sr_ratio"])
-        return 3 if cfg["split"] else 2
-    if step.op == "mlp":
-        w1, _, w2, _ = step.tensors
-        cfg = importlib.import_module(".ops.mlp", __package__)._config(w1.shape[1], 0, w1.shape[0], w2.shape[0], dtype)
-        return 2 if cfg["split"] else 1
-    if step.op == "mhca":
-        cw, _, pw = step.tensors
-        esize = torch.empty((), dtype=dtype).element_size()
-        cfg = importlib.import_module(".ops.mhca", __package__)._config(cw.shape[0], pw.shape[0], esize, pixels)
-        return 2 if cfg["split"] else 1
-    return 1
-
-
-def model_tensors(model: nn.Module) -> List[Tensor]:
-    """What the folded plan is computed from: parameters and BatchNorm statistics
-    (num_batches_tracked counts training steps and folds into nothing)."""
-    return list(model.parameters()) + [b for n, b in model.named_buffers() if not n.endswith("num_batches_tracked")]
-
-
-_version = operator.attrgetter("_version")
-
-
-def weights_key(tensors: List[Tensor]) -> tuple:
-    """Changes whenever one of ``tensors`` gets new storage (``.to()``, ``.half()``,
-    ``.data =``) or is modified in place (optimizer steps, ``load_state_dict``, an EMA
-    update): version counters only grow, so their sum grows with any in-place write.
-    Two passes in C over the tensors (~60 ns a tensor), no Python per tensor."""
-    if torch.compiler.is_compiling():
-        return ()  # dynamo cannot trace the C passes; the next eager call folds once more
-    return sum(map(_version, tensors)), sum(map(Tensor.data_ptr, tensors))
-
-
 @torch.no_grad()
-def fold(model: "NextViT", device=None, dtype=None) -> Plan:
+def fold(model: nn.Module, device=None, dtype=None) -> Plan:
+    """The plan of ``model`` (a NextViT, in eval mode) on ``device`` in ``dtype`` (default: the
+    model's own)."""
     if model.training:
         raise ValueError("the fused graph uses BatchNorm running statistics: call model.eval() first")
     p = next(model.parameters())
@@ -254,7 +122,6 @@ def fold(model: "NextViT", device=None, dtype=None) -> Plan:
 
 
 # ------------------------------------------------------------------ running
-MAX_PROGRAMS = 64
 COMPILE_NOTICE_S = 1.0  # a first launch slower than this compiled a kernel
 _compile_noticed = False
 
@@ -308,13 +175,13 @@ class Program:
             kwargs = dict(s.kwargs)
             if s.x2_branch:
                 kwargs["x2_channels"] = branch[1]
-            run_op, out = ops.module(s.op).bind(branch if s.from_branch else main, *s.tensors, **kwargs)
+            run_op, out = _ops().module(s.op).bind(branch if s.from_branch else main, *s.tensors, **kwargs)
             self.calls.append(_call(run_op, s, _stage_norm(plan, s, features)))
             if s.to_branch:
                 branch = out
             else:
                 main = out
-        self.head, _ = ops.module("head").bind(main, *plan.head)
+        self.head, _ = _ops().module("head").bind(main, *plan.head)
         self.compiled = False
 
     def __call__(self, x: Tensor):
@@ -346,11 +213,13 @@ class Program:
         return out
 
 
-def run(plan: Plan, x: Tensor, impl: str = "auto", features: bool = False, backend=ops):
+def run(plan: Plan, x: Tensor, impl: str = "auto", features: bool = False, backend=None):
     """Executes the plan. Returns logits, or the per-stage feature maps with ``features``.
 
     ``backend`` provides one function per op with the signatures of
-    ``nextvit_kernels.ops`` (the C library's Python binding provides the same)."""
+    ``nextvit_kernels.ops`` (the default; the C library's per-op binding ``nextvit_kernels.clib``
+    provides the same)."""
+    backend = _ops() if backend is None else backend
     calls = [_call(_backend_op(backend, s, impl), s, _stage_norm(plan, s, features)) for s in plan.steps]
     return _walk(x, calls, features, lambda h: backend.head(h, *plan.head, impl=impl))
 

@@ -14,8 +14,8 @@ signature instead. Its rules:
 - a capture or replay that fails is reported once as a warning and that signature runs
   without a graph from then on: the default path must never be what breaks a forward.
 
-The cache belongs to one folded plan (``fused.Plan``): a weight, device or dtype change
-builds a new plan and releases the old plan's graphs with it.
+The cache belongs to one folding of the model's weights (``engine.Folded``): a weight, device
+or dtype change makes a new folding and releases the old one's graphs with it.
 
 Threads: a graph has one input and one output buffer, so its calls are serialised by a lock
 held from the copy-in to the copy-out (the copy-out is enqueued before the lock is let go, and

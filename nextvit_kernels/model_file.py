@@ -2,7 +2,7 @@
 BatchNorm-folded weights in one dtype, in plan order, and its plan.
 
     save_runtime(model, "nextvit_s.nvk", dtype=torch.float16)      # or: python -m nextvit_kernels.aot --export ...
-    plan, meta = load_plan("nextvit_s.nvk")                        # the same fused.Plan back, in Python
+    plan, meta = load_plan("nextvit_s.nvk")                        # the same plan.Plan back, in Python
 
 Anyone can inspect a file with the ``safetensors`` package: the tensors are named
 ``steps.<i>.<role>`` (``w``, ``b``; ``conv_w``, ``conv_b``, ``proj_w``; ``fc1_w`` ...), ``head.w``,
@@ -21,48 +21,32 @@ from typing import Tuple
 
 import torch
 
-from . import aot, fused
+from . import config, fused
+from .plan import (ABI_VERSION, DTYPE_ID, DTYPE_NAMES, DTYPES, FORMAT_VERSION, FROM_BRANCH, HEAD_LEN,
+                   HEADREC_LEN, KEY_LEN, KEY_NAMES, MAGIC, NORM_LEN, OP_ID, ROLES, STEP_LEN, TENSOR_LEN,
+                   TO_BRANCH, X2_BRANCH, Plan, Step, step_keys)
 
 FORMAT = "nextvit_kernels.model"
-FORMAT_VERSION = 1
-ABI_VERSION = 1        # NVK_MODEL_ABI_VERSION in nextvit_kernels.h: the table layout below
-MAGIC = 0x314E414C504B564E  # b"NVKPLAN1" little-endian
 PLAN_TENSOR = "__nvk_plan__"
-HEAD_LEN, STEP_LEN, HEADREC_LEN, NORM_LEN, TENSOR_LEN, KEY_LEN = 16, 12, 4, 3, 8, 6
-FROM_BRANCH, TO_BRANCH, X2_BRANCH = 1, 2, 4
-# the tensors of each op's step, in fused.Step.tensors order
-ROLES = {"conv_bn_relu": ("w", "b"), "patch_embed": ("w", "b"), "mhca": ("conv_w", "conv_b", "proj_w"),
-         "mlp": ("fc1_w", "fc1_b", "fc2_w", "fc2_b"),
-         "e_mhsa": ("q_w", "q_b", "k_w", "k_b", "v_w", "v_b", "proj_w", "proj_b")}
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-_NVK_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _variant_of(model) -> str:
-    from .model import VARIANTS
-    for name, cfg in VARIANTS.items():
-        if tuple(cfg["depths"]) == tuple(model.depths):
-            return name
-    return "custom"
+_NVK_DTYPES = {DTYPES[name]: i for name, i in DTYPE_ID.items()}
 
 
 def _key_list(op: str, key: dict) -> list:
     """The step's key as the table stores it: the op's C key without the stem's layout flag."""
-    names = [n for n in aot.SPECS[op].key_names if n != "nchw"]
-    return [int(key[n]) for n in names]
+    return [int(key[n]) for n in KEY_NAMES[op] if n != "nchw"]
 
 
-def _records(plan: fused.Plan):
+def _records(plan: Plan):
     """(named tensors in plan order, JSON plan, int64 table) of ``plan``."""
     named, steps_json, step_rows = [], [], []
-    for i, (s, (op, key)) in enumerate(zip(plan.steps, aot.step_keys(plan))):
+    for i, (s, (op, key)) in enumerate(zip(plan.steps, step_keys(plan))):
         names = [f"steps.{i}.{r}" for r in ROLES[op]]
         t0 = len(named)
         named += list(zip(names, s.tensors))
         flags = FROM_BRANCH * s.from_branch + TO_BRANCH * s.to_branch + X2_BRANCH * s.x2_branch
         kl = _key_list(op, key)
-        step_rows.append([aot.OP_ID[op], flags, s.stage_end, t0, len(names)] + kl + [0] * (KEY_LEN - len(kl)) + [0])
+        step_rows.append([OP_ID[op], flags, s.stage_end, t0, len(names)] + kl + [0] * (KEY_LEN - len(kl)) + [0])
         steps_json.append(dict(op=op, key={n: v for n, v in key.items() if n != "nchw"}, kwargs=dict(s.kwargs),
                                tensors=names, from_branch=s.from_branch, to_branch=s.to_branch,
                                x2_branch=s.x2_branch, stage_end=s.stage_end))
@@ -102,7 +86,7 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def plan_bytes(plan: fused.Plan, variant: str = "custom") -> bytes:
+def plan_bytes(plan: Plan, variant: str = "custom") -> bytes:
     """The model file of a folded ``plan`` (any device; written in the plan's dtype)."""
     named, plan_json, table = _records(plan)
     blob = struct.pack(f"<{len(table)}q", *[v - (1 << 64) if v >= 1 << 63 else v for v in table])
@@ -121,7 +105,7 @@ def plan_bytes(plan: fused.Plan, variant: str = "custom") -> bytes:
     return struct.pack("<Q", len(text)) + text + b"".join(parts)
 
 
-def fold_for_runtime(model, dtype=torch.float16) -> fused.Plan:
+def fold_for_runtime(model, dtype=torch.float16) -> Plan:
     """The model's folded plan on the CPU in ``dtype`` (the model itself is left as it was)."""
     if dtype not in _NVK_DTYPES:
         raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
@@ -136,7 +120,7 @@ def save_runtime(model, path: str, dtype=torch.float16) -> str:
     """Writes ``model`` (a NextViT; BatchNorms merged or not) as a model file for the C runtime
     (``nvk_model_load``, ``nextvit_kernels.runtime.Model``): folded weights in ``dtype`` and the
     plan. Returns ``path``."""
-    data = plan_bytes(fold_for_runtime(model, dtype), _variant_of(model))
+    data = plan_bytes(fold_for_runtime(model, dtype), config.variant_of(model.depths))
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
@@ -144,8 +128,8 @@ def save_runtime(model, path: str, dtype=torch.float16) -> str:
     return path
 
 
-def load_plan(src, device="cpu") -> Tuple[fused.Plan, dict]:
-    """The plan of a model file (a path or its bytes) as a ``fused.Plan`` on ``device``, and the
+def load_plan(src, device="cpu") -> Tuple[Plan, dict]:
+    """The plan of a model file (a path or its bytes) as a ``plan.Plan`` on ``device``, and the
     file's metadata. Raises ValueError when the file is not a model file, or when its table and its
     JSON plan disagree."""
     data = src if isinstance(src, (bytes, bytearray, memoryview)) else open(src, "rb").read()
@@ -171,11 +155,11 @@ def load_plan(src, device="cpu") -> Tuple[fused.Plan, dict]:
         return t.to(device)
 
     pj = json.loads(meta["plan"])
-    steps = [fused.Step(s["op"], [tensor(n) for n in s["tensors"]], dict(s["kwargs"]), s["from_branch"],
+    steps = [Step(s["op"], [tensor(n) for n in s["tensors"]], dict(s["kwargs"]), s["from_branch"],
                         s["to_branch"], s["x2_branch"], s["stage_end"]) for s in pj["steps"]]
     head = tuple(tensor(n) for n in pj["head"]["tensors"]) if pj["head"] else None
     norms = [tuple(tensor(n) for n in s["tensors"]) for s in pj["stage_norms"]] if pj["stage_norms"] else None
-    plan = fused.Plan(torch.device(device), dtype, steps, head, norms)
+    plan = Plan(torch.device(device), dtype, steps, head, norms)
     a, b = header[PLAN_TENSOR]["data_offsets"]
     stored = list(struct.unpack_from(f"<{(b - a) // 8}q", body, a))
     _, _, table = _records(plan)

@@ -17,7 +17,7 @@ Two flavours:
   head). onnxruntime runs it; TensorRT builds its own kernels from it.
   For fp16/bf16 the attention softmax is computed in float32 (Cast around it),
   as the PyTorch reference does.
-* ``plugins=True``: one custom node per fused op (``fused.Plan`` step) and one
+* ``plugins=True``: one custom node per fused op (``plan.Plan`` step) and one
   for the head, in the ``nextvit`` domain, each carrying ``plugin_version``
   ("1"), ``plugin_namespace`` ("nextvit") and its int fields as attributes, with
   the folded weights as initializers on its extra inputs (in the Plan's shapes).
@@ -39,6 +39,7 @@ from typing import Dict, Sequence, Tuple
 import torch
 
 from . import fused
+from .plan import Plan, Step
 
 __all__ = ["export_onnx", "PLUGINS", "PLUGIN_VERSION", "PLUGIN_NAMESPACE", "PLUGIN_DOMAIN", "PluginSpec",
            "plugin_node_counts"]
@@ -103,7 +104,7 @@ def _tensor_proto(name: str, t: torch.Tensor):
     return helper.make_tensor(name, dt, list(t.shape), raw, raw=True)
 
 
-def plugin_node_counts(plan: "fused.Plan") -> Counter:
+def plugin_node_counts(plan: "Plan") -> Counter:
     """Plugin op_type -> node count the plugin graph of ``plan`` has (one per step, one head)."""
     c = Counter(PLUGINS[s.op].name for s in plan.steps)
     c[PLUGINS["head"].name] += 1
@@ -260,7 +261,7 @@ class _Standard:
                       transB=1, alpha=1.0, beta=1.0)
 
 
-def _step_out_shape(step: "fused.Step", shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
+def _step_out_shape(step: "Step", shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
     c, h, w = shape
     if step.op == "conv_bn_relu":
         s = step.kwargs["stride"]
@@ -384,7 +385,7 @@ def export_onnx(model, path=None, *, input_shape=(1, 3, 224, 224), dtype=torch.f
     return m
 
 
-def _plugin_attrs(step: "fused.Step") -> Dict[str, int]:
+def _plugin_attrs(step: "Step") -> Dict[str, int]:
     kw = step.kwargs
     if step.op in ("conv_bn_relu", "patch_embed"):
         a = {"stride": int(kw["stride"])}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nextvit_kernels as nk
-from nextvit_kernels import fused, graphs, ops
+from nextvit_kernels import engine, fused, graphs, ops
 from _util import in_threads, randomize_
 
 TINY = dict(depths=(1, 1, 5, 1), num_classes=10)
@@ -69,12 +69,13 @@ def test_closed_graph_cache_captures_nothing(monkeypatch):
     """A thread still holding a dropped plan runs its forwards without graphs."""
     monkeypatch.setattr(graphs.GraphCache, "make_graph", staticmethod(_SharedBufferGraph))
     m = nk.NextViT(**TINY).eval()
-    plan = m.fused_plan(torch.device("cpu"), torch.float32)
+    m.fused_plan(torch.device("cpu"), torch.float32)
+    st = m.engine.state
     m.invalidate_fused()
     x = torch.ones(3)
     for _ in range(3):
-        assert torch.equal(plan.graph_cache(8).run("k", x, lambda t: t + 1), x + 1)
-    assert len(plan.graphs) == 0
+        assert torch.equal(st.graph_cache(8).run("k", x, lambda t: t + 1), x + 1)
+    assert len(st.graphs) == 0
 
 
 # ---------------------------------------------------- bound programs, launches stubbed
@@ -126,12 +127,12 @@ class _YieldingDict(dict):
 def test_bound_programs_threads_get_their_own_results(stub_launches, monkeypatch):
     """8 threads x 200 calls in four input shapes, with room for two bound programs: programs
     are dropped and bound again concurrently, and each result is its own input's."""
-    monkeypatch.setattr(fused, "MAX_PROGRAMS", 2)
+    monkeypatch.setattr(engine, "MAX_PROGRAMS", 2)
     m = randomize_(nk.NextViT(**TINY, kernels="triton"), gain=0.7).eval().requires_grad_(False)
     shapes = [(1, 3, 32, 32), (2, 3, 32, 32), (1, 3, 40, 32), (1, 3, 32, 40)]
     xs = [_distinct_input(t, shapes[t % len(shapes)]) for t in range(THREADS)]
     refs = [m(x) for x in xs]
-    m._fused_plan.programs = _YieldingDict(m._fused_plan.programs)
+    m.engine.state.programs = _YieldingDict(m.engine.state.programs)
     assert len({r[0, 0].item() for r in refs}) == THREADS  # the inputs are told apart
 
     def body(t):
@@ -260,7 +261,7 @@ def test_gpu_threads_share_one_model_with_auto_graphs(per_thread_streams, max_gr
         refs = [m(x) for x in xs]
         m.cuda_graphs = "auto"
     assert _call_in_threads(per_thread_streams, m, xs, refs, 20) == []
-    assert len(m._fused_plan.graphs) == min(2, max_graphs) and not m._fused_plan.graphs.failed
+    assert len(m.engine.state.graphs) == min(2, max_graphs) and not m.engine.state.graphs.failed
 
 
 @gpu
@@ -275,5 +276,5 @@ def test_gpu_threads_share_one_cuda_graph(per_thread_streams):
         refs = [m(x) for x in xs]
         m.cuda_graphs = "auto"
         graphed = m.cuda_graph(xs[0])
-    assert m.cuda_graphs == "auto" and not m._fused_plan.graphs
+    assert m.cuda_graphs == "auto" and not m.engine.state.graphs
     assert _call_in_threads(per_thread_streams, lambda x: graphed(x, clone=True), xs, refs, 20) == []

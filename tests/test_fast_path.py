@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import nextvit_kernels as nk
-from nextvit_kernels import fused, graphs
+from nextvit_kernels import engine, fused, graphs
+from nextvit_kernels.plan import weights_key
 from _util import randomize_
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +41,9 @@ def test_lean_path_bit_identical_nextvit_small(batch, h, w):
     x = _inputs(batch, h, w)
     with torch.no_grad():
         lean = m(x)
-        plan = m._fused_plan
-        assert (tuple(x.shape), False) in plan.programs  # the lean path did run
-        ops_path = fused.run(plan, x, impl="triton")
+        st = m.engine.state
+        assert (tuple(x.shape), False) in st.programs  # the lean path did run
+        ops_path = fused.run(st.plan, x, impl="triton")
     assert torch.equal(lean, ops_path)
     assert torch.isfinite(lean).all()
 
@@ -54,52 +55,55 @@ def test_lean_path_after_weight_change_and_features():
     x = _inputs(2, 32, 32)
     with torch.no_grad():
         before = m(x)
-        plan = m._fused_plan
+        st = m.engine.state
         m.proj_head[0].bias.add_(1.0)            # in place: seen by the version check
         m.features[2].mlp.conv2.weight.mul_(1.5)
         after = m(x)
-        assert m._fused_plan is not plan and not plan.programs  # old plan released
-        assert torch.equal(after, fused.run(m._fused_plan, x, impl="triton"))
+        assert m.engine.state is not st and not st.programs  # old plan released
+        assert torch.equal(after, fused.run(m.engine.state.plan, x, impl="triton"))
         assert not torch.allclose(after, before)
         ref = nk.NextViT(**TINY, kernels="reference", with_extra_norm=True).eval()
         ref.load_state_dict(m.state_dict())
         assert (after - ref(x)).abs().max() <= 1e-4 * ref(x).abs().max()
         feats = m.forward_features(x)
-        feats_ops = fused.run(m._fused_plan, x, impl="triton", features=True)
+        feats_ops = fused.run(m.engine.state.plan, x, impl="triton", features=True)
     assert len(feats) == 4 and all(torch.equal(a, b) for a, b in zip(feats, feats_ops))
 
 
 def test_program_cache_is_bounded_and_shapes_are_checked_once(monkeypatch):
     m = nk.NextViT(**TINY, kernels="reference").eval()
-    plan = fused.fold(m, "cpu", torch.float32)
-    monkeypatch.setattr(fused, "MAX_PROGRAMS", 3)
-    progs = [plan.program((1, 3, 32 + i, 32)) for i in range(5)]
-    assert len(plan.programs) == 3 and plan.program((1, 3, 36, 32)) is progs[-1]
-    assert plan.program((1, 3, 32, 32)) is not progs[0]  # evicted, rebound
+    m.fused_plan(torch.device("cpu"), torch.float32)
+    st = m.engine.state
+    monkeypatch.setattr(engine, "MAX_PROGRAMS", 3)
+    progs = [st.program((1, 3, 32 + i, 32)) for i in range(5)]
+    assert len(st.programs) == 3 and st.program((1, 3, 36, 32)) is progs[-1]
+    assert st.program((1, 3, 32, 32)) is not progs[0]  # evicted, rebound
 
 
 def test_weights_key_sees_in_place_and_new_storage():
     lin = torch.nn.Linear(4, 4)
     ts = [lin.weight, lin.bias]
-    k0 = fused.weights_key(ts)
+    k0 = weights_key(ts)
     with torch.no_grad():
         lin.bias.add_(0.0)
-    k1 = fused.weights_key(ts)
+    k1 = weights_key(ts)
     lin.weight.data = torch.zeros(4, 4)
-    k2 = fused.weights_key(ts)
+    k2 = weights_key(ts)
     assert len({k0, k1, k2}) == 3
 
 
 def test_invalidation_hooks_release_plan():
     m = nk.NextViT(**TINY).eval()
-    plan = m.fused_plan(torch.device("cpu"), torch.float32)
-    plan.program((1, 3, 32, 32))
+    m.fused_plan(torch.device("cpu"), torch.float32)
+    st = m.engine.state
+    st.program((1, 3, 32, 32))
     for action in (lambda: m.to(torch.float32), lambda: m.load_state_dict(m.state_dict()), m.merge_bn):
-        assert m._fused_plan is plan
+        assert m.engine.state is st
         action()
-        assert m._fused_plan is None and not plan.programs
-        plan = m.fused_plan(torch.device("cpu"), torch.float32)
-        plan.program((1, 3, 32, 32))
+        assert m.engine.state is None and not st.programs
+        m.fused_plan(torch.device("cpu"), torch.float32)
+        st = m.engine.state
+        st.program((1, 3, 32, 32))
 
 
 # ------------------------------------------------------------- graph policy (CPU)
@@ -190,7 +194,7 @@ def test_autograd_needed_never_runs_kernels_without_backward():
         m(x.clone().requires_grad_(True))      # the input needs a gradient
     x = x.detach()
     out = m(x)                                 # nothing needs autograd: the kernels run
-    assert (tuple(x.shape), False) in m._fused_plan.programs and not out.requires_grad
+    assert (tuple(x.shape), False) in m.engine.state.programs and not out.requires_grad
 
 
 def test_fused_impl_checks_tensor_type_first():
@@ -232,13 +236,13 @@ def test_auto_graph_matches_and_owns_output():
         ref = _without_graphs(m, x)
         a = m(x)                       # first sight: no graph
         b = m(x)                       # captured and replayed
-        assert len(m._fused_plan.graphs) == 1
+        assert len(m.engine.state.graphs) == 1
         assert torch.equal(a, ref) and torch.equal(b, ref)
         b.fill_(0)                     # the caller owns it: the next call is unaffected
         c = m(x)
         assert torch.equal(c, ref) and c.data_ptr() != b.data_ptr()
         y = _inputs(2, 224, 224, torch.half, "cuda") * 0.5
-        assert torch.equal(m(y), fused.run(m._fused_plan, y, impl="triton"))
+        assert torch.equal(m(y), fused.run(m.fused_plan(y.device, y.dtype), y, impl="triton"))
 
 
 @gpu
@@ -258,10 +262,10 @@ def test_auto_graph_lru_frees_memory_and_weight_change_invalidates():
         torch.cuda.empty_cache()
         # NextViT-S's batch-64 activations are hundreds of MB, a batch-1 graph a few.
         assert torch.cuda.memory_reserved() < held - 64 * 2**20
-        plan = m._fused_plan
+        st = m.engine.state
         m.proj_head[0].bias.add_(1.0)
         out = m(x2)
-        assert m._fused_plan is not plan and len(plan.graphs) == 0
+        assert m.engine.state is not st and len(st.graphs) == 0
         assert torch.equal(out, _without_graphs(m, x2))
 
 
@@ -277,18 +281,18 @@ def test_auto_graph_side_stream_outer_capture_and_compile():
             outs = [m(x) for _ in range(3)]
         torch.cuda.current_stream().wait_stream(s)
         assert all(torch.equal(o, ref) for o in outs)
-        n = len(m._fused_plan.graphs)
+        n = len(m.engine.state.graphs)
         g = torch.cuda.CUDAGraph()     # the caller's own capture: ours must not nest
         with torch.cuda.graph(g):
             static = m(x)
         g.replay()
         torch.cuda.synchronize()
-        assert torch.equal(static, ref) and len(m._fused_plan.graphs) == n
+        assert torch.equal(static, ref) and len(m.engine.state.graphs) == n
     compiled = torch.compile(m, fullgraph=True)
     with torch.no_grad():
         m.requires_grad_(False)
         assert (compiled(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
-        assert len(m._fused_plan.graphs) == n
+        assert len(m.engine.state.graphs) == n
 
 
 @gpu
@@ -315,8 +319,7 @@ def test_first_call_says_once_that_kernels_compile(monkeypatch):
     """On a GPU the first call of a program times its steps: one slower than
     COMPILE_NOTICE_S compiled a kernel, and a warning says so, once per process."""
     m = nk.NextViT(**TINY, kernels="reference").eval()
-    plan = fused.fold(m, "cpu", torch.float32)
-    prog = plan.program((1, 3, 32, 32))
+    prog = fused.Program(fused.fold(m, "cpu", torch.float32), (1, 3, 32, 32), False)
     monkeypatch.setattr(fused, "COMPILE_NOTICE_S", -1.0)  # every step "compiles"
     monkeypatch.setattr(fused, "_compile_noticed", False)
     ran = []
@@ -333,8 +336,9 @@ def test_model_with_a_plan_pickles_and_deep_copies():
     import io
 
     m = nk.NextViT(**TINY).eval()
-    plan = m.fused_plan(torch.device("cpu"), torch.float32)
-    plan.program((1, 3, 32, 32))
+    m.fused_plan(torch.device("cpu"), torch.float32)
+    st = m.engine.state
+    st.program((1, 3, 32, 32))
     buf = io.BytesIO()
     torch.save(m, buf)
     buf.seek(0)
@@ -343,8 +347,8 @@ def test_model_with_a_plan_pickles_and_deep_copies():
     x = _inputs(1, 32, 32)
     with torch.no_grad():
         for other in (m2, m3):
-            assert other._fused_plan is None and torch.equal(other(x), m(x))
-    assert m._fused_plan is plan
+            assert other.engine.state is None and torch.equal(other(x), m(x))
+    assert m.engine.state is st
 
 
 @pytest.mark.slow
@@ -359,4 +363,4 @@ def test_compiled_model_traces_the_registered_ops_and_matches_eager():
         eager = m(x)
         compiled = torch.compile(m, fullgraph=True, backend="eager")(x)
     assert torch.equal(compiled, eager)
-    assert m._fused_plan.graphs is None
+    assert m.engine.state.graphs is None

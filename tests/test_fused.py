@@ -6,6 +6,7 @@ import torch
 
 import nextvit_kernels as nk
 from nextvit_kernels import fused
+from nextvit_kernels.plan import spatial_sizes
 from _util import randomize_
 
 GAIN = 0.7
@@ -82,7 +83,7 @@ def test_spatial_sizes_follow_the_model():
     m = nk.nextvit_small().eval()
     plan = fused.fold(m, "cpu", torch.float32)
     for hw in [(224, 224), (230, 190), (25, 25)]:
-        sizes, out = fused.spatial_sizes(plan, *hw)
+        sizes, out = spatial_sizes(plan, *hw)
         with torch.no_grad():
             last = m.forward_features(torch.zeros(1, 3, *hw))[-1]
         assert out == tuple(last.shape[2:]), (hw, out, last.shape)
@@ -119,7 +120,7 @@ def test_kernels_argument():
         m(_inputs(1, 32, 32))
     m.eval()
     m.kernels = "auto"
-    assert m.fused_impl(_inputs(1, 32, 32)) is None  # CPU under auto: the module graph
+    assert m.fused_path(_inputs(1, 32, 32)) is None  # CPU under auto: the module graph
     with pytest.raises(ValueError, match="model is torch.float32"):
         m.kernels = "triton"
         m(_inputs(1, 32, 32, dtype=torch.float16))
@@ -299,9 +300,9 @@ def test_fold_and_run_trace_in_one_graph():
         ref = m(x)
         for cached in (True, False):
             if not cached:
-                m._fused_plan = None
+                m.engine.state = None
             torch._dynamo.reset()
             out = torch.compile(f, fullgraph=True, backend="eager")(x)
             assert rel_err(out, ref) < 1e-5
-        assert isinstance(m._fused_plan.steps[0].tensors[0], torch.Tensor)
+        assert isinstance(m.engine.state.plan.steps[0].tensors[0], torch.Tensor)
         assert rel_err(f(x), ref) < 1e-5

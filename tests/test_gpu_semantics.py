@@ -7,7 +7,7 @@ import torch
 from triton.runtime import interpreter, jit
 
 import nextvit_kernels as nk
-from nextvit_kernels import ops
+from nextvit_kernels import fused, ops
 from _util import force_split
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -80,7 +80,7 @@ def test_grids_fit_cuda_limits_at_extreme_inputs(variant, dtype, monkeypatch):
     for shape in [(1, 3, 224, 224), (65536, 3, 32, 32), (1, 3, 4096, 4096), (3, 3, 4099, 31)]:
         grids.clear()
         for features in (False, True):
-            plan.program(shape, features)
+            fused.Program(plan, shape, features)
         per_shape[shape] = list(grids)
         for kernel, grid in grids:
             assert 1 <= len(grid) <= 3 and all(g >= 1 for g in grid), (kernel, grid)

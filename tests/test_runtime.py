@@ -263,6 +263,34 @@ def test_forward_launches_the_plan_and_allocates_nothing(tiny, tiny16_path, lib)
         assert workspaces == 2
 
 
+@pytest.mark.slow
+def test_kernels_runtime_holds_the_folded_weights_once(tiny, lib):
+    """NextViT(kernels="runtime"): the folded weights live once, in the C runtime's device memory
+    (the stand-in counts its bytes), none in torch tensors; the logits are the module graph's; the
+    old spelling kernels="clib" still works, with a DeprecationWarning; invalidating frees it all."""
+    m = copy.deepcopy(tiny[0])
+    x = _images(1, 32, 32)
+    with torch.no_grad():
+        ref = m(x)  # CPU under "auto": the module graph
+    with pytest.warns(DeprecationWarning, match="kernels='clib' is now spelled kernels='runtime'"):
+        m.kernels = "clib"
+    assert m.kernels == "runtime"
+    with testing.cpu_driver(library=lib) as drv, torch.no_grad():
+        live = drv.counters()["live_bytes"]
+        assert m.fused_path(x) == "runtime"
+        out = m(x)
+        st = m.engine.state
+        folded = model_file.fold_for_runtime(m, torch.float32)
+        weight_bytes = 4 * sum(t.numel() for t in [*folded.head] + [t for s in folded.steps for t in s.tensors])
+        assert isinstance(st.runtime, runtime.Model) and st.runtime.weight_bytes == weight_bytes
+        assert drv.counters()["live_bytes"] - live == weight_bytes  # one copy, the runtime's
+        assert st.plan is None and not st.programs  # no folded copy in torch tensors
+        m.invalidate_fused()
+        del st
+        assert drv.counters()["live_bytes"] == live
+    assert _rel(out, ref) < 1e-4, _rel(out, ref)
+
+
 # ------------------------------------------------------------------ bad input
 def _table_patch(data, *changes):
     """The file with plan-table entries changed: (index, value) pairs."""
@@ -500,12 +528,34 @@ def test_gpu_kernels_auto_runs_the_c_runtime_under_cuda_graphs(gpu_small, lib, m
         ref = m(x)
         m.kernels = "auto"
         first, second, third = m(x), m(x), m(x)  # eager, capture + replay, replay
-        assert isinstance(m._fused_plan.clib, runtime.Model)
-        m.kernels = "clib"
+        assert isinstance(m.engine.state.runtime, runtime.Model)
+        m.kernels = "runtime"
         forced = m(x)
     torch.cuda.synchronize()
     assert _rel_to(first, ref) < 2e-2
     assert torch.equal(first, second) and torch.equal(first, third) and torch.equal(first, forced)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_runtime_keeps_one_copy_of_the_weights(gpu_small, lib, monkeypatch):
+    """Under the C runtime torch's allocator holds no folded weights: after the first forward it
+    holds the output and the runtime's workspace, and the runtime holds the folded weights."""
+    monkeypatch.setenv("NEXTVIT_CLIB", os.path.dirname(lib))
+    m = copy.deepcopy(gpu_small)
+    m.kernels, m.cuda_graphs = "runtime", "off"
+    x = _images(1, 224, 224).cuda().half()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        out = m(x)
+    torch.cuda.synchronize()
+    grown = torch.cuda.memory_allocated() - before
+    st = m.engine.state
+    folded = model_file.fold_for_runtime(m, torch.float16)
+    weight_bytes = 2 * sum(t.numel() for t in [*folded.head] + [t for s in folded.steps for t in s.tensors])
+    assert st.plan is None and st.runtime.weight_bytes == weight_bytes
+    held = out.numel() * out.element_size() + st.runtime.workspace_size(1, 224, 224)
+    assert grown <= held + (2 << 20), (grown, held, weight_bytes)  # (allocator rounding)
 
 
 @pytest.mark.gpu

@@ -130,7 +130,7 @@ static int g_nstreams;
 
 static int g_cc = 90;
 static int g_initialized;
-static long long g_launches, g_allocs, g_frees, g_copies, g_syncs, g_live_allocs;
+static long long g_launches, g_allocs, g_frees, g_copies, g_syncs, g_live_allocs, g_live_bytes;
 static long long g_fail_alloc_after = -1; /* >= 0: that many more cuMemAlloc succeed, then fail */
 
 /* The launch callback: (entry name, image, grid, block, dynamic shared bytes, stream,
@@ -238,8 +238,8 @@ void nvkcpu_fail_alloc_after(long long n) { g_fail_alloc_after = n; }
 void nvkcpu_set_error(int code, const char* msg) { fail(code, "%s", msg ? msg : "?"); }
 
 /* Counters since the last nvkcpu_reset_counters: launches, cuMemAlloc, cuMemFree, copies,
- * synchronizations; and allocations alive now. */
-void nvkcpu_counters(long long out[6]) {
+ * synchronizations; and the allocations alive now, and their bytes (as requested). */
+void nvkcpu_counters(long long out[7]) {
   pthread_mutex_lock(&g_lock);
   out[0] = g_launches;
   out[1] = g_allocs;
@@ -247,6 +247,7 @@ void nvkcpu_counters(long long out[6]) {
   out[3] = g_copies;
   out[4] = g_syncs;
   out[5] = g_live_allocs;
+  out[6] = g_live_bytes;
   pthread_mutex_unlock(&g_lock);
 }
 
@@ -459,6 +460,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t size) {
     *p = (CUdeviceptr)(uintptr_t)(block + GUARD);
     ++g_allocs;
     ++g_live_allocs;
+    g_live_bytes += (long long)size;
   }
   pthread_mutex_unlock(&g_lock);
   return r;
@@ -469,6 +471,7 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
   pthread_mutex_lock(&g_lock);
   for (size_t i = 0; i < g_nbufs; ++i) {
     if (g_bufs[i].owned && g_bufs[i].start == (uintptr_t)p) {
+      g_live_bytes -= (long long)g_bufs[i].size;
       free(g_bufs[i].owned);
       remove_at_locked(i);
       ++g_frees;
