@@ -1,6 +1,6 @@
-"""nextvit_kernels: pure-Python package (always) + the C library and its pybind11 module (when wanted).
+"""nextvit_kernels: pure-Python package (always) + the C library (when wanted).
 
-The C library (libnextvit_kernels.so, nextvit_kernels._C) is built with CMake + Ninja when
+The C library (libnextvit_kernels.so, reached from Python through ctypes) is built with CMake + Ninja when
 nvk_build.wanted() says so (a C compiler found, or NEXTVIT_BUILD_CLIB=1; NEXTVIT_BUILD_CLIB=0 never);
 nvk_build.py explains where its AOT step finds torch and triton. When it is skipped, or fails
 (an error only under NEXTVIT_BUILD_CLIB=1), the install says why and how to build it, and the
@@ -59,12 +59,6 @@ class CMakeBuild(build_ext):
                "-DCMAKE_BUILD_TYPE=Release", "-DNEXTVIT_TRT=OFF",
                # pip's build environment (and the ninja in it) is new each time: never the cached one
                f"-DCMAKE_MAKE_PROGRAM={shutil.which('ninja')}"]
-        try:
-            import pybind11
-            cfg.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
-        except ImportError:
-            print("nextvit_kernels: pybind11 not installed: building the C library without nextvit_kernels._C "
-                  "(clib.py then uses ctypes)", file=sys.stderr)
         if os.environ.get("NEXTVIT_AOT_DIR"):
             cfg.append(f"-DNEXTVIT_AOT_DIR={os.path.abspath(os.environ['NEXTVIT_AOT_DIR'])}")
         if os.environ.get("NEXTVIT_AOT_ARGS"):
@@ -72,9 +66,7 @@ class CMakeBuild(build_ext):
         env = dict(env, PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
         subprocess.run(cfg, check=True, env=env)
         subprocess.run(["cmake", "--build", build_temp], check=True, env=env)
-        for f in os.listdir(build_temp):
-            if f == "libnextvit_kernels.so" or (f.startswith("_C.") and f.endswith(".so")):
-                shutil.copy2(os.path.join(build_temp, f), os.path.join(pkg_dir, f))
+        shutil.copy2(os.path.join(build_temp, "libnextvit_kernels.so"), os.path.join(pkg_dir, "libnextvit_kernels.so"))
 
 
 setup(
@@ -87,13 +79,15 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
     extras_require={
         # timm (the independent oracle) needs torchvision; onnx/onnxruntime for the export tests;
-        # pybind11/cmake/ninja for the C library tests; matplotlib for the benchmark plots;
+        # cmake/ninja for the C library tests; matplotlib for the benchmark plots;
         # pytest-xdist runs the tests in parallel (and sanitized: tests/conftest.py).
         "test": ["pytest", "pytest-xdist>=3.2", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxruntime",
-                 "pybind11", "cmake", "ninja", "matplotlib", "pytest-benchmark", "hypothesis"],
+                 "cmake", "ninja", "matplotlib", "pytest-benchmark", "hypothesis"],
         "bench": ["timm>=1.0", "torchvision", "matplotlib"],
     },
-    ext_modules=[Extension("nextvit_kernels._C", sources=[])],
+    # No Python extension module: this entry only makes build_ext (CMakeBuild) run and names the
+    # package folder the library is copied into.
+    ext_modules=[Extension("nextvit_kernels.libnextvit_kernels", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
 )

@@ -1,20 +1,20 @@
-"""Python front end of the C library (libnextvit_kernels.so, csrc/).
+"""The C library's per-op functions (libnextvit_kernels.so, csrc/) over torch tensors.
 
+(The whole-model C runtime is ``nextvit_kernels.runtime``, and ``NextViT(kernels="runtime")``.)
 One function per fused op with the signatures of ``nextvit_kernels.ops`` (torch tensors in,
 channels_last tensor out; ``impl=`` is accepted and ignored), so the whole model runs
 through the C library with ``fused.run(plan, x, backend=clib)``. Every tensor of a call must
 be on the input's device (ValueError otherwise); the call runs there, on torch's current
 stream of that device, whatever device is current.
 
-The library is reached through the pybind11 module ``nextvit_kernels._C`` when it was built
-(``pip install .`` / CMake), else through ctypes on ``libnextvit_kernels.so`` (found next to
-this file, or at ``$NEXTVIT_CLIB``, a path to the .so or to a build directory).
+The library is reached through ctypes (``_library``): ``libnextvit_kernels.so`` next to this
+file, or at ``$NEXTVIT_CLIB``, a path to the .so or to a build directory. (A pybind11 binding
+saved about 1 µs per call, measured: not worth a second binding; docs/design.md §7.)
 
 Under ``nextvit_kernels.testing.cpu_driver()`` the library launches through a CPU stand-in of the
 CUDA driver: CPU tensors then stand for device tensors, and each call registers its tensors with
 the stand-in for the call's duration.
 """
-import os
 from typing import Optional
 
 import torch
@@ -36,45 +36,21 @@ class CLibError(RuntimeError):
         super().__init__(f"nvk_{op}: {_STATUS.get(status, status)}: {message}")
 
 
-# the ctypes binding (kept importable from here: tests and tools use these names)
-SIGNATURES = _library.SIGNATURES
-_CtypesLib = _library.CtypesLib
-
-
-def load(force_ctypes: bool = False):
+def load():
     """Loads the library (once). Raises RuntimeError saying how to build it when missing."""
     global _lib, _load_error
-    if _lib is not None and not force_ctypes:
-        return _lib
-    errors = []
-    if not force_ctypes and not os.environ.get("NEXTVIT_CLIB"):
+    if _lib is None:
         try:
-            from . import _C  # noqa: F401
-            _lib = _C
-            return _lib
-        except ImportError as e:
-            errors.append(f"nextvit_kernels._C: {e}")
-    try:
-        lib = _library.open_default()
-    except RuntimeError as e:
-        _load_error = str(e) if not errors else f"{e}; {'; '.join(errors)}"
-        raise RuntimeError(_load_error) from None
-    if not force_ctypes:
-        _lib = lib
-    return lib
-
-
-def load_path(path: str):
-    """The library at ``path`` (a .so, or a directory holding libnextvit_kernels.so), through ctypes."""
-    return _library.open_path(path)
+            _lib = _library.open_default()
+        except RuntimeError as e:
+            _load_error = str(e)
+            raise RuntimeError(_load_error) from None
+    return _lib
 
 
 def library_path(lib=None) -> str:
-    """The file of a loaded library (default: ``load()``'s); the pybind11 module's is the .so it links."""
-    lib = load() if lib is None else lib
-    if isinstance(lib, _CtypesLib):
-        return lib.path
-    return os.path.join(os.path.dirname(os.path.abspath(lib.__file__)), "libnextvit_kernels.so")
+    """The file of a loaded library (default: ``load()``'s)."""
+    return (load() if lib is None else lib).path
 
 
 def available() -> bool:

@@ -4,8 +4,8 @@ a file lock so that parallel workers (pytest-xdist), and later runs, build each 
 - ``aot_output()``: the kernels of every plan (S/B/L at 224 and 384, fp16/bf16/fp32, sm_80 and
   sm_90), what an install compiles; Triton's own cache makes a repeat of a compile cheap, this
   makes a repeat of the whole step free.
-- ``c_library(sanitized)``: libnextvit_kernels.so built by CMake from that output, plain (with the
-  pybind11 module) or with ASan + UBSan (``SANITIZE``).
+- ``c_library(sanitized)``: libnextvit_kernels.so built by CMake from that output, plain or with
+  ASan + UBSan (``SANITIZE``).
 - ``trt_harness(include, library, sanitized)``: the TensorRT plugins and their CPU harnesses for
   one TensorRT major, against the recording stub of the C library (``library=None``) or a real one.
 
@@ -162,7 +162,7 @@ def aot_output(args=AOT_ARGS) -> Path:
 
 def c_library(sanitized: bool = False) -> Path:
     """The CMake build folder of libnextvit_kernels.so over ``aot_output()``: plain (Release, with
-    nextvit_kernels._C and the C example) or sanitized (Debug, ``SANITIZE`` flags, the library alone)."""
+    the C example) or sanitized (Debug, ``SANITIZE`` flags, the library alone)."""
     from nextvit_kernels import aot
     aot_dir = aot_output()
     flags = " ".join(SANITIZE)
@@ -172,10 +172,10 @@ def c_library(sanitized: bool = False) -> Path:
                        f"-DCMAKE_SHARED_LINKER_FLAGS={flags}"]
 
     def build(d):
-        aot.build_library(str(d), aot_dir=str(aot_dir), python_module=not sanitized, cmake_args=cmake_args,
+        aot.build_library(str(d), aot_dir=str(aot_dir), cmake_args=cmake_args,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
-    inputs = [ROOT / "csrc" / "src", ROOT / "csrc" / "include", ROOT / "csrc" / "python", ROOT / "csrc" / "examples",
+    inputs = [ROOT / "csrc" / "src", ROOT / "csrc" / "include", ROOT / "csrc" / "examples",
               ROOT / "CMakeLists.txt", ROOT / "nextvit_kernels" / "aot.py", str(aot_dir), cmake_args, sys.executable,
               tool_version([find_c_compiler() or "cc"]), tool_version(["cmake"])]
     return cached("clib-sanitized" if sanitized else "clib", inputs, build)

@@ -347,7 +347,8 @@ def test_python_front_end_loads_the_library(stub_build):
     so, drv = stub_build
     code = ("from nextvit_kernels import clib\n"
             "assert clib.available(), clib._load_error\n"
-            "assert isinstance(clib.load(), clib._CtypesLib)\n"
+            "from nextvit_kernels import _library\n"
+            "assert isinstance(clib.load(), _library.CtypesLib)\n"
             "assert 'stub table of the CPU tests' in clib.version(), clib.version()\n")
     env = dict(os.environ, PYTHONPATH=ROOT, NEXTVIT_CLIB=so)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
