@@ -16,10 +16,7 @@ CPU mode (no GPU, or --cpu): the same calls under the CPU driver stand-in's coun
     python bench/clib_bench.py [--batch 1,256] [--iters 50] [--out bench/results]
 """
 import datetime
-import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from nextvit_kernels import harness  # noqa: E402
 
 FIRST_C = """
 import time, sys
@@ -90,6 +88,10 @@ def _fresh(code, arg, timeout):
 
 def gpu(args, path, model, rt):
     import torch
+
+    def latency_ms(fn):  # no L2 flush: the host time the C runtime saves is what is measured
+        return harness.cuda_time_ms(fn, args.iters, warmup=3, flush=False)["ms"]
+
     rows = {}
     x = torch.randn(2, 3, 224, 224, device="cuda", dtype=torch.float16)
     with torch.inference_mode():
@@ -104,25 +106,20 @@ def gpu(args, path, model, rt):
     for b in args.batch:
         xb = torch.randn(b, 3, 224, 224, device="cuda", dtype=torch.float16)
         with torch.inference_mode():
-            c_ms = _events_ms(lambda: rt(xb), args.iters)
-            t_ms = _events_ms(lambda: model(xb), args.iters)
+            c_ms = latency_ms(lambda: rt(xb))
+            t_ms = latency_ms(lambda: model(xb))
             row = dict(batch=b, c_runtime_ms=c_ms, model_auto_graphs_ms=t_ms, ratio=t_ms / c_ms)
             if b == 1:
-                static_out = rt(xb)
+                rt(xb)
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
-                    static_out = rt(xb)
-                row["c_runtime_graph_ms"] = _events_ms(g.replay, args.iters)
+                    rt(xb)
+                row["c_runtime_graph_ms"] = latency_ms(g.replay)
         lat.append(row)
         print(f"batch {b}: C runtime {c_ms:.3f} ms, model(x) {t_ms:.3f} ms"
               + (f", C runtime in a CUDA graph {row['c_runtime_graph_ms']:.3f} ms" if b == 1 else ""), flush=True)
     rows["latency"] = lat
     return rows
-
-
-def _events_ms(fn, iters):
-    from nextvit_kernels.bench import time_cuda
-    return time_cuda(fn, iters, warmup=3)[0]
 
 
 def cpu(args, path):
@@ -136,16 +133,10 @@ def cpu(args, path):
         lat = []
         for b in args.batch:
             x = torch.zeros(b, 3, 224, 224, dtype=torch.float16)
-            rt(x)
-            times = []
-            for _ in range(args.iters):
-                t = time.perf_counter()
-                rt(x)
-                times.append(time.perf_counter() - t)
+            host_us = harness.median_us(lambda: rt(x), args.iters)
             drv.reset_counters()
             rt(x)
-            lat.append(dict(batch=b, runtime_model_host_us=statistics.median(times) * 1e6,
-                            launches=drv.counters()["launches"]))
+            lat.append(dict(batch=b, runtime_model_host_us=host_us, launches=drv.counters()["launches"]))
             print(f"batch {b}: runtime.Model(x) host time {lat[-1]['runtime_model_host_us']:.1f} us "
                   f"({lat[-1]['launches']} launches counted)", flush=True)
         rows["latency"] = lat
@@ -175,12 +166,9 @@ def main(argv=None):
             rows = gpu(args, path, model, runtime.Model(path))
         else:
             rows = cpu(args, path)
-    meta = dict(mode="gpu" if on_gpu else "cpu", date=datetime.datetime.now().isoformat(timespec="seconds"),
-                torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
-                card=torch.cuda.get_device_name() if on_gpu else None, library=_library.open_default().version())
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"clib-{meta['mode']}-{datetime.date.today():%Y%m%d}.json"
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    meta = harness.environment(mode="gpu" if on_gpu else "cpu", library=_library.open_default().version())
+    out = harness.write_json(args.out / f"clib-{meta['mode']}-{datetime.date.today():%Y%m%d}.json",
+                             dict(meta=meta, rows=rows))
     print(f"wrote {out}")
     return 0
 

@@ -2,7 +2,7 @@
 
 GPU mode (a CUDA GPU, TRITON_INTERPRET unset): the stage shapes, each benchmark's first call
 timed apart (Triton JIT / torch.compile) and checked against eager, then
-``benchmark.pedantic`` with device time per round (``ops_bench.EventClock``, L2 flushed
+``benchmark.pedantic`` with device time per round (``harness.EventClock``, L2 flushed
 in the untimed setup) and warm-up rounds excluded. CPU mode (anything else): tiny shapes,
 float32, the Triton kernels under the interpreter, one round per benchmark: it proves the
 suite runs; its times mean nothing.
@@ -24,11 +24,11 @@ import pytest  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ops_bench as ob  # noqa: E402
 
-from nextvit_kernels import cli  # noqa: E402
+from nextvit_kernels import cli, harness  # noqa: E402
 
 GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 ob._import_torch_stack(smoke=not GPU)
-CLOCK = ob.EventClock() if GPU else None
+CLOCK = harness.EventClock() if GPU else None
 if GPU:
     torch.backends.cudnn.benchmark = True  # the strongest eager baseline (recorded in the machine info)
 
@@ -144,7 +144,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    env = ob.environment(not GPU, torch.device("cuda", torch.cuda.current_device()) if GPU else None)
+    env = ob.run_environment(not GPU)
     for key in ("date", "commit", "smoke", "card_slug"):  # commit_info has the commit; dates differ per run
         env.pop(key, None)
     env.update(mode="gpu" if GPU else "cpu", ceilings=dict(card=ob.CEILING_CARD, dram_bytes_per_s=ob.DRAM_BYTES_PER_S,
@@ -197,10 +197,10 @@ def measure(benchmark, settings):
             x.update(rel_err=err, tol=tol, check="ok" if err <= tol else "FAIL")
         del out
         if settings.gpu:
-            warm, rounds = ob.device_rounds(fn, settings.warmup_ms, settings.rep_ms)
+            warm, rounds = harness.device_rounds(fn, settings.warmup_ms, settings.rep_ms)
 
             def setup():
-                ob.flush_l2()
+                harness.flush_l2()
                 CLOCK.reset()
 
             benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=warm, iterations=1)

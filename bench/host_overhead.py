@@ -21,9 +21,7 @@ replay, and the sum of the kernels' device times (torch.profiler), per forward.
     python bench/host_overhead.py --variants s --batch 1,8 --iters 200
 """
 import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from nextvit_kernels import harness  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -56,16 +55,6 @@ def _stub_launches():
         cls.run = lambda self, *args, **kwargs: None
 
 
-def _median_us(fn, iters):
-    fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
 def cpu_rows(args):
     import torch
 
@@ -80,10 +69,10 @@ def cpu_rows(args):
         for b in args.batch:
             x = torch.randn(b, 3, args.res, args.res)
             with torch.inference_mode():
-                lean = _median_us(lambda: model(x), args.iters)
+                lean = harness.median_us(lambda: model(x), args.iters)
                 plan = model.fused_plan(x.device, x.dtype)
-                dispatch = _median_us(lambda: fused.run(plan, x, impl="triton"), args.iters)
-                check = _median_us(plan.is_current, args.iters)
+                dispatch = harness.median_us(lambda: fused.run(plan, x, impl="triton"), args.iters)
+                check = harness.median_us(plan.is_current, args.iters)
                 prog = fused.Program(plan, x.shape, False)
                 per_op = defaultdict(list)
                 for _ in range(max(3, args.iters // 10)):
@@ -148,8 +137,8 @@ def _c_runtime(model, x, iters):
             drv.reset_counters()
             forward(*args)
             launches = drv.counters()["launches"]
-            c_us = _median_us(lambda: forward(*args), iters * 10)
-        front_us = _median_us(lambda: m(x), iters)
+            c_us = harness.median_us(lambda: forward(*args), iters * 10)
+        front_us = harness.median_us(lambda: m(x), iters)
         m.close()
     return dict(c_forward_us=c_us, c_launches=launches, c_per_launch_us=c_us / launches, c_front_us=front_us,
                 file_dtype="fp16", file_mb=len(data) / 1e6, load_ms=min(loads) * 1e3)
@@ -211,24 +200,12 @@ def main(argv=None):
     import triton
 
     print(f"host_overhead: {'CPU mode, Triton launches stubbed' if cpu else 'GPU mode'}; torch {torch.__version__}, "
-          f"triton {triton.__version__}, {_cpu_name()}, {os.cpu_count()} cores")
+          f"triton {triton.__version__}, {harness.cpu_name()}, {os.cpu_count()} cores")
     rows = cpu_rows(args) if cpu else gpu_rows(args)
-    meta = dict(mode="cpu" if cpu else "gpu", date=datetime.datetime.now().isoformat(timespec="seconds"),
-                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                machine=platform.machine(), cpu=_cpu_name(), cores=os.cpu_count(),
-                card=None if cpu else torch.cuda.get_device_name(), iters=args.iters)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"host_overhead-{meta['mode']}-{datetime.date.today():%Y%m%d}.json"
-    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    meta = harness.environment(mode="cpu" if cpu else "gpu", iters=args.iters)
+    path = harness.write_json(args.out / f"host_overhead-{meta['mode']}-{datetime.date.today():%Y%m%d}.json",
+                              dict(meta=meta, rows=rows))
     print(f"wrote {path}")
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _cuda_available():

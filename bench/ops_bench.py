@@ -7,7 +7,7 @@ all three, checked by tests/test_bench_scripts.py), tiny shapes for CPU runs, by
 FLOPs and the roofline floor, the eager PyTorch sequence the op replaces, and how to call it.
 The pytest-benchmark suite (bench/test_bench_ops.py, bench/test_bench_model.py), the config
 sweep (bench/tune.py) and the per-step profile (bench/profile_plan.py) all use it, and all time
-with the same clock (``EventClock``, ``flush_l2``, ``make_timer``).
+with the same clock (``nextvit_kernels.harness``: ``EventClock``, ``flush_l2``, ``time_device``).
 
 As a command it runs the op suite (``pytest bench/test_bench_ops.py --benchmark-only``), saves
 the pytest-benchmark JSON under --out and prints one table row per op shape (fused, reference,
@@ -19,18 +19,18 @@ eager and torch.compile times, speed-ups, % of floor) from that JSON:
 
 See bench/README.md.
 """
-import datetime
 import json
 import math
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from nextvit_kernels import harness  # noqa: E402  (imports no torch)
 
 # ---------------------------------------------------------------------------------------
 # Roofline ceilings (measured on an H100 80GB HBM3). The floor of an op is
@@ -236,8 +236,6 @@ def _import_torch_stack(smoke):
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
             log("TRITON_INTERPRET=1 is set; unset it to time the compiled kernels on the GPU")
             sys.exit(2)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from nextvit_kernels import ops as _ops
     from nextvit_kernels.ops import _common as _c
     ops, _common = _ops, _c
@@ -495,90 +493,6 @@ def build(op, shape, batch, dev, dtype):
     return BUILDERS[op](shape, batch, dev, dtype)
 
 
-# ----------------------------------------------------------------------------- timing
-# One clock for every GPU number of bench/: CUDA events around each call, the L2 cache
-# flushed before it (untimed, and long enough that the host has queued the call before
-# the start event runs, so host launch time is hidden as in triton.testing.do_bench).
-_L2 = {}
-
-
-def flush_l2():
-    """Overwrites a 256 MiB buffer (larger than any L2 so far) on the current GPU."""
-    buf = _L2.get("buf")
-    if buf is None:
-        buf = _L2["buf"] = torch.empty(64 * 2**20, dtype=torch.int32, device="cuda")
-    buf.zero_()
-
-
-class EventClock:
-    """A pytest-benchmark timer that measures device time: called in (start, end) pairs
-    around each round, it records a CUDA event at each, waits for the end event and
-    returns the elapsed device time as the end reading (0.0 at the start), so end - start
-    is the GPU time of the round. ``reset()`` (the round's setup) drops an unmatched start."""
-
-    def __init__(self):
-        self._start = None
-
-    def reset(self):
-        self._start = None
-
-    def __call__(self):
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        if self._start is None:
-            self._start = ev
-            return 0.0
-        start, self._start = self._start, None
-        ev.synchronize()
-        return start.elapsed_time(ev) * 1e-3
-
-    def __repr__(self):
-        return "EventClock(CUDA events, L2 flushed before each round)"
-
-
-def device_rounds(fn, warmup_ms, rep_ms, max_rounds=2000):
-    """(warm-up rounds, timed rounds) that fill about warmup_ms / rep_ms with calls of fn,
-    from one flushed, event-timed call."""
-    clock = EventClock()
-    flush_l2()
-    clock()
-    fn()
-    ms = max(clock() * 1e3, 1e-3)
-    return (min(max(1, int(warmup_ms / ms)), max_rounds),
-            min(max(5, int(rep_ms / ms)), max_rounds))
-
-
-def time_device(fn, warmup_ms, rep_ms):
-    """Median, p20 and p80 ms of fn on the GPU, with the same clock and flush as the suite."""
-    clock = EventClock()
-    warm, rounds = device_rounds(fn, warmup_ms, rep_ms)
-    times = []
-    for i in range(warm + rounds):
-        flush_l2()
-        clock.reset()
-        t0 = clock()
-        fn()
-        t = clock() - t0
-        if i >= warm:
-            times.append(t * 1e3)
-    times.sort()
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]
-    return dict(ms=q(0.5), p20=q(0.2), p80=q(0.8))
-
-
-def make_timer(smoke, warmup_ms, rep_ms):
-    """fn -> dict(ms, p20, p80). ``smoke``: one wall-clock call on the CPU (proves the plumbing)."""
-    if smoke:
-        def timer(fn):
-            t = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t) * 1e3
-            return dict(ms=ms, p20=ms, p80=ms)
-        return timer
-    return lambda fn: time_device(fn, warmup_ms, rep_ms)
-
-
-
 def rel_error(out, ref):
     """max |out - ref| / max |ref| in float32; inf when out has non-finite elements."""
     if tuple(out.shape) != tuple(ref.shape):
@@ -599,55 +513,17 @@ CUDA_FATAL = ("illegal memory access", "unspecified launch failure", "misaligned
               "device-side assert", "illegal instruction", "CUDA error: an illegal")
 
 
-
-def environment(smoke, dev):
-    import triton
-    env = dict(
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-        host_cpu=platform.processor() or platform.machine(), smoke=smoke,
-    )
-    try:
-        import timm
-        env["timm"] = timm.__version__
-    except Exception:
-        env["timm"] = None
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        env["commit"] = (rev + ("-dirty" if dirty else "")) or None
-    except Exception:
-        env["commit"] = None
+def run_environment(smoke):
+    """``harness.environment()`` with what these numbers need in order to be read: the card's
+    file-name slug, the ceilings they are judged against, and a CPU smoke run named as such."""
+    env = harness.environment(smoke=smoke)
+    env["host_cpu"] = env["cpu"]  # the key op-suite results named the CPU by before the harness
     if smoke:
-        env.update(card="CPU (smoke: TRITON_INTERPRET=1, float32)", card_slug="cpu-smoke",
-                   driver=None, cuda=None, cudnn=None)
-    else:
-        props = torch.cuda.get_device_properties(dev)
-        env.update(card=props.name, card_slug=re.sub(r"[^a-z0-9]+", "-", props.name.lower()).strip("-"),
-                   sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
-                   memory_gib=round(props.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   cudnn_benchmark=torch.backends.cudnn.benchmark, driver=None)
-        try:  # CUDA driver API version (e.g. 13000), known to torch even without nvidia-smi
-            env["cuda_driver_api"] = int(torch._C._cuda_getDriverVersion())
-        except Exception:
-            env["cuda_driver_api"] = None
-        try:
-            r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-            first = r.stdout.strip().splitlines()[0] if r.stdout.strip() else ""
-            parts = [p.strip() for p in first.split(",")]
-            if parts and parts[0]:
-                env["driver"] = parts[0]
-                env["max_clocks_sm_mem"] = ", ".join(parts[1:]) or None
-        except Exception as e:
-            env["driver"] = f"unknown (nvidia-smi: {type(e).__name__})"
-    card = env["card"]
-    if smoke:
-        env["ceiling_note"] = "smoke run: CPU interpreter timings, floors and speed-ups are meaningless"
-    elif "H100" in card:
+        return dict(env, card="CPU (smoke: TRITON_INTERPRET=1, float32)", card_slug="cpu-smoke",
+                    ceiling_note="smoke run: CPU interpreter timings, floors and speed-ups are meaningless")
+    card = env["card"] or "no GPU"
+    env["card_slug"] = harness.slug(card)
+    if "H100" in card:
         env["ceiling_note"] = f"ceilings measured on {CEILING_CARD}"
     elif "H200" in card:
         env["ceiling_note"] = (f"H200 detected: the ceilings are the H100's ({CEILING_CARD}); the H200's "
@@ -694,15 +570,6 @@ def table_rows(data):
     return list(rows.values())
 
 
-def text_table(rows):
-    heads = [h for h, _, _ in COLUMNS]
-    body = [["-" if r.get(k) is None else f.format(r[k]) for _, k, f in COLUMNS] for r in rows]
-    widths = [max(len(c) for c in col) for col in zip(heads, *body)]
-    line = lambda cells: "  ".join(c.rjust(w) if i >= 5 else c.ljust(w)
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(b) for b in body])
-
-
 def print_table(path):
     data = json.loads(Path(path).read_text())
     info = data.get("machine_info", {}).get("nextvit", {})
@@ -711,7 +578,7 @@ def print_table(path):
     if info.get("mode") == "cpu":
         log("CPU run: tiny shapes, kernels under the Triton interpreter: the times mean nothing")
     rows = table_rows(data)
-    log(text_table(rows) if rows else "no op benchmarks in this file")
+    log(harness.format_table(rows, COLUMNS) if rows else "no op benchmarks in this file")
     return rows
 
 

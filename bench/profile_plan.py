@@ -15,7 +15,6 @@ profile issue #5 asks for where a target is missed.
 Writes profile-<card>-<variant>-<dtype>-<date>.json / .md under --out (bench/results).
 """
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -26,12 +25,7 @@ sys.path.insert(0, str(BENCH))
 import ops_bench as ob  # noqa: E402  (no torch at import time)
 
 sys.path.insert(0, str(BENCH.parent))
-from nextvit_kernels import cli  # noqa: E402
-
-
-def _cost_head(s, b, esize):
-    hw, c, n = s["hw"], s["c"], s["n"]
-    return ob._macs_bytes(b * hw * hw * c, n * c + n, b * n, b * n * c, esize)
+from nextvit_kernels import cli, harness  # noqa: E402
 
 
 def describe(op, args, kwargs):
@@ -58,7 +52,7 @@ def describe(op, args, kwargs):
         return f"e_mhsa C{c} N{h * w} sr{s['sr']}", s, ob._cost_e_mhsa
     if op == "head":
         s = dict(hw=hw, c=c, n=args[1].shape[0])
-        return f"head {c}->{s['n']} @{h}x{w}", s, _cost_head
+        return f"head {c}->{s['n']} @{h}x{w}", s, ob._cost_head
     raise ValueError(op)
 
 
@@ -123,7 +117,7 @@ def profile_batch(torch, fused, plan, rec, b, res, dtype, dev, iters):
     if rec.cuda:
         def fwd():
             return fused.run(plan, x, impl="triton")
-        whole["eager_us"] = ob.make_timer(False, 25, 100)(fwd)["ms"] * 1e3
+        whole["eager_us"] = harness.time_device(fwd, 25, 100)["ms"] * 1e3
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -132,7 +126,7 @@ def profile_batch(torch, fused, plan, rec, b, res, dtype, dev, iters):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             fwd()
-        whole["graph_us"] = ob.make_timer(False, 25, 100)(g.replay)["ms"] * 1e3
+        whole["graph_us"] = harness.time_device(g.replay, 25, 100)["ms"] * 1e3
     return dict(batch=b, steps=rows, sum_us=total, floor_us=sum(r["floor_us"] for r in rows), **whole)
 
 
@@ -143,11 +137,21 @@ def by_op(rows):
         a["n"] += 1
         a["us"] += r["us"]
         a["floor_us"] += r["floor_us"]
+    total = sum(a["us"] for a in agg.values())
+    for a in agg.values():
+        a.update(share=100 * a["us"] / total if total else None,
+                 pct_floor=100 * a["floor_us"] / a["us"] if a["us"] else None)
     return sorted(agg.values(), key=lambda a: -a["us"])
 
 
-def _f(v, fmt):
-    return "-" if v is None else format(v, fmt)
+BY_OP = [  # (header, key, format) of the per-op table, rows from by_op()
+    ("op", "op", "{}"), ("steps", "n", "{}"), ("us", "us", "{:.1f}"), ("share", "share", "{:.1f}%"),
+    ("floor us", "floor_us", "{:.1f}"), ("% floor", "pct_floor", "{:.0f}%"),
+]
+STEPS = [  # the same for the per-step table, rows from profile_batch()'s steps
+    ("step", "step", "{}"), ("what", "label", "{}"), ("us", "us", "{:.1f}"), ("share", "share", "{:.1f}%"),
+    ("TB/s", "tbps", "{:.2f}"), ("TFLOP/s", "tflops", "{:.1f}"), ("% floor", "pct_floor", "{:.0f}%"),
+]
 
 
 def markdown(env, results, plan, args):
@@ -165,16 +169,8 @@ def markdown(env, results, plan, args):
                 + (f"; whole forward: eager launches {r['eager_us']:.1f} us, CUDA graph {r['graph_us']:.1f} us "
                    f"(graph - sum = {r['graph_us'] - r['sum_us']:.1f} us of launch/dependency gaps)"
                    if "graph_us" in r else ""), "",
-                "| op | steps | us | share | floor us | % floor |", "| --- | --- | --- | --- | --- | --- |"]
-        for a in by_op(r["steps"]):
-            out.append(f"| {a['op']} | {a['n']} | {a['us']:.1f} | {100 * a['us'] / r['sum_us']:.1f}% | "
-                       f"{a['floor_us']:.1f} | {100 * a['floor_us'] / a['us']:.0f}% |")
-        out += ["", "| step | what | us | share | TB/s | TFLOP/s | % floor |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
-        for s in r["steps"]:
-            out.append(f"| {s['step']} | {s['label']} | {s['us']:.1f} | {_f(s['share'], '.1f')}% | "
-                       f"{_f(s['tbps'], '.2f')} | {_f(s['tflops'], '.1f')} | {_f(s['pct_floor'], '.0f')}% |")
-        out.append("")
+                harness.format_table(by_op(r["steps"]), BY_OP, markdown=True),
+                "", harness.format_table(r["steps"], STEPS, markdown=True), ""]
     return "\n".join(out)
 
 
@@ -216,7 +212,7 @@ def main(argv=None):
         net = getattr(model_mod, cli.VARIANTS[args.variant])().eval()
     plan = fused.fold(net, dev, dtype)
     rec = Recorder(torch, ops, cuda=not cpu, impl="reference" if cpu else "triton")
-    env = ob.environment(False, dev) if not cpu else dict(card="CPU (--cpu-check, reference ops)", torch=torch.__version__)
+    env = ob.run_environment(False) if not cpu else harness.environment(card="CPU (--cpu-check, reference ops)")
     results = []
     with torch.inference_mode():
         for b in args.batch:
@@ -234,10 +230,8 @@ def main(argv=None):
         return 0
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
     base = Path(args.out) / f"profile-{env.get('card_slug', 'gpu')}-{args.variant}-{args.dtype}-{stamp}"
-    base.parent.mkdir(parents=True, exist_ok=True)
     launches = {r["batch"]: plan.launches(r["batch"], args.res, args.res) for r in results}
-    base.with_suffix(".json").write_text(json.dumps(dict(env=env, args=vars(args), launches=launches,
-                                                         results=results), indent=1, default=str))
+    harness.write_json(base.with_suffix(".json"), dict(env=env, args=vars(args), launches=launches, results=results))
     base.with_suffix(".md").write_text(md + "\n")
     ob.log(f"wrote {base}.json, {base}.md")
     return 0

@@ -19,17 +19,14 @@ what is missing when TensorRT, a GPU or the plugin library is not there.
     python bench/trt_bench.py --plugins build/csrc/trt/libnextvit_trt_plugins_trt10.so
 """
 import datetime as _dt
-import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from nextvit_kernels import cli  # noqa: E402
+from nextvit_kernels import cli, harness  # noqa: E402
 
 
 def default_plugin_paths(trt_major: int):
@@ -106,15 +103,6 @@ def check_environment(args):
                  "major), pass --plugins PATH, "
                  "or run with --stock-only.")
     return trt, torch, plugin_path
-
-
-def driver_version():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except Exception:
-        return None
 
 
 def load_plugins(trt, plugin_path, kernels_lib):
@@ -213,17 +201,9 @@ class Runner:
         torch.cuda.synchronize()
 
     def time_ms(self, iters):
-        torch = self.torch
-        times = []
-        with torch.cuda.stream(self.stream):
-            for _ in range(iters):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record(self.stream)
-                self.graph.replay()
-                b.record(self.stream)
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-        return statistics.median(times)
+        # No L2 flush: a served engine replays back to back, and both engines are timed alike.
+        with self.torch.cuda.stream(self.stream):
+            return harness.cuda_time_ms(self.graph.replay, iters, flush=False)["ms"]
 
 
 def main(argv=None):
@@ -286,31 +266,24 @@ def main(argv=None):
         results.append(row)
         del runners
 
+    env = harness.environment(tensorrt=trt.__version__, nextvit_kernels=nk.__version__)
     info = {
-        "variant": args.variant, "dtype": args.dtype, "size": [h, w], "weights": args.checkpoint or "random",
+        **env, "variant": args.variant, "dtype": args.dtype, "size": [h, w], "weights": args.checkpoint or "random",
         "strongly_typed": strongly, "timing": f"CUDA-graph replay, median of {args.iters} (best of 2 rounds)",
-        "card": torch.cuda.get_device_name(), "driver": driver_version(), "cuda_runtime": torch.version.cuda,
-        "tensorrt": trt.__version__, "torch": torch.__version__, "nextvit_kernels": nk.__version__,
         "plugin_library": str(plugin_path) if plugin_path else None,
-        "time": _dt.datetime.now().isoformat(timespec="seconds"), "results": results,
+        # the names these two had in the files written before the harness
+        "cuda_runtime": env["cuda"], "time": env["date"], "results": results,
     }
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"trt_bench_{args.variant}_{args.dtype}_{_dt.datetime.now():%Y%m%d_%H%M%S}.json"
-    out.write_text(json.dumps(info, indent=2))
+    out = harness.write_json(
+        Path(args.out_dir) / f"trt_bench_{args.variant}_{args.dtype}_{_dt.datetime.now():%Y%m%d_%H%M%S}.json", info)
 
     print(f"\n{args.variant} {args.dtype} {h}x{w} on {info['card']} (driver {info['driver']}, "
           f"TensorRT {info['tensorrt']}, torch {info['torch']})")
-    head = f"{'batch':>6} {'stock ms':>10} {'stock img/s':>12}"
+    columns = [("batch", "batch", "{}"), ("stock ms", "stock_ms", "{:.3f}"), ("stock img/s", "stock_img_s", "{:.0f}")]
     if "plugin" in kinds:
-        head += f" {'plugin ms':>10} {'plugin img/s':>13} {'speedup':>8} {'rel err':>9}"
-    print(head)
-    for r in results:
-        line = f"{r['batch']:>6} {r['stock_ms']:>10.3f} {r['stock_img_s']:>12.0f}"
-        if "plugin" in kinds:
-            line += (f" {r['plugin_ms']:>10.3f} {r['plugin_img_s']:>13.0f} {r['speedup']:>7.2f}x "
-                     f"{r['plugin_vs_stock_rel_err']:>9.2e}")
-        print(line)
+        columns += [("plugin ms", "plugin_ms", "{:.3f}"), ("plugin img/s", "plugin_img_s", "{:.0f}"),
+                    ("speedup", "speedup", "{:.2f}x"), ("rel err", "plugin_vs_stock_rel_err", "{:.2e}")]
+    print(harness.format_table(results, columns))
     print(f"wrote {out}")
     return 0
 

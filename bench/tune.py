@@ -7,7 +7,7 @@ hand-picked set of alternatives, each applied by temporarily replacing the op mo
 ``_config`` attribute (the launchers look it up at call time). Every configuration is
 first run once on NaN-poisoned outputs and checked against the eager reference; one that
 fails to compile or launch (e.g. out of shared memory) or gives a wrong result is
-recorded and skipped. Then ``triton.testing.do_bench`` (median). The op modules are not
+recorded and skipped. Then ``harness.time_device`` (median). The op modules are not
 changed: the results (bench/results/tune-*.json / .md, and a paste-ready summary of the
 ``_config`` rules that should change) decide later changes.
 
@@ -16,8 +16,9 @@ changed: the results (bench/results/tune-*.json / .md, and a paste-ready summary
     python bench/tune.py --smoke     # CPU, TRITON_INTERPRET=1, tiny shapes: proves the logic
 
 Everything op-specific is in the table TUNE below (module, ``_config`` arguments, candidate
-moves, register estimate, problem extents); shapes, costs, eager baselines, timer and
-environment come from ops_bench. See bench/README.md ("Config sweep").
+moves, register estimate, problem extents); shapes, costs and eager baselines come from
+ops_bench, the timer and the environment from nextvit_kernels.harness. See bench/README.md
+("Config sweep").
 """
 import copy
 import importlib
@@ -33,7 +34,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 import ops_bench as ob  # noqa: E402  (no torch at import time)
-from nextvit_kernels import cli  # noqa: E402
+from nextvit_kernels import cli, harness  # noqa: E402
 
 ALL_OPS = ob.ALL_OPS
 MAX_CANDIDATES = 12           # hard cap per shape (the brief's bound)
@@ -350,7 +351,7 @@ def parse_args(argv=None):
                    help="a candidate must beat the current config by this fraction and by the "
                         "current config's own run-to-run spread to count as a change")
     p.add_argument("--warmup-ms", type=float, default=10.0,
-                   help="warm-up time per timing (ops_bench.time_device; --smoke: one wall-clock call)")
+                   help="warm-up time per timing (harness.time_device; --smoke: one wall-clock call)")
     p.add_argument("--rep-ms", type=float, default=40.0, help="measured time per timing")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results",
                    help="folder for the JSON / Markdown results")
@@ -663,30 +664,15 @@ def derive(row, min_gain):
 # ---------------------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------------------
-def _f(v, fmt):
-    return "-" if v is None else fmt.format(v)
-
-
-def table_rows(rows):
-    head = ["op", "shape", "B", "dtype", "check", "current ms", "% floor", "best ms", "% floor",
-            "speed-up", "noise", "verdict", "best change", "ok/wrong/err/pruned"]
-    body = []
-    for r in rows:
-        c = r.get("counts", {})
-        body.append([r["op"], r["label"], str(r["batch"]), r["dtype"], r.get("status", "-"),
-                     _f(r.get("current_ms"), "{:.4f}"), _f(r.get("pct_floor_before"), "{:.0f}"),
-                     _f(r.get("best_ms"), "{:.4f}"), _f(r.get("pct_floor_after"), "{:.0f}"),
-                     _f(r.get("speedup"), "{:.2f}x"), _f(r.get("noise") and 100 * r["noise"], "{:.1f}%"),
-                     r.get("verdict", "-"), (r.get("best") or {}).get("diff", "-"),
-                     "/".join(str(c.get(k, 0)) for k in ("ok", "wrong", "error", "pruned"))])
-    return head, body
-
-
-def text_table(rows):
-    head, body = table_rows(rows)
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+COLUMNS = [  # (header, key, format) of the printed and the Markdown table
+    ("op", "op", "{}"), ("shape", "label", "{}"), ("B", "batch", "{}"), ("dtype", "dtype", "{}"),
+    ("check", "status", "{}"), ("current ms", "current_ms", "{:.4f}"), ("% floor", "pct_floor_before", "{:.0f}"),
+    ("best ms", "best_ms", "{:.4f}"), ("% floor", "pct_floor_after", "{:.0f}"), ("speed-up", "speedup", "{:.2f}x"),
+    ("noise", lambda r: r.get("noise") and 100 * r["noise"], "{:.1f}%"), ("verdict", "verdict", "{}"),
+    ("best change", lambda r: (r.get("best") or {}).get("diff"), "{}"),
+    ("ok/wrong/err/pruned", lambda r: "/".join(str(r.get("counts", {}).get(k, 0))
+                                               for k in ("ok", "wrong", "error", "pruned")), "{}"),
+]
 
 
 def rules_summary(rows, env):
@@ -754,10 +740,7 @@ def markdown(meta, rows):
                  f"{meta.get('wall_s', 0):.0f} s" + ("" if meta.get("done") else " (incomplete)")
                  + (f"; stopped: {meta['stopped']}" if meta.get("stopped") else ""))
     lines.append("")
-    head, body = table_rows(rows)
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "|".join("---" if i < 5 or i > 10 else "---:" for i in range(len(head))) + "|")
-    lines += ["| " + " | ".join(b) + " |" for b in body]
+    lines.append(harness.format_table(rows, COLUMNS, markdown=True))
     lines += ["", "## Suggested `_config` changes", "", rules_summary(rows, env), "## Every configuration", ""]
     for r in rows:
         lines.append(f"### {r['op']} {r['label']} B{r['batch']} {r['dtype']}: "
@@ -782,30 +765,8 @@ def markdown(meta, rows):
     return "\n".join(lines)
 
 
-def _jsonable(v):
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (bool, int, float, str)) or v is None:
-        return v
-    return repr(v)  # torch.dtype in _config arguments
-
-
-def _json_safe(v):
-    """Strict JSON: non-finite floats become strings ("inf"), tuples lists."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
-
-
 def write_results(base, meta, rows):
-    data = _json_safe(_jsonable(dict(meta=meta, rows=rows)))
-    base.with_suffix(".json").write_text(json.dumps(data, indent=1, allow_nan=False))
+    harness.write_json(base.with_suffix(".json"), dict(meta=meta, rows=rows))
     base.with_suffix(".md").write_text(markdown(meta, rows))
 
 
@@ -837,12 +798,17 @@ def main(argv=None):
         return 0
 
     dev = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
-    env = ob.environment(args.smoke, dev)
-    timer = ob.make_timer(args.smoke, args.warmup_ms, args.rep_ms)
+    env = ob.run_environment(args.smoke)
+    if args.smoke:  # one call proves the plumbing; the interpreter's times mean nothing
+        def timer(fn):
+            return harness.host_time_ms(fn, 1, warmup=0)
+    else:
+        def timer(fn):
+            return harness.time_device(fn, args.warmup_ms, args.rep_ms)
     meta = dict(env=env, done=False, wall_s=0.0, warm=None,
                 timer=("1 call, wall clock (smoke)" if args.smoke else
-                       f"triton.testing.do_bench median (L2 flushed each run), warmup {args.warmup_ms:g} ms, "
-                       f"rep {args.rep_ms:g} ms"),
+                       f"harness.time_device median (CUDA events, L2 flushed before each call), warmup "
+                       f"{args.warmup_ms:g} ms, rep {args.rep_ms:g} ms"),
                 ceilings=dict(card=ob.CEILING_CARD, dram_bytes_per_s=ob.DRAM_BYTES_PER_S,
                               tensor_flops_per_s=ob.TENSOR_FLOPS_PER_S),
                 tolerance=ob.TOLERANCE, limits=dict(reg_limit=REG_LIMIT, max_wide=MAX_WIDE),
@@ -850,7 +816,6 @@ def main(argv=None):
                           dtype=["fp32"] if args.smoke else args.dtype, budget_s=args.budget_s,
                           max_candidates=args.max_candidates, jobs=args.jobs, warm_s=args.warm_s,
                           min_gain=args.min_gain, smoke=args.smoke))
-    args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M")
     base = args.out / f"tune-{env['card_slug']}-{stamp}"
     k = 2
@@ -908,7 +873,7 @@ def main(argv=None):
     # The summary first and the table last: a device call returns only the output's tail.
     log("")
     log(rules_summary(done, env))
-    log(text_table(done))
+    log(harness.format_table(done, COLUMNS))
     log("")
     fails = [r for r in done if r["status"] != "ok"]
     bad_selftest = []

@@ -12,11 +12,7 @@ Either way it writes <--out>/e2e-<card>-<time>.json and .png (cpu-e2e-<cpu>-<tim
 on the CPU) and prints their paths.
 """
 import datetime
-import json
 import os
-import platform
-import re
-import statistics
 import subprocess
 import sys
 import time
@@ -25,7 +21,7 @@ from pathlib import Path
 import torch
 
 import nextvit_kernels as nk
-from nextvit_kernels import cli
+from nextvit_kernels import cli, harness
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 VARIANTS = cli.VARIANTS
@@ -42,56 +38,6 @@ PRESETS = {
 
 def log(msg):
     print(msg, flush=True)
-
-
-def env_info():
-    info = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20)
-            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError, IndexError):
-            info["driver"] = None
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
-        info["threads"] = torch.get_num_threads()
-    return info
-
-
-def time_cuda(fn, iters, warmup):
-    """Median and min milliseconds per call, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times), min(times)
-
-
-def time_cpu(fn, iters, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), min(times)
 
 
 def make_models(variant, dtype, checkpoint):
@@ -177,7 +123,9 @@ def bench_row(variant, dtype_name, batch, modes, args, cache):
                 fn()
                 torch.cuda.synchronize()
                 setup = time.perf_counter() - t0
-                ms, ms_min = time_cuda(fn, args.iters, args.warmup)
+                # No L2 flush: an end-to-end row is the latency a caller sees, host launch time included.
+                timing = harness.cuda_time_ms(fn, args.iters, warmup=args.warmup, flush=False)
+                ms, ms_min = timing["ms"], timing["min"]
                 if mode == "fused" and err is None:
                     a, b = ours(x).float(), ref(x).float()
                     err = ((a - b).abs().max() / b.abs().max()).item()
@@ -197,26 +145,25 @@ def bench_row(variant, dtype_name, batch, modes, args, cache):
     return rows
 
 
+RATIO_COLUMNS = ([("variant", "variant", "{}"), ("dtype", "dtype", "{}"), ("bs", "bs", "{}")]
+                 + [(m, m, "{:.3f} ms") for m in FUSED_MODES + BASE_MODES]
+                 + [("speed-ups (best fused / baseline)", "speedups", "{}")])
+
+
 def ratio_table(rows):
-    """For each (variant, dtype, batch): fused modes' throughput over each baseline's."""
-    lines = []
+    """For each (variant, dtype, batch): every mode's median ms, and the best fused mode's
+    speed-up over each baseline (its time over the fused one's)."""
     groups = {}
-    for r in rows:
-        groups.setdefault((r["variant"], r["dtype"], r["bs"]), {})[r["mode"]] = r
-    header = f"{'variant':<14}{'dtype':<6}{'bs':>5}  " + "".join(f"{m:>13}" for m in FUSED_MODES + BASE_MODES)
-    lines.append(header + "   speed-ups (best fused / baseline)")
-    for (v, d, b), g in groups.items():
-        cells = "".join(f"{g[m]['ms_median']:>10.3f} ms" if m in g and "ms_median" in g[m] else f"{'-':>13}"
-                        for m in FUSED_MODES + BASE_MODES)
-        fused = [g[m]["ms_median"] for m in FUSED_MODES if m in g and "ms_median" in g[m]]
-        ratios = []
-        if fused:
-            best = min(fused)
-            for m in BASE_MODES:
-                if m in g and "ms_median" in g[m]:
-                    ratios.append(f"{m} {g[m]['ms_median'] / best:.2f}x")
-        lines.append(f"{v:<14}{d:<6}{b:>5}  {cells}   {', '.join(ratios)}")
-    return "\n".join(lines)
+    for r in rows:  # a failed mode leaves its cell empty
+        ms = groups.setdefault((r["variant"], r["dtype"], r["bs"]), {})
+        if "ms_median" in r:
+            ms[r["mode"]] = r["ms_median"]
+    table = []
+    for (v, d, b), ms in groups.items():
+        best = min((ms[m] for m in FUSED_MODES if m in ms), default=None)
+        speedups = ", ".join(f"{m} {ms[m] / best:.2f}x" for m in BASE_MODES if m in ms) if best else ""
+        table.append(dict(ms, variant=v, dtype=d, bs=b, speedups=speedups))
+    return harness.format_table(table, RATIO_COLUMNS)
 
 
 def plot(rows, path, heading=None):
@@ -254,14 +201,10 @@ def plot(rows, path, heading=None):
     return path
 
 
-def slug(s):
-    return re.sub(r"[^A-Za-z0-9]+", "-", s).strip("-").lower()
-
-
 def results_base(out_dir, tag, prefix="e2e"):
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir / f"{prefix}-{slug(tag)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return out_dir / f"{prefix}-{harness.slug(tag)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 CPU_NOTE = ("CPU results: the PyTorch reference model in fp32 on the CPU, not the fused kernels "
@@ -270,29 +213,29 @@ CPU_NOTE = ("CPU results: the PyTorch reference model in fp32 on the CPU, not th
 
 def write_results(rows, info, base, final=True, title=None, **extra):
     """Rewritten after every row, so a run cut off by a time limit keeps what it measured."""
-    with open(f"{base}.json", "w") as f:
-        json.dump({**extra, "env": info, "complete": final, "rows": rows}, f, indent=1)
+    harness.write_json(f"{base}.json", {**extra, "env": info, "complete": final, "rows": rows})
     if final:
         png = plot(rows, f"{base}.png", title) if rows else None
         log(f"wrote {base}.json" + (f"\nwrote {png}" if png else ""))
 
 
 def gpu_main(args):
-    info = env_info()
-    log(f"GPU: {info['gpu']} | driver {info.get('driver')} | torch {info['torch']} | triton {info['triton']}")
+    info = harness.environment()
+    info["gpu"] = info["card"]  # the key e2e results named the card by before the harness
+    log(f"GPU: {info['card']} | driver {info.get('driver')} | torch {info['torch']} | triton {info['triton']}")
     if args.preset:
         plan = [(VARIANTS[v], d, b, modes) for v, d, b, modes in PRESETS[args.preset]]
     else:
         plan = [(VARIANTS[v], d, b, tuple(args.modes)) for v in args.variants for d in args.dtype
                 for b in args.batch]
     rows, cache = [], {}
-    base = results_base(args.out, info["gpu"])
+    base = results_base(args.out, info["card"])
     for i, (variant, d, b, modes) in enumerate(plan):
         log(f"[{i + 1}/{len(plan)}] {variant} {d} batch {b}")
         rows += bench_row(variant, d, b, modes, args, cache)
         write_results(rows, info, base, final=False)
     log("\n" + ratio_table(rows))
-    write_results(rows, info, base, title=f"NextViT end to end on {info['gpu']}")
+    write_results(rows, info, base, title=f"NextViT end to end on {info['card']}")
 
 
 INTERPRETER_CHECK = r"""
@@ -315,7 +258,7 @@ raise SystemExit(0 if err < 1e-3 else 1)
 
 
 def cpu_main(args):
-    info = env_info()
+    info = harness.environment()
     variants = args.variants if args.variants_given else args.variants[:1]
     batches = [b for b in args.batch if b <= args.cpu_max_batch]
     skipped = [b for b in args.batch if b > args.cpu_max_batch]
@@ -336,7 +279,8 @@ def cpu_main(args):
                 log(str(nk.load_checkpoint(model, args.checkpoint)))
             for b in batches:
                 x = torch.randn(b, 3, args.res, args.res)
-                ms, ms_min = time_cpu(lambda: model(x), iters=args.cpu_iters, warmup=1)
+                timing = harness.host_time_ms(lambda: model(x), args.cpu_iters, warmup=1)
+                ms, ms_min = timing["ms"], timing["min"]
                 rows.append(dict(variant=variant, dtype="fp32", bs=b, res=args.res, mode="cpu_reference",
                                  ms_median=round(ms, 2), ms_min=round(ms_min, 2), img_s=round(b / ms * 1e3, 1)))
                 log(f"  {variant} fp32 batch {b:<4} {ms:9.1f} ms  {b / ms * 1e3:8.1f} img/s  (CPU reference)")
