@@ -175,7 +175,14 @@ class NextViT(nn.Module):
         return state
 
     def __setstate__(self, state):
-        sr_ratios, attention, settings = state.pop("engine")
+        if "engine" in state:
+            sr_ratios, attention, settings = state.pop("engine")
+        else:  # pickled before the engine held the settings
+            sr_ratios = state["sr_ratios"]
+            attention = [NTB in stage for stage in state["stage_block_types"]]
+            settings = {k: state.pop(k) for k in ("kernels", "cuda_graphs", "max_cuda_graphs") if k in state}
+            for k in ("_fused_plan", "_grad_warned"):
+                state.pop(k, None)
         super().__setstate__(state)
         self.engine = Engine(sr_ratios, attention, **settings)
 

@@ -19,6 +19,7 @@ import torch
 
 from nextvit_kernels import aot
 import _builds
+from _util import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = os.environ.get("NEXTVIT_AOT_TEST_DTYPES", "fp16,bf16,fp32").split(",")
@@ -164,6 +165,15 @@ def _load(build_dir):
 
 
 def test_ctypes_load_and_errors_without_gpu(build_dir):
+    """In a child process: a library loaded here would stay loaded under its SONAME, and the
+    TensorRT plugins of a later test in this worker would bind to it instead of the stand-in's."""
+    code = (f"import sys; sys.path[:0] = [{os.path.dirname(__file__)!r}, {ROOT!r}]\n"
+            f"import test_aot; test_aot._ctypes_checks({build_dir!r}, no_driver={not torch.cuda.is_available()})")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=child_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _ctypes_checks(build_dir, no_driver: bool):
     lib = _load(build_dir)
     assert b"nextvit_kernels" in lib.nvk_version()
     p = 1 << 20  # fake, aligned "device pointers": nothing is launched here
@@ -205,8 +215,8 @@ def test_ctypes_load_and_errors_without_gpu(build_dir):
     lib.nvk_mhca.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     assert lib.nvk_mhca(p, p, p, p, p, None, 1, 14, 14, 384, 384, 1, 1, None) == 1
     assert b"workspace is NULL" in lib.nvk_last_error()
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the no-driver path cannot be checked here")
+    if not no_driver:
+        return  # a GPU is present: the no-driver path cannot be checked there
     st = lib.nvk_conv_bn_relu(p, p, p, p, 1, 8, 8, 3, 64, 2, 1, None)
     assert st == 4, lib.nvk_last_error()
     assert b"CUDA" in lib.nvk_last_error()

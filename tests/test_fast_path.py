@@ -351,6 +351,23 @@ def test_model_with_a_plan_pickles_and_deep_copies():
     assert m.engine.state is st
 
 
+def test_a_model_pickled_before_the_engine_loads():
+    """A pickle of a NextViT from before the engine held the settings (they were attributes of
+    the model, with its plan and lock) loads with those settings."""
+    m = nk.NextViT(**TINY, kernels="reference", cuda_graphs="off").eval()
+    state = m.__getstate__()
+    state.pop("engine")
+    state.update(kernels="triton", cuda_graphs="off", max_cuda_graphs=3, _fused_plan=None, _grad_warned=True)
+    old = nk.NextViT.__new__(nk.NextViT)
+    old.__setstate__(state)
+    assert (old.kernels, old.cuda_graphs, old.max_cuda_graphs) == ("triton", "off", 3)
+    assert "_fused_plan" not in old.__dict__ and old.engine.attention_stages == m.engine.attention_stages
+    old.kernels = "reference"
+    x = _inputs(1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(old(x), m(x))
+
+
 @pytest.mark.slow
 @interpreter
 def test_compiled_model_traces_the_registered_ops_and_matches_eager():
