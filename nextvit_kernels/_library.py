@@ -56,8 +56,7 @@ class ModelInfo(ctypes.Structure):
 
 
 class CtypesLib:
-    """The C API over ctypes: ``lib.<op>(...)`` for ``nvk_<op>``, returning the status code (the
-    same surface as the pybind11 module ``nextvit_kernels._C``)."""
+    """The C API over ctypes: ``lib.<op>(...)`` for ``nvk_<op>``, returning the status code."""
 
     def __init__(self, path):
         self.path = path

@@ -2,7 +2,7 @@
 the whole fused NextViT-S through ``fused.run(plan, x, backend=clib)`` against the PyTorch
 path, and CUDA graph capture.
 
-The library is taken from ``nextvit_kernels._C`` / ``$NEXTVIT_CLIB`` when it is built;
+The library is the installed one / ``$NEXTVIT_CLIB`` when it is built;
 otherwise (and when cmake + ninja exist) it is built once for the session into a temp dir
 (AOT for nextvit_small at 224 and 384, all dtypes; -j = CPU count).
 

@@ -70,7 +70,7 @@ def test_not_wanted_asks_for_nothing_and_says_how_to_build(monkeypatch):
 
 def test_pip_isolated_build_uses_the_backend_and_reports_the_skip(tmp_path):
     """pip wheel of this checkout in pip's isolated build environment (needs PyPI or a pip
-    cache for setuptools, pybind11, cmake, ninja), with the library turned off: the log says
+    cache for setuptools, cmake, ninja), with the library turned off: the log says
     it was not built, why, and the command that builds it."""
     env = dict(os.environ, NEXTVIT_BUILD_CLIB="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PYTHONPATH", None)

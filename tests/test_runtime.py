@@ -291,6 +291,26 @@ def test_kernels_runtime_holds_the_folded_weights_once(tiny, lib):
     assert _rel(out, ref) < 1e-4, _rel(out, ref)
 
 
+def test_kernels_runtime_never_imports_triton(lib):
+    """The engine's C path in a fresh process: fold on the host, write the model file in memory,
+    load it and run a forward (the counting stand-in), with neither Triton nor the op kernels
+    imported at the end."""
+    launches = model_file.fold_for_runtime(nk.NextViT(depths=TINY), torch.float16).launches(1, 64, 64)
+    code = ("import sys, torch\n"
+            "import nextvit_kernels as nk\n"
+            "from nextvit_kernels import testing\n"
+            f"m = nk.NextViT(depths={TINY}, kernels='runtime').eval().half()\n"
+            f"with testing.cpu_driver(execute=False, library={lib!r}) as drv, torch.no_grad():\n"
+            "    out = m(torch.zeros(1, 3, 64, 64, dtype=torch.float16))\n"
+            "    assert m.fused_path(torch.zeros(1, 3, 64, 64, dtype=torch.float16)) == 'runtime'\n"
+            f"    assert out.shape == (1, 1000) and drv.counters()['launches'] == {launches}, drv.counters()\n"
+            "bad = sorted(n for n in sys.modules if n.split('.')[0] == 'triton' or n.startswith('nextvit_kernels.ops'))\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=child_env(dict(os.environ, PYTHONPATH=ROOT)))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 # ------------------------------------------------------------------ bad input
 def _table_patch(data, *changes):
     """The file with plan-table entries changed: (index, value) pairs."""
