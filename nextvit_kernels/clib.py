@@ -21,8 +21,8 @@ import torch
 
 from . import _library
 from .ops import _common
+from .plan import TORCH_DTYPE_ID as _DT
 
-_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATUS = _library.STATUS
 _lib = None
 _load_error: Optional[str] = None

@@ -58,7 +58,7 @@ def check_input(x, like, sr_ratios: Sequence[int], attention_stages: Sequence[bo
     """Raises ValueError naming what is wrong with ``x`` for a model whose weights are ``like``
     (a parameter: its dtype and device) and whose stages pool attention keys by ``sr_ratios``
     (``attention_stages[i]``: stage i has a transformer block)."""
-    import torch
+    import torch  # here: the command-line tools read this module where torch may be missing
 
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"NextViT expects a torch.Tensor, got {type(x).__name__}")

@@ -22,14 +22,13 @@ from typing import Tuple
 import torch
 
 from . import config, fused
-from .plan import (ABI_VERSION, DTYPE_ID, DTYPE_NAMES, DTYPES, FORMAT_VERSION, FROM_BRANCH, HEAD_LEN,
+from .plan import (ABI_VERSION, DTYPE_NAMES, DTYPES, FORMAT_VERSION, FROM_BRANCH, HEAD_LEN,
                    HEADREC_LEN, KEY_LEN, KEY_NAMES, MAGIC, NORM_LEN, OP_ID, ROLES, STEP_LEN, TENSOR_LEN,
-                   TO_BRANCH, X2_BRANCH, Plan, Step, step_keys)
+                   TO_BRANCH, TORCH_DTYPE_ID, X2_BRANCH, Plan, Step, step_keys)
 
 FORMAT = "nextvit_kernels.model"
 PLAN_TENSOR = "__nvk_plan__"
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-_NVK_DTYPES = {DTYPES[name]: i for name, i in DTYPE_ID.items()}
 
 
 def _key_list(op: str, key: dict) -> list:
@@ -65,7 +64,7 @@ def _records(plan: Plan):
             named += [(names[0], scale.reshape(-1)), (names[1], shift.reshape(-1))]
             norms_json.append(dict(c=scale.numel(), tensors=names))
     n_classes = head_row[1] if plan.head is not None else 0
-    head = [MAGIC, FORMAT_VERSION, ABI_VERSION, _NVK_DTYPES[plan.dtype], len(plan.steps), len(named),
+    head = [MAGIC, FORMAT_VERSION, ABI_VERSION, TORCH_DTYPE_ID[plan.dtype], len(plan.steps), len(named),
             int(plan.head is not None), n_classes, len(norm_rows), 3] + [0] * (HEAD_LEN - 10)
     plan_len = HEAD_LEN + STEP_LEN * len(step_rows) + HEADREC_LEN + NORM_LEN * len(norm_rows) + TENSOR_LEN * len(named)
     off = 8 * plan_len
@@ -73,7 +72,7 @@ def _records(plan: Plan):
     for _, t in named:
         nbytes = t.numel() * t.element_size()
         dims = list(t.shape) + [0] * (4 - t.dim())
-        tensor_rows.append([off, nbytes, _NVK_DTYPES[plan.dtype], t.dim()] + dims)
+        tensor_rows.append([off, nbytes, TORCH_DTYPE_ID[plan.dtype], t.dim()] + dims)
         off += nbytes
     table = head + [v for r in step_rows for v in r] + head_row + [v for r in norm_rows for v in r] + \
         [v for r in tensor_rows for v in r]
@@ -107,7 +106,7 @@ def plan_bytes(plan: Plan, variant: str = "custom") -> bytes:
 
 def fold_for_runtime(model, dtype=torch.float16) -> Plan:
     """The model's folded plan on the CPU in ``dtype`` (the model itself is left as it was)."""
-    if dtype not in _NVK_DTYPES:
+    if dtype not in TORCH_DTYPE_ID:
         raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype}")
     was_training = model.training
     try:
@@ -145,7 +144,7 @@ def load_plan(src, device="cpu") -> Tuple[Plan, dict]:
         raise ValueError(f"not a {FORMAT} file (metadata format {meta.get('format')!r})")
     if int(meta.get("format_version", -1)) != FORMAT_VERSION:
         raise ValueError(f"model file format version {meta.get('format_version')}; this package reads {FORMAT_VERSION}")
-    dtype = {v: k for k, v in DTYPE_NAMES.items()}[meta["dtype"]]
+    dtype = DTYPES[meta["dtype"]]
     body = data[8 + hl:]
 
     def tensor(name):

@@ -25,6 +25,7 @@ OP_ID = {op: i for i, op in enumerate(OPS)}            # NVK_OP_* in csrc/src/nv
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ID = {"fp32": 0, "fp16": 1, "bf16": 2}           # nvk_dtype in nextvit_kernels.h
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+TORCH_DTYPE_ID = {DTYPES[name]: i for name, i in DTYPE_ID.items()}  # torch dtype -> nvk_dtype
 # Each op's shape key: what the C library looks its kernels up by, in this order. nchw = 1: the
 # stem's first conv reading contiguous NCHW images (the whole-model runtime takes either layout).
 KEY_NAMES: Dict[str, Tuple[str, ...]] = {
