@@ -10,7 +10,6 @@ HEAD_DIM = 32
 STEM_CHS = (64, 32, 64)
 SR_RATIOS = (8, 4, 2, 1)
 STRIDES = (1, 2, 2, 2)
-MIX_BLOCK_RATIO = 0.75
 VARIANTS: Dict[str, dict] = {
     "nextvit_small": dict(depths=(3, 4, 10, 3), path_dropout=0.1),
     "nextvit_base": dict(depths=(3, 4, 20, 3), path_dropout=0.2),
