@@ -87,7 +87,10 @@ typedef struct {
 
 /* Loads a model file onto `device` (its primary context, the one the CUDA runtime, torch and CuPy
  * use): parses and checks every byte, then allocates and uploads the weights. *model is NULL on
- * failure. */
+ * failure. device NVK_NO_DEVICE: parses and checks only, needing no driver; info, workspace sizes
+ * and output shapes are answered, a forward is refused (a server validating a file before
+ * placing it). */
+#define NVK_NO_DEVICE (-1)
 NVK_API nvk_status nvk_model_load(const char* path, int device, nvk_model** model);
 NVK_API nvk_status nvk_model_load_memory(const void* data, size_t size, int device, nvk_model** model);
 NVK_API void nvk_model_free(nvk_model* model); /* NULL: nothing */

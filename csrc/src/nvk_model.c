@@ -451,12 +451,12 @@ nvk_status nvk_model_load_memory(const void* data, size_t size, int device, nvk_
   if (!model) return BAD("nvk_model_load: model is NULL");
   *model = NULL;
   if (!data) return BAD("nvk_model_load: data is NULL");
-  if (device < 0) return BAD("nvk_model_load: device %d", device);
+  if (device < 0 && device != NVK_NO_DEVICE) return BAD("nvk_model_load: device %d", device);
   nvk_model* m = (nvk_model*)calloc(1, sizeof *m);
   if (!m) return nvki_fail(NVK_ERR_CUDA, "nvk_model_load: out of host memory");
   const unsigned char* blob = NULL;
   nvk_status st = parse(m, (const unsigned char*)data, size, &blob);
-  if (!st) st = upload(m, blob, device);
+  if (!st && device != NVK_NO_DEVICE) st = upload(m, blob, device);
   if (st) {
     release(m); /* what upload allocated before failing */
     return st;
@@ -652,7 +652,7 @@ static nvk_status plan_layout(const nvk_model* m, int batch, int h, int w_, int 
                               layout_t* L) {
   memset(L, 0, sizeof *L);
   if (!m) return BAD("%s: model is NULL", fn);
-  if (m->generation != nvki_driver_generation())
+  if (m->ctx && m->generation != nvki_driver_generation()) /* a NVK_NO_DEVICE model holds no driver state */
     return BAD("%s: the CUDA driver was reset (nvk_reset_driver) since this model was loaded: load it again", fn);
   CHK(batch > 0 && h > 0 && w_ > 0, "%s: batch, h, w must be positive, got %d, %d, %d", fn, batch, h, w_);
   CHK(features || m->n_classes, "%s: the model has no head (a backbone): use nvk_model_forward_features", fn);
@@ -699,6 +699,8 @@ nvk_status nvk_model_output_shape(const nvk_model* m, int batch, int h, int w_, 
 
 static nvk_status forward(const char* fn, const nvk_model* m, const void* x, nvk_layout layout, void* out,
                           void* const* feats, void* workspace, size_t ws_bytes, int batch, int h, int w_, void* stream) {
+  if (!m || !m->ctx)
+    return BAD("%s: %s", fn, m ? "the model was loaded with NVK_NO_DEVICE (checked, not uploaded)" : "model is NULL");
   int features = feats != NULL;
   layout_t L;
   nvk_status st = plan_layout(m, batch, h, w_, features, fn, &L);
