@@ -67,6 +67,10 @@ class CMakeBuild(build_ext):
         subprocess.run(cfg, check=True, env=env)
         subprocess.run(["cmake", "--build", build_temp], check=True, env=env)
         shutil.copy2(os.path.join(build_temp, "libnextvit_kernels.so"), os.path.join(pkg_dir, "libnextvit_kernels.so"))
+        # The Triton server backend (csrc/triton), built where nlohmann/json was found: serve.py runs it.
+        backend = os.path.join(build_temp, "csrc", "triton", "libtriton_nextvit.so")
+        if os.path.exists(backend):
+            shutil.copy2(backend, os.path.join(pkg_dir, "libtriton_nextvit.so"))
 
 
 setup(
@@ -82,8 +86,11 @@ setup(
         # cmake/ninja for the C library tests; matplotlib for the benchmark plots;
         # pytest-xdist runs the tests in parallel (and sanitized: tests/conftest.py).
         "test": ["pytest", "pytest-xdist>=3.2", "timm>=1.0", "torchvision", "safetensors", "onnx", "onnxruntime",
-                 "cmake", "ninja", "matplotlib", "pytest-benchmark", "hypothesis"],
+                 "cmake", "ninja", "matplotlib", "pytest-benchmark", "hypothesis",
+                 "tritonclient[http,grpc]>=2.51", "nlohmann-json"],
         "bench": ["timm>=1.0", "torchvision", "matplotlib"],
+        # the Triton Inference Server clients (python -m nextvit_kernels.serve, its tests and load test)
+        "serve": ["tritonclient[http,grpc]>=2.51"],
     },
     # No Python extension module: this entry only makes build_ext (CMakeBuild) run and names the
     # package folder the library is copied into.

@@ -162,21 +162,22 @@ def aot_output(args=AOT_ARGS) -> Path:
 
 def c_library(sanitized: bool = False) -> Path:
     """The CMake build folder of libnextvit_kernels.so over ``aot_output()``: plain (Release, with
-    the C example) or sanitized (Debug, ``SANITIZE`` flags, the library alone)."""
+    the C example) or sanitized (Debug, ``SANITIZE`` flags, without the example); both with the
+    Triton backend (``csrc/triton/libtriton_nextvit.so``) where nlohmann/json is installed."""
     from nextvit_kernels import aot
     aot_dir = aot_output()
     flags = " ".join(SANITIZE)
     cmake_args = ["-DNEXTVIT_TRT=OFF"]
     if sanitized:
         cmake_args += ["-DNEXTVIT_BUILD_EXAMPLES=OFF", "-DCMAKE_BUILD_TYPE=Debug", f"-DCMAKE_C_FLAGS={flags}",
-                       f"-DCMAKE_SHARED_LINKER_FLAGS={flags}"]
+                       f"-DCMAKE_CXX_FLAGS={flags}", f"-DCMAKE_SHARED_LINKER_FLAGS={flags}"]
 
     def build(d):
         aot.build_library(str(d), aot_dir=str(aot_dir), cmake_args=cmake_args,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
-    inputs = [ROOT / "csrc" / "src", ROOT / "csrc" / "include", ROOT / "csrc" / "examples",
-              ROOT / "CMakeLists.txt", ROOT / "nextvit_kernels" / "aot.py", str(aot_dir), cmake_args, sys.executable,
+    inputs = [ROOT / "csrc" / "src", ROOT / "csrc" / "include", ROOT / "csrc" / "examples", ROOT / "csrc" / "triton",
+              ROOT / "third_party" / "triton", ROOT / "CMakeLists.txt", ROOT / "nextvit_kernels" / "aot.py", str(aot_dir), cmake_args, sys.executable,
               tool_version([find_c_compiler() or "cc"]), tool_version(["cmake"])]
     return cached("clib-sanitized" if sanitized else "clib", inputs, build)
 
