@@ -2,8 +2,9 @@
  * CPU contract test of the nextvit TensorRT plugin library (tests/test_trt_contract.py runs it).
  *
  * It plays the host: it loads the library as IPluginRegistry::loadLibrary does (dlopen,
- * setLoggerFinder with a recording logger, getCreators), provides what libnvinfer would
- * (getInferLibVersion, getPluginRegistry) and drives every creator and plugin through the
+ * setLoggerFinder with a recording logger, getCreators), with a stand-in libnvinfer.so.<major>
+ * (fake_nvinfer.cpp: getInferLibVersion, getPluginRegistry) loaded as a host loads TensorRT,
+ * and drives every creator and plugin through the
  * IPluginV3One* methods TensorRT calls while building and running an engine. The plugins are
  * linked to a recording stub of the C library (nvk_stub.h), so the test checks what reaches it.
  * The expected shapes and C library arguments below are written out by hand from the plugins'
@@ -11,7 +12,13 @@
  *
  *   nextvit_trt_contract describe <lib>   JSON of the creators (names, versions, fields) on stdout
  *   nextvit_trt_contract check <lib>      all checks; "ok <group>" / "FAIL <group>: ..." lines
- *   nextvit_trt_contract static <lib>     the static-registration variant's registrations
+ * How the library meets the host's plugin registry, each in its own process:
+ *   nextvit_trt_contract dlopen <lib>       a host that only dlopens it, libnvinfer loaded RTLD_LOCAL
+ *                                           first (Triton's TensorRT backend): registered at load
+ *                                           under "nextvit", deregistered at unload
+ *   nextvit_trt_contract loadlibrary <lib>  IPluginRegistry::loadLibrary's calls after that: each
+ *                                           creator registered once, no refused registry call
+ *   nextvit_trt_contract no-nvinfer <lib>   no libnvinfer: nothing registered, getCreators works
  * Exit status 0 when every check passed.
  */
 #include "NvInferRuntime.h"
@@ -19,6 +26,9 @@
 #include "nvk_stub.h"
 #include "trt_test_host.h"
 
+#include <dlfcn.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -32,6 +42,12 @@
 
 using namespace nvinfer1;
 using namespace nvtrt_test;
+
+#define NVTRT_STR2(x) #x
+#define NVTRT_STR(x) NVTRT_STR2(x)
+#ifndef NVTRT_FAKE_NVINFER
+#error "NVTRT_FAKE_NVINFER: the path of the stand-in libnvinfer (CMakeLists.txt defines it)"
+#endif
 
 // ------------------------------------------------------------------ heap allocation counting
 // The harness's malloc family counts calls while gCountAllocs is set (operator new goes
@@ -74,104 +90,54 @@ extern "C" void* realloc(void* p, size_t n) noexcept
 }
 #endif
 
-// ------------------------------------------------------------------ what libnvinfer provides
+// ------------------------------------------------------------------ the host's libnvinfer
 namespace
 {
-int32_t gHostVersion = static_cast<int32_t>(NV_TENSORRT_VERSION);
-
-//! Records registerCreator calls (static registration); everything else is unused.
-class RecordingRegistry : public IPluginRegistry
+//! The stand-in libnvinfer.so.<major> (fake_nvinfer.cpp; NVTRT_FAKE_NVINFER is its path), loaded
+//! as a host loads TensorRT.
+struct Nvinfer
 {
-public:
-    std::vector<std::pair<IPluginCreatorInterface*, std::string>> registered;
-
-#if NV_TENSORRT_MAJOR < 11
-    // TensorRT 10's registry still has the deprecated IPluginCreator (IPluginV2) methods.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-    bool registerCreator(IPluginCreator&, AsciiChar const* const) noexcept override
-    {
-        return false;
-    }
-    IPluginCreator* const* getPluginCreatorList(int32_t* const n) const noexcept override
-    {
-        *n = 0;
-        return nullptr;
-    }
-    IPluginCreator* getPluginCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override
-    {
-        return nullptr;
-    }
-    bool deregisterCreator(IPluginCreator const&) noexcept override
-    {
-        return false;
-    }
-#pragma GCC diagnostic pop
-#endif
-    void setErrorRecorder(IErrorRecorder* const) noexcept override {}
-    IErrorRecorder* getErrorRecorder() const noexcept override
-    {
-        return nullptr;
-    }
-    bool isParentSearchEnabled() const override
-    {
-        return false;
-    }
-    void setParentSearchEnabled(bool const) override {}
-    PluginLibraryHandle loadLibrary(AsciiChar const*) noexcept override
-    {
-        return nullptr;
-    }
-    void deregisterLibrary(PluginLibraryHandle) noexcept override {}
-    bool registerCreator(IPluginCreatorInterface& creator, AsciiChar const* const ns) noexcept override
-    {
-        registered.emplace_back(&creator, ns != nullptr ? ns : "(null)");
-        return true;
-    }
-    IPluginCreatorInterface* const* getAllCreators(int32_t* const n) const noexcept override
-    {
-        *n = 0;
-        return nullptr;
-    }
-    IPluginCreatorInterface* getCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override
-    {
-        return nullptr;
-    }
-    bool deregisterCreator(IPluginCreatorInterface const&) noexcept override
-    {
-        return false;
-    }
-    IPluginResource* acquirePluginResource(AsciiChar const*, IPluginResource*) noexcept override
-    {
-        return nullptr;
-    }
-    int32_t releasePluginResource(AsciiChar const*) noexcept override
-    {
-        return 0;
-    }
-    IPluginCreatorInterface* const* getAllCreatorsRecursive(int32_t* const n) noexcept override
-    {
-        *n = 0;
-        return nullptr;
-    }
+    void* handle{nullptr};
+    IPluginRegistry* registry{nullptr};
+    void (*setVersion)(int32_t){nullptr};
+    int32_t (*failures)(){nullptr};
 };
 
-RecordingRegistry& registry()
+char const kNVINFER_SONAME[] = "libnvinfer.so." NVTRT_STR(NV_TENSORRT_MAJOR);
+
+//! dlopen with `scope` (RTLD_GLOBAL: a host linked to libnvinfer, as trtexec; RTLD_LOCAL: a
+//! dependency of a library the host dlopened, as Triton's TensorRT backend); exits when it
+//! cannot be loaded.
+Nvinfer loadNvinfer(int scope)
 {
-    static RecordingRegistry sRegistry;
-    return sRegistry;
+    Nvinfer nv;
+    nv.handle = dlopen(NVTRT_FAKE_NVINFER, RTLD_NOW | scope);
+    if (nv.handle != nullptr)
+    {
+        using GetRegistry = IPluginRegistry* (*) ();
+        auto const get = reinterpret_cast<GetRegistry>(dlsym(nv.handle, "getPluginRegistry"));
+        nv.registry = get != nullptr ? get() : nullptr;
+        nv.setVersion = reinterpret_cast<void (*)(int32_t)>(dlsym(nv.handle, "nvtrt_fake_set_version"));
+        nv.failures = reinterpret_cast<int32_t (*)()>(dlsym(nv.handle, "nvtrt_fake_registry_failures"));
+    }
+    if (nv.registry == nullptr || nv.setVersion == nullptr || nv.failures == nullptr)
+    {
+        char const* why = dlerror();
+        std::fprintf(stderr, "cannot use the stand-in libnvinfer %s: %s\n", NVTRT_FAKE_NVINFER, why != nullptr ? why : "?");
+        std::exit(2);
+    }
+    return nv;
+}
+
+//! Every creator `registry` holds, in its order.
+std::vector<IPluginCreatorInterface*> registeredCreators(IPluginRegistry& registry)
+{
+    int32_t n = -1;
+    IPluginCreatorInterface* const* list = registry.getAllCreators(&n);
+    return list != nullptr && n > 0 ? std::vector<IPluginCreatorInterface*>(list, list + n)
+                                    : std::vector<IPluginCreatorInterface*>{};
 }
 } // namespace
-
-extern "C" int32_t getInferLibVersion() noexcept
-{
-    return gHostVersion;
-}
-
-extern "C" IPluginRegistry* getPluginRegistry() noexcept
-{
-    return &registry();
-}
 
 namespace
 {
@@ -736,7 +702,7 @@ void checkBadFields(Library const& lib, Case const& c)
     }
 }
 
-void checkLibrary(Library const& lib)
+void checkLibrary(Library const& lib, Nvinfer const& nv)
 {
     {
         Group g("heap allocation counter");
@@ -792,14 +758,14 @@ void checkLibrary(Library const& lib)
     }
     {
         Group g("a host of another TensorRT major gets no creators and keeps its logger finder away");
-        gHostVersion = static_cast<int32_t>(NV_TENSORRT_VERSION_INT(NV_TENSORRT_MAJOR + 1, 0, 0));
+        nv.setVersion(static_cast<int32_t>(NV_TENSORRT_VERSION_INT(NV_TENSORRT_MAJOR + 1, 0, 0)));
         int32_t n = -1;
         IPluginCreatorInterface* const* list = lib.getCreators(n);
         check(n == 0 && list == nullptr, "creators handed to a TensorRT " + std::to_string(NV_TENSORRT_MAJOR + 1) + " host");
         TestLogger other;
         TestFinder otherFinder(&other);
         lib.setLoggerFinder(&otherFinder);
-        gHostVersion = static_cast<int32_t>(NV_TENSORRT_VERSION);
+        nv.setVersion(static_cast<int32_t>(NV_TENSORRT_VERSION));
         FieldSet fs;
         IPluginCreatorV3One* creator = creatorOf(lib, "NextViTPatchEmbed");
         check(creator != nullptr && creator->createPlugin("layer", fs.fc(), TensorRTPhase::kBUILD) == nullptr, "missing stride accepted");
@@ -837,38 +803,198 @@ void describe(Library const& lib)
     std::printf("]}\n");
 }
 
-void checkStaticRegistration(char const* path)
+//! The names of the plugins the library must have (every plugin of cases()).
+std::set<std::string> pluginNames()
 {
-    registry().registered.clear();
-    Library const lib = openOrExit(path);
-    Group g("static registration");
-    auto const cs = creators(lib);
-    check(registry().registered.size() == cs.size() && !cs.empty(),
-        "registered " + std::to_string(registry().registered.size()) + " of " + std::to_string(cs.size()) + " creators");
-    for (auto const& r : registry().registered)
+    std::set<std::string> names;
+    for (auto const& c : cases())
     {
-        auto* c = static_cast<IPluginCreatorV3One*>(r.first);
-        check(r.second == c->getPluginNamespace(),
-            std::string(c->getPluginName()) + " registered under namespace '" + r.second + "' but reports '" + c->getPluginNamespace() + "'");
-        check(cs.count(c->getPluginName()) == 1 && cs.at(c->getPluginName()) == c, "registered a creator getCreators does not list");
+        names.insert(c.plugin);
     }
+    return names;
+}
+
+std::string dlError()
+{
+    char const* why = dlerror();
+    return why != nullptr ? why : "?";
+}
+
+//! False, with a failed check, when `path` is still loaded: its static destructors have not run.
+bool unloaded(char const* path)
+{
+    void* const still = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    check(still == nullptr, std::string(path) + " is still loaded after its last dlclose");
+    if (still != nullptr)
+    {
+        dlclose(still);
+    }
+    return still == nullptr;
+}
+
+//! The registry holds exactly `expected`'s creators, each once, each under the namespace it
+//! reports ("nextvit"), version "1", as the library's own creators `mine` (nullptr: any).
+void checkRegistered(IPluginRegistry& registry, std::set<std::string> const& expected, Library const* mine)
+{
+    std::vector<IPluginCreatorInterface*> const all = registeredCreators(registry);
+    check(all.size() == expected.size(),
+        std::to_string(all.size()) + " creators registered instead of " + std::to_string(expected.size()));
+    std::map<std::string, IPluginCreatorV3One*> const own
+        = mine != nullptr ? creators(*mine) : std::map<std::string, IPluginCreatorV3One*>{};
+    for (auto const& name : expected)
+    {
+        IPluginCreatorInterface* const c = registry.getCreator(name.c_str(), "1", "nextvit");
+        check(c != nullptr, name + " version 1 is not registered under namespace nextvit");
+        if (c == nullptr)
+        {
+            continue;
+        }
+        check(std::count(all.begin(), all.end(), c) == 1, name + " is registered more than once");
+        check(std::strcmp(c->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0, name + " is not a V3One creator");
+        check(std::string(static_cast<IPluginCreatorV3One*>(c)->getPluginNamespace()) == "nextvit",
+            name + " registered under nextvit reports another namespace");
+        check(mine == nullptr || (own.count(name) == 1 && own.at(name) == c), name + ": not the creator getCreators hands out");
+    }
+}
+
+//! (a) A host that only dlopens the library (Triton's TensorRT backend, trtexec
+//! --staticPlugins), its libnvinfer loaded RTLD_LOCAL before, out of the global scope: the
+//! library finds it by SONAME, registers every creator under "nextvit", deregisters them when
+//! unloaded. A host of another major gets nothing registered.
+void checkDlopenOnly(char const* path)
+{
+    Nvinfer const nv = loadNvinfer(RTLD_LOCAL);
+    std::set<std::string> const expected = pluginNames();
+    {
+        Group g("dlopen: the host's libnvinfer is out of the global scope");
+        check(dlsym(RTLD_DEFAULT, "getPluginRegistry") == nullptr && dlsym(RTLD_DEFAULT, "getInferLibVersion") == nullptr,
+            "getPluginRegistry / getInferLibVersion reachable through the global scope: the SONAME look-up is not tested");
+        check(registeredCreators(*nv.registry).empty(), "the registry is not empty before the library is loaded");
+    }
+    {
+        Group g("dlopen under a TensorRT of another major registers nothing");
+        nv.setVersion(static_cast<int32_t>(NV_TENSORRT_VERSION_INT(NV_TENSORRT_MAJOR + 1, 0, 0)));
+        void* const h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        nv.setVersion(static_cast<int32_t>(NV_TENSORRT_VERSION));
+        check(h != nullptr, "dlopen failed: " + dlError());
+        check(registeredCreators(*nv.registry).empty(), "creators registered with a TensorRT of another major");
+        if (h != nullptr)
+        {
+            dlclose(h);
+            unloaded(path);
+        }
+        check(registeredCreators(*nv.registry).empty() && nv.failures() == 0, "the unload touched the registry");
+    }
+    void* const h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    {
+        Group g("dlopen registers every creator under namespace nextvit");
+        check(h != nullptr, "dlopen failed: " + dlError());
+        checkRegistered(*nv.registry, expected, nullptr);
+        check(nv.failures() == 0, std::to_string(nv.failures()) + " registry calls refused");
+    }
+    {
+        Group g("dlclose deregisters them");
+        if (h != nullptr)
+        {
+            dlclose(h);
+            unloaded(path);
+        }
+        // only counted: the creators' code is unmapped
+        check(registeredCreators(*nv.registry).empty(),
+            std::to_string(registeredCreators(*nv.registry).size()) + " creators left registered after dlclose");
+        check(nv.failures() == 0, std::to_string(nv.failures()) + " registry calls refused");
+    }
+}
+
+//! (b) IPluginRegistry::loadLibrary's way, after the library registered itself on dlopen:
+//! setLoggerFinder, getCreators, registerCreator for each; then deregisterLibrary's way. Each
+//! creator ends up registered exactly once, no registry call is refused, nothing is logged.
+void checkLoadLibrary(char const* path)
+{
+    Nvinfer const nv = loadNvinfer(RTLD_GLOBAL); // trtexec links libnvinfer
+    std::set<std::string> const expected = pluginNames();
+    Library const lib = openOrExit(path);
+    {
+        Group g("loadLibrary: setLoggerFinder, getCreators, registerCreator each");
+        check(registeredCreators(*nv.registry).size() == expected.size(), "the library did not register itself on dlopen");
+        lib.setLoggerFinder(&gFinder);
+        int32_t n = -1;
+        IPluginCreatorInterface* const* list = lib.getCreators(n);
+        check(list != nullptr && n == static_cast<int32_t>(expected.size()), "getCreators handed out " + std::to_string(n));
+        for (int32_t i = 0; list != nullptr && i < n; ++i)
+        {
+            // loadLibrary registers a creator under the namespace it reports
+            auto* c = static_cast<IPluginCreatorV3One*>(list[i]);
+            check(nv.registry->registerCreator(*c, c->getPluginNamespace()),
+                std::string("registerCreator refused ") + c->getPluginName() + " (still registered from the dlopen?)");
+        }
+        checkRegistered(*nv.registry, expected, &lib);
+        check(nv.failures() == 0, std::to_string(nv.failures()) + " registry calls refused");
+        check(!gLogger.hasError(), "errors logged:" + gLogger.dump());
+    }
+    {
+        Group g("a later getCreators leaves loadLibrary's registrations alone");
+        int32_t n = -1;
+        check(lib.getCreators(n) != nullptr && n == static_cast<int32_t>(expected.size()), "getCreators failed");
+        checkRegistered(*nv.registry, expected, &lib);
+        check(nv.failures() == 0 && !gLogger.hasError(), "a registry call refused or an error logged:" + gLogger.dump());
+    }
+    {
+        Group g("deregisterLibrary: deregisterCreator each, dlclose; nothing deregistered twice");
+        for (auto const& kv : creators(lib))
+        {
+            check(nv.registry->deregisterCreator(*kv.second), kv.first + " could not be deregistered");
+        }
+        dlclose(lib.handle);
+        unloaded(path);
+        check(registeredCreators(*nv.registry).empty(), "creators left registered");
+        check(nv.failures() == 0, std::to_string(nv.failures()) + " registry calls refused (the unload deregistered "
+            "what loadLibrary owned?)");
+    }
+}
+
+//! (c) No libnvinfer in the process: dlopen works, registers nothing, getCreators hands out
+//! every creator. A TensorRT loaded afterwards is left alone, by getCreators and by the unload.
+void checkWithoutNvinfer(char const* path)
+{
+    std::set<std::string> const expected = pluginNames();
+    Group g("no libnvinfer: dlopen, getCreators, dlclose");
+    void* const present = dlopen(kNVINFER_SONAME, RTLD_NOW | RTLD_NOLOAD);
+    check(present == nullptr && dlsym(RTLD_DEFAULT, "getPluginRegistry") == nullptr,
+        "a libnvinfer / getPluginRegistry is in the process already");
+    Library const lib = openOrExit(path);
+    lib.setLoggerFinder(&gFinder);
+    auto const cs = creators(lib);
+    check(cs.size() == expected.size(), "getCreators handed out " + std::to_string(cs.size()) + " V3One creators");
+    Nvinfer const nv = loadNvinfer(RTLD_LOCAL);
+    check(registeredCreators(*nv.registry).empty(), "creators registered in a libnvinfer loaded after the library");
+    check(creators(lib).size() == expected.size(), "getCreators failed with a libnvinfer loaded");
+    dlclose(lib.handle);
+    unloaded(path);
+    check(registeredCreators(*nv.registry).empty() && nv.failures() == 0,
+        "a registry loaded after the library was touched: " + std::to_string(nv.failures()) + " calls refused");
+    check(!gLogger.hasError(), "errors logged:" + gLogger.dump());
 }
 } // namespace
 
 int main(int argc, char** argv)
 {
-    if (argc != 3)
+    std::string const mode = argc == 3 ? argv[1] : "";
+    if (mode == "dlopen")
     {
-        std::fprintf(stderr, "usage: %s describe|check|static <plugin library>\n", argv[0]);
-        return 2;
+        checkDlopenOnly(argv[2]);
     }
-    std::string const mode = argv[1];
-    if (mode == "static")
+    else if (mode == "loadlibrary")
     {
-        checkStaticRegistration(argv[2]);
+        checkLoadLibrary(argv[2]);
     }
-    else
+    else if (mode == "no-nvinfer")
     {
+        checkWithoutNvinfer(argv[2]);
+    }
+    else if (mode == "describe" || mode == "check")
+    {
+        Nvinfer const nv = loadNvinfer(RTLD_GLOBAL); // as in trtexec, which links libnvinfer
         Library const lib = openOrExit(argv[2]);
         lib.setLoggerFinder(&gFinder); // TensorRT's order: the logger first, then the creators
         if (mode == "describe")
@@ -876,7 +1002,12 @@ int main(int argc, char** argv)
             describe(lib);
             return 0;
         }
-        checkLibrary(lib);
+        checkLibrary(lib, nv);
+    }
+    else
+    {
+        std::fprintf(stderr, "usage: %s describe|check|dlopen|loadlibrary|no-nvinfer <plugin library>\n", argv[0]);
+        return 2;
     }
     std::printf("%d failed checks\n", gFailures);
     return gFailures == 0 ? 0 : 1;
