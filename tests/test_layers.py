@@ -27,7 +27,7 @@ LAYERS = [
     {"checkpoint"},
     {"cli", "harness", "onnx_export", "testing"},
     {"__init__"},  # the package facade: imports lazily whatever a user asks for
-    {"aot", "bench"},
+    {"aot", "bench", "serve"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
