@@ -318,3 +318,120 @@ def test_without_the_stand_in_the_library_is_unchanged():
     st = lib.head(x.data_ptr(), w.data_ptr(), b.data_ptr(), out.data_ptr(), bsz, h, wd, c, w.shape[0], 0, 0)
     assert st == 4 and lib.last_error().startswith("no CUDA driver: dlopen(libcuda.so.1) failed"), lib.last_error()
     assert torch.isnan(out).all()
+
+
+# ------------------------------------------------------------------ entry points a server needs
+class Driver:
+    """The stand-in's driver entry points through ctypes, device 0's primary context current."""
+
+    def __init__(self):
+        d = self.d = ctypes.CDLL(testing.driver_library())
+        P, U, VP, SZ = ctypes.POINTER, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t
+        sigs = {"cuDevicePrimaryCtxRetain": [P(VP), ctypes.c_int], "cuCtxSetCurrent": [VP],
+                "cuDevicePrimaryCtxRelease": [ctypes.c_int], "cuDevicePrimaryCtxRelease_v2": [ctypes.c_int],
+                "cuMemAlloc_v2": [P(U), SZ], "cuMemFree_v2": [U], "cuMemcpyHtoD_v2": [U, VP, SZ],
+                "cuMemcpyDtoHAsync_v2": [VP, U, SZ, VP], "cuMemcpyDtoDAsync_v2": [U, U, SZ, VP],
+                "cuMemsetD8Async": [U, ctypes.c_ubyte, SZ, VP], "cuStreamCreate": [P(VP), ctypes.c_uint],
+                "cuStreamDestroy_v2": [VP], "cuStreamSynchronize": [VP],
+                "cuGetErrorString": [ctypes.c_int, P(ctypes.c_char_p)], "nvkcpu_counters": [P(ctypes.c_longlong)]}
+        for name, args in sigs.items():
+            getattr(d, name).argtypes = args
+        ctx = ctypes.c_void_p()
+        assert d.cuInit(0) == 0 and d.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0) == 0
+        assert d.cuCtxSetCurrent(ctx) == 0
+
+    def ok(self, rc):
+        assert rc == 0, _message(self.d, rc)
+
+    def refused(self, rc, code, match):
+        msg = _message(self.d, rc)
+        assert rc == code and re.search(match, msg), (rc, msg)
+
+    def stream(self):
+        s = ctypes.c_void_p()
+        self.ok(self.d.cuStreamCreate(ctypes.byref(s), 0))
+        return s.value
+
+    def alloc(self, n):
+        p = ctypes.c_uint64()
+        self.ok(self.d.cuMemAlloc_v2(ctypes.byref(p), n))
+        return p.value
+
+    def counters(self):
+        out = (ctypes.c_longlong * len(testing.COUNTERS))()
+        self.d.nvkcpu_counters(out)
+        return dict(zip(testing.COUNTERS, out))
+
+
+def test_streams_are_reused_after_destroy():
+    """A server creates and destroys streams at every model load: far more than the 1024 the
+    stand-in holds at once over a process's life; a destroyed handle is refused until reused."""
+    drv = Driver()
+    d = drv.d
+    for _ in range(3000):
+        drv.ok(d.cuStreamDestroy_v2(drv.stream()))
+    live = [drv.stream() for _ in range(5)]
+    assert len(set(live)) == 5
+    drv.ok(d.cuStreamDestroy_v2(live[2]))
+    drv.refused(d.cuStreamSynchronize(live[2]), 400, r"cuStreamSynchronize: 0x[0-9a-f]+ is not a stream")
+    drv.refused(d.cuStreamDestroy_v2(live[2]), 400, r"cuStreamDestroy: 0x[0-9a-f]+ is not a created stream")
+    live[2] = drv.stream()  # the lowest free slot: the one just destroyed
+    drv.ok(d.cuStreamSynchronize(live[2]))
+    more = []
+    s = ctypes.c_void_p()
+    while (rc := d.cuStreamCreate(ctypes.byref(s), 0)) == 0 and len(more) < 2000:
+        more.append(s.value)
+    drv.refused(rc, 2, r"cuStreamCreate: more than 1024 streams alive")
+    for s in live + more:
+        drv.ok(d.cuStreamDestroy_v2(s))
+
+
+def test_async_copies_and_memset_check_their_buffers():
+    """cuMemcpyDtoHAsync_v2, cuMemcpyDtoDAsync_v2 and cuMemsetD8Async copy like their synchronous
+    kin, with the same direction checks (a device side must lie in one known buffer, a host side is
+    not checked), and count as copies / memsets only when done."""
+    drv = Driver()
+    d = drv.d
+    a, b, s = drv.alloc(64), drv.alloc(64), drv.stream()
+    host = (ctypes.c_ubyte * 64)(*range(64))
+    back = (ctypes.c_ubyte * 64)()
+    before = drv.counters()
+    drv.ok(d.cuMemcpyHtoD_v2(a, host, 64))
+    drv.ok(d.cuMemcpyDtoDAsync_v2(b, a, 64, s))
+    drv.ok(d.cuMemsetD8Async(a + 8, 0xEE, 16, None))
+    drv.ok(d.cuMemcpyDtoHAsync_v2(back, b, 64, s))
+    assert list(back) == list(range(64))
+    drv.ok(d.cuMemcpyDtoHAsync_v2(back, a, 64, s))
+    assert list(back) == list(range(8)) + [0xEE] * 16 + list(range(24, 64))
+    after = drv.counters()
+    assert (after["copies"] - before["copies"], after["memsets"] - before["memsets"]) == (4, 1), (before, after)
+    host_ptr = ctypes.addressof(host)
+    drv.refused(d.cuMemcpyDtoDAsync_v2(b, a + 1, 64, s), 1, r"cuMemcpyDtoDAsync: 64 bytes at source 0x")
+    drv.refused(d.cuMemcpyDtoDAsync_v2(host_ptr, a, 64, s), 1, r"cuMemcpyDtoDAsync: 64 bytes at destination 0x")
+    drv.refused(d.cuMemcpyDtoHAsync_v2(back, host_ptr, 64, s), 1, r"cuMemcpyDtoHAsync: 64 bytes at source 0x")
+    drv.refused(d.cuMemsetD8Async(a + 60, 0, 8, s), 1, r"cuMemsetD8Async: 8 bytes at 0x[0-9a-f]+ are not inside")
+    drv.refused(d.cuMemcpyDtoHAsync_v2(back, a, 64, 0x5000 + 4000), 400, r"cuMemcpyDtoHAsync: 0x[0-9a-f]+ is not a stream")
+    drv.ok(d.cuStreamDestroy_v2(s))
+    drv.refused(d.cuMemsetD8Async(a, 0, 8, s), 400, r"cuMemsetD8Async: 0x[0-9a-f]+ is not a stream")
+    assert drv.counters() == after, "a refused copy was counted"
+    drv.ok(d.cuMemFree_v2(a))
+    drv.ok(d.cuMemFree_v2(b))
+
+
+def test_primary_context_release_pairs_with_retain():
+    """Both names libcuda exports (cuda.h 11+ calls the _v2 one); a release without a retain is refused."""
+    drv = Driver()  # one retain
+    d = drv.d
+    ctx = ctypes.c_void_p()
+    drv.ok(d.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0))
+    drv.ok(d.cuDevicePrimaryCtxRelease(0))
+    drv.ok(d.cuDevicePrimaryCtxRelease_v2(0))
+    drv.refused(d.cuDevicePrimaryCtxRelease_v2(1), 101, r"cuDevicePrimaryCtxRelease: device 1")
+    for _ in range(100000):  # the retains of everything else in this process (the C library's)
+        rc = d.cuDevicePrimaryCtxRelease_v2(0)
+        if rc:
+            break
+    drv.refused(rc, 201, r"cuDevicePrimaryCtxRelease: device 0's primary context is not retained")
+    drv.ok(d.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), 0))  # the context is the same and usable again
+    drv.ok(d.cuCtxSetCurrent(ctx))
+    drv.ok(d.cuStreamDestroy_v2(drv.stream()))

@@ -42,7 +42,7 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_driver.c
 _CFLAGS = ["-O2", "-g", "-std=c11", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", "-pthread"]
 _LAUNCH_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, *([ctypes.c_uint] * 7),
                               ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int)
-COUNTERS = ("launches", "allocs", "frees", "copies", "syncs", "live_allocs", "live_bytes")
+COUNTERS = ("launches", "allocs", "frees", "copies", "syncs", "live_allocs", "live_bytes", "memsets")
 
 
 def _cache_dir() -> str:
@@ -128,8 +128,8 @@ class CpuDriver:
 
     # -------------------------------------------------------------- counters, faults
     def counters(self) -> dict:
-        """Launches, cuMemAlloc / cuMemFree calls, copies and synchronizations since the last
-        ``reset_counters``, and the cuMemAlloc allocations alive now and their bytes."""
+        """Launches, cuMemAlloc / cuMemFree calls, copies, synchronizations and memsets since the
+        last ``reset_counters``, and the cuMemAlloc allocations alive now and their bytes."""
         out = (ctypes.c_longlong * len(COUNTERS))()
         self._lib.nvkcpu_counters(out)
         return dict(zip(COUNTERS, out))

@@ -113,7 +113,7 @@ typedef struct {
 } function_t;
 
 typedef struct {
-  int live;
+  int live; /* read without the lock by stream_index: atomic */
 } stream_t;
 
 /* Handles are small integers (index + 1) so that a bad handle is a bounds check, not a
@@ -126,11 +126,12 @@ static int g_nmods;
 static function_t g_funcs[MAX_FUNCTIONS];
 static int g_nfuncs;
 static stream_t g_streams[MAX_STREAMS];
-static int g_nstreams;
+static int g_nstreams; /* slots ever used; destroyed ones are reused. Atomic: read without the lock */
 
 static int g_cc = 90;
 static int g_initialized;
-static long long g_launches, g_allocs, g_frees, g_copies, g_syncs, g_live_allocs, g_live_bytes;
+static long long g_launches, g_allocs, g_frees, g_copies, g_syncs, g_memsets, g_live_allocs, g_live_bytes;
+static long long g_primary_refs; /* cuDevicePrimaryCtxRetain minus cuDevicePrimaryCtxRelease */
 static long long g_fail_alloc_after = -1; /* >= 0: that many more cuMemAlloc succeed, then fail */
 
 /* The launch callback: (entry name, image, grid, block, dynamic shared bytes, stream,
@@ -238,8 +239,8 @@ void nvkcpu_fail_alloc_after(long long n) { g_fail_alloc_after = n; }
 void nvkcpu_set_error(int code, const char* msg) { fail(code, "%s", msg ? msg : "?"); }
 
 /* Counters since the last nvkcpu_reset_counters: launches, cuMemAlloc, cuMemFree, copies,
- * synchronizations; and the allocations alive now, and their bytes (as requested). */
-void nvkcpu_counters(long long out[7]) {
+ * synchronizations; the allocations alive now, and their bytes (as requested); memsets. */
+void nvkcpu_counters(long long out[8]) {
   pthread_mutex_lock(&g_lock);
   out[0] = g_launches;
   out[1] = g_allocs;
@@ -248,12 +249,13 @@ void nvkcpu_counters(long long out[7]) {
   out[4] = g_syncs;
   out[5] = g_live_allocs;
   out[6] = g_live_bytes;
+  out[7] = g_memsets;
   pthread_mutex_unlock(&g_lock);
 }
 
 void nvkcpu_reset_counters(void) {
   pthread_mutex_lock(&g_lock);
-  g_launches = g_allocs = g_frees = g_copies = g_syncs = 0;
+  g_launches = g_allocs = g_frees = g_copies = g_syncs = g_memsets = 0;
   pthread_mutex_unlock(&g_lock);
 }
 
@@ -317,9 +319,30 @@ CUresult cuDevicePrimaryCtxRetain(void** c, int d) {
   NEED_INIT();
   if (!c) return ERR_INVALID_VALUE;
   if (d != 0) return fail(ERR_INVALID_DEVICE, "cuDevicePrimaryCtxRetain: device %d", d);
+  pthread_mutex_lock(&g_lock);
+  ++g_primary_refs;
+  pthread_mutex_unlock(&g_lock);
   *c = CTX;
   return OK;
 }
+
+/* The context stays usable when the count reaches 0 (a driver would destroy it): the stand-in's
+ * memory is host memory, and a later retain gets the same context. A release without a retain is
+ * the caller's bug, which a driver reports too. cuda.h 11+ names the call cuDevicePrimaryCtxRelease_v2
+ * (a #define); libcuda exports both names, and so does the stand-in. */
+CUresult cuDevicePrimaryCtxRelease_v2(int d) {
+  NEED_INIT();
+  if (d != 0) return fail(ERR_INVALID_DEVICE, "cuDevicePrimaryCtxRelease: device %d", d);
+  pthread_mutex_lock(&g_lock);
+  long long refs = g_primary_refs;
+  if (refs > 0) --g_primary_refs;
+  pthread_mutex_unlock(&g_lock);
+  if (refs <= 0)
+    return fail(ERR_INVALID_CONTEXT, "cuDevicePrimaryCtxRelease: device 0's primary context is not retained");
+  return OK;
+}
+
+CUresult cuDevicePrimaryCtxRelease(int d) { return cuDevicePrimaryCtxRelease_v2(d); }
 
 CUresult cuCtxGetCurrent(void** c) {
   NEED_INIT();
@@ -386,32 +409,39 @@ CUresult cuCtxSynchronize(void) {
 static int stream_index(void* s) {
   uintptr_t v = (uintptr_t)s;
   if (!v || v == LEGACY || v == PER_THREAD) return 0;
-  if (v < STREAM_BASE + 1 || v > STREAM_BASE + (uintptr_t)g_nstreams) return -1;
+  if (v < STREAM_BASE + 1 || v > STREAM_BASE + (uintptr_t)__atomic_load_n(&g_nstreams, __ATOMIC_ACQUIRE)) return -1;
   int i = (int)(v - STREAM_BASE - 1);
-  return g_streams[i].live ? i + 1 : -1;
+  return __atomic_load_n(&g_streams[i].live, __ATOMIC_ACQUIRE) ? i + 1 : -1;
 }
 
+/* A destroyed stream's slot is handed out again (a server creates and destroys streams at every
+ * model load): its old handle then names the new stream, as a reused CUstream does on a GPU. */
 CUresult cuStreamCreate(void** s, unsigned flags) {
   NEED_INIT();
   (void)flags;
   if (!s) return ERR_INVALID_VALUE;
   if (!t_depth) return fail(ERR_INVALID_CONTEXT, "cuStreamCreate: no context is current");
   pthread_mutex_lock(&g_lock);
-  if (g_nstreams == MAX_STREAMS) {
+  int i = 0;
+  while (i < g_nstreams && g_streams[i].live) ++i;
+  if (i == MAX_STREAMS) {
     pthread_mutex_unlock(&g_lock);
-    return fail(ERR_OUT_OF_MEMORY, "cuStreamCreate: more than %d streams", MAX_STREAMS);
+    return fail(ERR_OUT_OF_MEMORY, "cuStreamCreate: more than %d streams alive", MAX_STREAMS);
   }
-  g_streams[g_nstreams].live = 1;
-  *s = (void*)(STREAM_BASE + (uintptr_t)++g_nstreams);
+  __atomic_store_n(&g_streams[i].live, 1, __ATOMIC_RELEASE);
+  if (i == g_nstreams) __atomic_store_n(&g_nstreams, i + 1, __ATOMIC_RELEASE);
+  *s = (void*)(STREAM_BASE + (uintptr_t)i + 1);
   pthread_mutex_unlock(&g_lock);
   return OK;
 }
 
 CUresult cuStreamDestroy_v2(void* s) {
   NEED_INIT();
+  pthread_mutex_lock(&g_lock);
   int i = stream_index(s);
+  if (i > 0) __atomic_store_n(&g_streams[i - 1].live, 0, __ATOMIC_RELEASE);
+  pthread_mutex_unlock(&g_lock);
   if (i <= 0) return fail(ERR_INVALID_HANDLE, "cuStreamDestroy: %p is not a created stream", s);
-  g_streams[i - 1].live = 0;
   return OK;
 }
 
@@ -510,6 +540,39 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* 
 
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
   return copy(dst, (const void*)(uintptr_t)src, n, 0, 1, "cuMemcpyDtoH");
+}
+
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* stream) {
+  if (stream_index(stream) < 0) return fail(ERR_INVALID_HANDLE, "cuMemcpyDtoHAsync: %p is not a stream", stream);
+  return copy(dst, (const void*)(uintptr_t)src, n, 0, 1, "cuMemcpyDtoHAsync");
+}
+
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+  return copy((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n, 1, 1, "cuMemcpyDtoD");
+}
+
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* stream) {
+  if (stream_index(stream) < 0) return fail(ERR_INVALID_HANDLE, "cuMemcpyDtoDAsync: %p is not a stream", stream);
+  return copy((void*)(uintptr_t)dst, (const void*)(uintptr_t)src, n, 1, 1, "cuMemcpyDtoDAsync");
+}
+
+static CUresult memset8(CUdeviceptr dst, unsigned char value, size_t n, const char* fn) {
+  NEED_INIT();
+  if (!n) return OK;
+  pthread_mutex_lock(&g_lock);
+  long i = find_locked((uintptr_t)dst, n);
+  if (i >= 0) ++g_memsets;
+  pthread_mutex_unlock(&g_lock);
+  if (i < 0) return fail(ERR_INVALID_VALUE, "%s: %zu bytes at %#llx are not inside one known buffer", fn, n, dst);
+  memset((void*)(uintptr_t)dst, value, n);
+  return OK;
+}
+
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char value, size_t n) { return memset8(dst, value, n, "cuMemsetD8"); }
+
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char value, size_t n, void* stream) {
+  if (stream_index(stream) < 0) return fail(ERR_INVALID_HANDLE, "cuMemsetD8Async: %p is not a stream", stream);
+  return memset8(dst, value, n, "cuMemsetD8Async");
 }
 
 CUresult cuPointerGetAttribute(void* data, int attr, CUdeviceptr p) {
