@@ -24,8 +24,8 @@ import _util
 # The test modules whose tests load C code under test into the test process (or run children
 # that do): they run on sanitized workers only. In a split run a plain worker refuses to load
 # the C library for a module not listed here (_util.c_library_with).
-SANITIZED_MODULES = ("test_clib_cpu.py", "test_cpu_driver.py", "test_runtime.py", "test_trt_numerics.py",
-                     "test_clib_sanitizers.py")
+SANITIZED_MODULES = ("test_clib_cpu.py", "test_cpu_driver.py", "test_cpu_driver_hosted.py", "test_runtime.py",
+                     "test_trt_numerics.py", "test_clib_sanitizers.py")
 KIND_ENV = _util.WORKER_KIND_ENV
 _RESTORE = "NEXTVIT_SANITIZER_RESTORE"  # the environment before the preload, for a worker's children
 

@@ -24,6 +24,26 @@ fails with a message naming the kernel: the C call returns ``NVK_ERR_CUDA`` with
 ``CpuDriver.errors`` lists it. ``execute=False``: launches are checked and counted, nothing runs
 (host-time measurements of the C paths). What this cannot check: the cubins themselves (they are
 never executed; the interpreter runs the Triton source they were compiled from).
+
+Hosted execute mode: a process that is not Python (a C program, an inference server loading a
+backend that links the C library) gets computed launches too. Start it with the variables of
+``hosted_environment()``:
+
+    env = dict(os.environ, **testing.hosted_environment())   # library=PATH: that C library
+    subprocess.run(["./my_server", ...], env=env)
+
+``$NEXTVIT_CUDA_DRIVER`` names the stand-in and ``TRITON_INTERPRET=1`` asks for execution: with no
+callback installed, the stand-in's first launch loads the libpython that
+``$NEXTVIT_CPU_DRIVER_PYTHON`` names (or joins the process's own Python), adds each directory of
+``$NEXTVIT_CPU_DRIVER_PYTHONPATH`` (this process's ``sys.path``) with ``site.addsitedir``, so that
+a venv's .pth files and editable installs work, and calls ``_host``, which installs the callback
+above; the manifest is the one of the C library that made that launch (``$NEXTVIT_CLIB`` or the
+installed library where it cannot be told). Launches from any thread then run under the
+interpreter, each taking the GIL. A bootstrap that fails (a variable missing, an import error)
+fails every launch with its reason (``cuGetErrorString``), never a silent count; without
+``TRITON_INTERPRET=1`` launches are counted as before. A Python process's ``cpu_driver`` decides
+on its own (``execute=False`` counts whatever ``TRITON_INTERPRET`` says). The embedded Python finds
+its standard library from libpython's built-in prefix (set ``PYTHONHOME`` for a relocated one).
 """
 import contextlib
 import ctypes
@@ -31,15 +51,23 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-__all__ = ["cpu_driver", "CpuDriver", "driver_library", "DRIVER_ENV"]
+__all__ = ["cpu_driver", "CpuDriver", "driver_library", "hosted_environment", "DRIVER_ENV", "PYTHON_ENV",
+           "PYTHONPATH_ENV"]
 
 DRIVER_ENV = "NEXTVIT_CUDA_DRIVER"  # read by the C library when it opens its CUDA driver
+# read by the stand-in's hosted execute mode (cpu_driver.c): the libpython to embed, and the
+# directories its bootstrap adds to sys.path
+PYTHON_ENV = "NEXTVIT_CPU_DRIVER_PYTHON"
+PYTHONPATH_ENV = "NEXTVIT_CPU_DRIVER_PYTHONPATH"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_driver.c")
 _CFLAGS = ["-O2", "-g", "-std=c11", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", "-pthread"]
+_LIBS = ["-ldl"]  # dlopen / dladdr of the hosted mode live in libdl before glibc 2.34
 _LAUNCH_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, *([ctypes.c_uint] * 7),
                               ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int)
 COUNTERS = ("launches", "allocs", "frees", "copies", "syncs", "live_allocs", "live_bytes", "memsets")
@@ -61,12 +89,12 @@ def driver_library(extra_cflags=()) -> str:
     if cc is None:
         raise RuntimeError("the CPU driver stand-in needs a C compiler (cc or $CC) to build cpu_driver.c")
     with open(_SOURCE, "rb") as f:
-        key = hashlib.sha1(f.read() + " ".join([cc] + flags).encode()).hexdigest()[:16]
+        key = hashlib.sha1(f.read() + " ".join([cc] + flags + _LIBS).encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"libnvk_cpu_driver-{key}.so")
     if not os.path.exists(path):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
         os.close(fd)
-        r = subprocess.run([cc, *flags, "-o", tmp, _SOURCE], capture_output=True, text=True)
+        r = subprocess.run([cc, *flags, "-o", tmp, _SOURCE, *_LIBS], capture_output=True, text=True)
         if r.returncode:
             os.unlink(tmp)
             raise RuntimeError(f"building the CPU driver stand-in failed:\n{' '.join([cc, *flags])}\n{r.stderr}")
@@ -246,6 +274,8 @@ def cpu_driver(execute: bool = True, library: Optional[str] = None, compute_capa
         if execute:
             _require_interpreter()
             drv._install(lib.manifest())
+        else:
+            drv._uninstall()  # counts from now on, TRITON_INTERPRET=1 or not (no hosted mode)
         drv._lib.nvkcpu_set_compute_capability(int(compute_capability))
         old_env = os.environ.get(DRIVER_ENV)
         os.environ[DRIVER_ENV] = path
@@ -268,3 +298,73 @@ def cpu_driver(execute: bool = True, library: Optional[str] = None, compute_capa
             lib.reset_driver()
             drv._uninstall()
             _active = None
+
+
+# ------------------------------------------------------------------ hosted execute mode
+_hosted: List[CpuDriver] = []  # what _host installed: its ctypes callback must stay alive
+
+
+def _libpython() -> str:
+    """The shared libpython of this interpreter: the one mapped into this process, else the one
+    sysconfig names; RuntimeError when Python is not built with --enable-shared."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                path = fields[5].strip() if len(fields) == 6 else ""
+                if os.path.basename(path).startswith("libpython3") and ".so" in path and os.path.exists(path):
+                    return path
+    except OSError:
+        pass
+    libdir, multiarch = sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("MULTIARCH") or ""
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        for d in (libdir, os.path.join(libdir, multiarch), sysconfig.get_config_var("LIBPL") or ""):
+            for name in (sysconfig.get_config_var("INSTSONAME"), sysconfig.get_config_var("LDLIBRARY")):
+                if d and name and os.path.exists(os.path.join(d, name)):
+                    return os.path.join(d, name)
+    raise RuntimeError(f"the stand-in's hosted execute mode embeds Python, and {sys.executable} has no shared "
+                       f"libpython to embed (Py_ENABLE_SHARED={sysconfig.get_config_var('Py_ENABLE_SHARED')}, "
+                       f"LIBDIR={libdir}): use a Python built with --enable-shared")
+
+
+def hosted_environment(library: Optional[str] = None) -> Dict[str, str]:
+    """The environment variables a process that is not this Python one (a C program, an inference
+    server) needs for the C library's launches to be computed through the stand-in, each under
+    Triton's interpreter (the module docstring's hosted execute mode): the stand-in
+    (``$NEXTVIT_CUDA_DRIVER``), ``TRITON_INTERPRET=1``, this interpreter's libpython
+    (``$NEXTVIT_CPU_DRIVER_PYTHON``) and ``sys.path`` with this package's own directory first
+    (``$NEXTVIT_CPU_DRIVER_PYTHONPATH``); with ``library``, ``$NEXTVIT_CLIB`` naming it, the manifest's
+    source when the launching library cannot be told. Builds the stand-in if needed."""
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = []
+    for p in [package_root, *sys.path]:
+        p = os.path.abspath(p or os.getcwd())
+        if p not in paths and os.path.exists(p):
+            paths.append(p)
+    env = {DRIVER_ENV: driver_library(), "TRITON_INTERPRET": "1", PYTHON_ENV: _libpython(),
+           PYTHONPATH_ENV: os.pathsep.join(paths)}
+    if library is not None:
+        from .. import _library
+        path = os.path.join(library, _library.NAME) if os.path.isdir(library) else library
+        if not os.path.exists(path):  # now, not at the first launch of the other process
+            raise RuntimeError(f"no C library at {path}")
+        env["NEXTVIT_CLIB"] = os.path.abspath(path)
+    return env
+
+
+def _host(driver: str, library: Optional[str]) -> None:
+    """The hosted mode's bootstrap (cpu_driver.c runs it at the first launch of a process that
+    Python's cpu_driver does not manage): installs the execute-mode callback into the stand-in at
+    ``driver``, with the manifest of the C library at ``library`` (None: ``$NEXTVIT_CLIB`` or the
+    installed one)."""
+    from .. import _library
+    try:  # the copy the launches go through, already loaded: RTLD_NOLOAD returns its handle
+        lib = ctypes.CDLL(driver, mode=os.RTLD_NOW | os.RTLD_NOLOAD)
+    except OSError as err:
+        raise RuntimeError(f"the stand-in {driver} is not loaded in this process: {err}") from None
+    drv = CpuDriver(lib, driver, True)
+    drv.library = _library.open_path(library) if library else _library.open_default()
+    _require_interpreter()
+    drv._install(drv.library.manifest())
+    _hosted.append(drv)
+

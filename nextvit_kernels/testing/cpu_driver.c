@@ -13,8 +13,14 @@
  * nextvit_kernels.testing installs, which runs the same Triton kernel under the interpreter.
  * A refused launch returns an error whose cuGetErrorString text names the kernel and why.
  *
+ * Hosted execute mode: a process that is not a Python process using nextvit_kernels.testing (a C
+ * or C++ program, an inference server) gets computed launches too. With no callback installed and
+ * TRITON_INTERPRET=1 in the environment, the first launch embeds Python (or joins the process's
+ * own) and runs a bootstrap that installs the same callback; see "hosted execute mode" below.
+ *
  * Built on first use by nextvit_kernels.testing (cc -shared); nothing else links it. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -37,6 +43,7 @@ enum {
   ERR_NOT_FOUND = 500,
   ERR_ILLEGAL_ADDRESS = 700,
   ERR_LAUNCH_OUT_OF_RESOURCES = 701,
+  ERR_UNKNOWN = 999,
 };
 
 #define MAX_DYN_SHARED_DEFAULT 49152   /* without the opt-in attribute */
@@ -138,7 +145,11 @@ static long long g_fail_alloc_after = -1; /* >= 0: that many more cuMemAlloc suc
  * kernelParams, their count) -> CUresult; NULL counts launches only. */
 typedef int (*launch_cb_t)(const char*, const void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                            unsigned, void*, void**, int);
-static launch_cb_t g_callback;
+static launch_cb_t g_callback; /* atomic: launches on other threads read it */
+/* 1 once nvkcpu_set_launch_callback was called: from then on the callback alone decides (NULL
+ * counts), whatever TRITON_INTERPRET says. A Python process's cpu_driver() sets it, so its
+ * execute=False counts although the tests' processes run with TRITON_INTERPRET=1. */
+static int g_managed;
 
 /* The one context: its address is the CUcontext handle. */
 static int g_primary_ctx;
@@ -232,7 +243,10 @@ int nvkcpu_find(const void* p, size_t n, uintptr_t* start, size_t* size) {
 }
 
 /* ------------------------------------------------------------------ control */
-void nvkcpu_set_launch_callback(launch_cb_t cb) { g_callback = cb; }
+void nvkcpu_set_launch_callback(launch_cb_t cb) {
+  __atomic_store_n(&g_callback, cb, __ATOMIC_RELEASE);
+  __atomic_store_n(&g_managed, 1, __ATOMIC_RELEASE);
+}
 void nvkcpu_set_compute_capability(int cc) { g_cc = cc; }
 void nvkcpu_fail_alloc_after(long long n) { g_fail_alloc_after = n; }
 /* The callback's message for the failure it is about to return. */
@@ -667,6 +681,162 @@ CUresult cuFuncSetAttribute(void* f, int attr, int value) {
   return OK;
 }
 
+/* ------------------------------------------------------------------ hosted execute mode */
+/* A process that no Python cpu_driver() manages (g_managed == 0) and that has TRITON_INTERPRET=1
+ * in its environment gets computed launches: the first launch (once, under pthread_once; the
+ * other threads' first launches wait for it) makes Python available, runs BOOTSTRAP, which calls
+ * nextvit_kernels.testing._host to install the execute-mode callback into this library, and lets
+ * go of the GIL, which each launch's ctypes callback then takes on its own thread.
+ *
+ * Python: the process's own when it already runs one (Py_IsInitialized found among its symbols:
+ * the stand-in inside a Python process), else the libpython that $NEXTVIT_CPU_DRIVER_PYTHON names,
+ * dlopened RTLD_GLOBAL (extension modules resolve the C API from it) and initialized without signal
+ * handlers. Only stable-ABI functions are used and no Python header is needed. The bootstrap adds
+ * each entry of $NEXTVIT_CPU_DRIVER_PYTHONPATH with site.addsitedir (its .pth files too: a venv's
+ * editable install) before importing the package. The manifest comes from the library that made
+ * the first launch (dladdr of cuLaunchKernel's return address): the library this process really
+ * loaded, wherever it lies; $NEXTVIT_CLIB (or the installed one) only when that object is not one.
+ * nextvit_kernels.testing.hosted_environment() gives every variable. A failure (a variable
+ * missing, the Python exception of the bootstrap) fails this launch and every later one with its
+ * text. */
+#define PYTHON_ENV "NEXTVIT_CPU_DRIVER_PYTHON"
+#define PYTHONPATH_ENV "NEXTVIT_CPU_DRIVER_PYTHONPATH"
+
+static pthread_once_t g_host_once = PTHREAD_ONCE_INIT;
+static const void* g_host_caller;  /* a return address in the library of the first hosted launch */
+static char g_host_error[900];     /* why hosting failed; "" when it worked */
+static char g_host_python_error[700]; /* the bootstrap's Python exception (nvkcpu_host_failed) */
+
+/* The bootstrap's report of its own exception, through ctypes. */
+void nvkcpu_host_failed(const char* msg) {
+  snprintf(g_host_python_error, sizeof g_host_python_error, "%s", msg ? msg : "?");
+}
+
+/* Python 3 code; the two %s are hex strings: this library's path, the C library's ("" unknown).
+ * Hex, so that no path can break the literal. */
+static const char BOOTSTRAP[] =
+    "def _nvk_host_bootstrap():\n"
+    "    import os, sys\n"
+    "    me, lib = (bytes.fromhex(h).decode(errors='surrogateescape') for h in ('%s', '%s'))\n"
+    "    try:\n"
+    "        import site\n"
+    "        want = [p for p in os.environ.get('" PYTHONPATH_ENV "', '').split(os.pathsep) if p]\n"
+    "        for p in want:\n"
+    "            if p not in sys.path:\n"
+    "                site.addsitedir(p)\n"
+    "        sys.path[:] = [p for p in want if p in sys.path] + [p for p in sys.path if p not in want]\n"
+    "        from nextvit_kernels import testing\n"
+    "        testing._host(me, lib or None)\n"
+    "    except BaseException as e:\n"
+    "        import ctypes, traceback\n"
+    "        msg = ''.join(traceback.format_exception_only(type(e), e)).strip()\n"
+    "        ctypes.CDLL(me).nvkcpu_host_failed(msg.encode(errors='replace'))\n"
+    "_nvk_host_bootstrap()\n"
+    "del _nvk_host_bootstrap\n";
+
+static void hex_of(const char* s, char* out, size_t cap) {
+  size_t i = 0;
+  for (; s && *s && 2 * i + 2 < cap; ++s, ++i) snprintf(out + 2 * i, 3, "%02x", (unsigned char)*s);
+  out[2 * i] = 0;
+}
+
+#define HOST_FAIL(...) snprintf(g_host_error, sizeof g_host_error, __VA_ARGS__)
+
+static void host_python(void) {
+  typedef int (*is_initialized_t)(void);
+  typedef void (*initialize_ex_t)(int);
+  typedef int (*run_simple_string_t)(const char*);
+  typedef void* (*save_thread_t)(void);
+  typedef int (*gil_ensure_t)(void); /* PyGILState_STATE is an enum */
+  typedef void (*gil_release_t)(int);
+  Dl_info self, caller;
+  if (!dladdr((void*)&nvkcpu_host_failed, &self) || !self.dli_fname) {
+    HOST_FAIL("cannot find the stand-in's own path (dladdr)");
+    return;
+  }
+  /* the C library that launched: used for its manifest when it exports one */
+  const char* lib = "";
+  if (dladdr(__atomic_load_n(&g_host_caller, __ATOMIC_ACQUIRE), &caller) && caller.dli_fname) {
+    void* h = dlopen(caller.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+    if (h) {
+      if (dlsym(h, "nvk_manifest")) lib = caller.dli_fname;
+      dlclose(h);
+    }
+  }
+  void* py = RTLD_DEFAULT;
+  is_initialized_t is_initialized;
+  void* sym = dlsym(RTLD_DEFAULT, "Py_IsInitialized");
+  memcpy(&is_initialized, &sym, sizeof sym);
+  int joined = is_initialized && is_initialized();
+  if (!joined) {
+    const char* path = getenv(PYTHON_ENV);
+    if (!path || !*path) {
+      HOST_FAIL("TRITON_INTERPRET=1 asks for the launches to run under Triton's interpreter, which the stand-in "
+                "hosts in an embedded Python: set " PYTHON_ENV " to the libpython to load (and "
+                PYTHONPATH_ENV "; nextvit_kernels.testing.hosted_environment() gives every variable), or unset "
+                "TRITON_INTERPRET to count launches only");
+      return;
+    }
+    if (!(py = dlopen(path, RTLD_NOW | RTLD_GLOBAL))) {
+      const char* e = dlerror();
+      HOST_FAIL("dlopen(%s) failed (%s), named by " PYTHON_ENV, path, e ? e : "?");
+      return;
+    }
+  }
+  initialize_ex_t initialize_ex;
+  run_simple_string_t run;
+  save_thread_t save_thread;
+  gil_ensure_t gil_ensure;
+  gil_release_t gil_release;
+  struct { void** slot; const char* name; } syms[] = {
+      {(void**)&is_initialized, "Py_IsInitialized"}, {(void**)&initialize_ex, "Py_InitializeEx"},
+      {(void**)&run, "PyRun_SimpleString"}, {(void**)&save_thread, "PyEval_SaveThread"},
+      {(void**)&gil_ensure, "PyGILState_Ensure"}, {(void**)&gil_release, "PyGILState_Release"}};
+  for (size_t i = 0; i < sizeof syms / sizeof *syms; ++i) {
+    if (!(sym = dlsym(py, syms[i].name))) {
+      HOST_FAIL("%s lacks %s: not a libpython", joined ? "the process" : getenv(PYTHON_ENV), syms[i].name);
+      return;
+    }
+    memcpy(syms[i].slot, &sym, sizeof sym);
+  }
+  static char code[sizeof BOOTSTRAP + 2 * 2 * 4096];
+  char me_hex[2 * 4096 + 1], lib_hex[2 * 4096 + 1];
+  hex_of(self.dli_fname, me_hex, sizeof me_hex);
+  hex_of(lib, lib_hex, sizeof lib_hex);
+  snprintf(code, sizeof code, BOOTSTRAP, me_hex, lib_hex);
+  int rc;
+  if (is_initialized()) { /* a Python process, or one that embedded Python before us */
+    int g = gil_ensure();
+    rc = run(code);
+    gil_release(g);
+  } else {
+    initialize_ex(0); /* no signal handlers: the host process owns its signals */
+    rc = run(code);
+    save_thread(); /* this thread's state is kept; ctypes callbacks take the GIL on each thread */
+  }
+  if (g_host_python_error[0])
+    HOST_FAIL("the Python bootstrap of hosted execute mode failed: %s", g_host_python_error);
+  else if (rc)
+    HOST_FAIL("the Python bootstrap of hosted execute mode failed (its traceback is on stderr)");
+  else if (!__atomic_load_n(&g_callback, __ATOMIC_ACQUIRE))
+    HOST_FAIL("the Python bootstrap installed its callback into another copy of the stand-in than %s",
+              self.dli_fname);
+}
+
+/* The launch callback for a launch with none installed: NULL to count; on failure *r is set. */
+static launch_cb_t hosted_callback(const void* caller, const char* k, CUresult* r) {
+  const char* interpret = getenv("TRITON_INTERPRET");
+  if (!interpret || strcmp(interpret, "1")) return NULL;
+  const void* none = NULL; /* the first launching thread's caller names the library */
+  __atomic_compare_exchange_n(&g_host_caller, &none, caller, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+  pthread_once(&g_host_once, host_python);
+  if (g_host_error[0]) {
+    *r = fail(ERR_UNKNOWN, "cuLaunchKernel(%s): %s", k, g_host_error);
+    return NULL;
+  }
+  return __atomic_load_n(&g_callback, __ATOMIC_ACQUIRE);
+}
+
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                         unsigned shared, void* stream, void** params, void** extra) {
   NEED_INIT();
@@ -699,7 +869,12 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
   pthread_mutex_lock(&g_lock);
   ++g_launches;
   pthread_mutex_unlock(&g_lock);
-  launch_cb_t cb = g_callback;
+  launch_cb_t cb = __atomic_load_n(&g_callback, __ATOMIC_ACQUIRE);
+  if (!cb && !__atomic_load_n(&g_managed, __ATOMIC_ACQUIRE)) {
+    CUresult hr = OK;
+    cb = hosted_callback(__builtin_return_address(0), k, &hr);
+    if (hr) return hr;
+  }
   if (!cb) return OK;
   t_msg_code = -1;
   CUresult r = cb(k, g_mods[fn->module].image, gx, gy, gz, bx, by, bz, shared, stream, params, n);
