@@ -456,8 +456,12 @@ def main(argv=None):
         py_env, py_server = _python_env(python_models, exe, lib_dirs, tmp)
         env.update(py_env)
         log = os.path.join(tmp, "server.log")
-        srv = serve.Server(repo, server=py_server or args.server, backend=args.backend, library=args.library,
-                           models=models, env=env, log=log, exit_timeout=5)
+        try:
+            srv = serve.Server(repo, server=py_server or args.server, backend=args.backend, library=args.library,
+                               models=models, env=env, log=log, exit_timeout=5)
+        except (FileNotFoundError, ValueError) as err:  # no backend / C library built, a model not in --repo
+            print(f"serve_bench: cannot run: {err}")
+            return 2
         if python_models:
             srv.env["NEXTVIT_CLIB"] = srv.library  # runtime.Model in the stub: the library the backend uses
         skipped = dict(srv.skipped)
