@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", type=cli.variant, default="s", help="s, b or l (a written repository)")
     p.add_argument("--checkpoint", help="weights for the written repository (default: random)")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
-    p.add_argument("--size", type=cli.positive_int, default=224, help="image height = width")
+    p.add_argument("--size", type=cli.positive_int, default=224,
+                   help="image height = width (of a written repository; of the requests where --repo has -1)")
     p.add_argument("--max-batch", type=cli.positive_int, default=64)
     p.add_argument("--instances", type=cli.positive_int, default=1, help="model instances (written repository)")
     p.add_argument("--depths", type=cli.csv("depth", conv=cli.positive_int), help=argparse.SUPPRESS)  # tests
@@ -159,14 +160,15 @@ def _wait_ready(srv, models, timeout):
     return missing
 
 
-def _model_io(url, model):
-    """(input name, datatype, per-request dims without the batch, output name) from the metadata."""
+def _model_io(url, model, size):
+    """(input name, datatype, per-request dims without the batch, output name) from the metadata;
+    a variable H or W (-1) is ``size``."""
     import tritonclient.grpc as grpcclient
     with grpcclient.InferenceServerClient(url) as c:
         meta = c.get_model_metadata(model, as_json=True)
         cfg = c.get_model_config(model, as_json=True)["config"]
     inp = meta["inputs"][0]
-    dims = [int(d) for d in inp["shape"]]
+    dims = [size if int(d) < 0 else int(d) for d in inp["shape"]]
     if int(cfg.get("max_batch_size", 0)) > 0:
         dims = dims[1:]
     outs = [o["name"] for o in meta["outputs"]]
@@ -483,7 +485,7 @@ def main(argv=None):
                                                                     size=args.size, max_batch=args.max_batch,
                                                                     instances=args.instances, depths=args.depths,
                                                                     checkpoint=args.checkpoint))
-            ios = {m: _model_io(srv.grpc_url, m) for m in ready}
+            ios = {m: _model_io(srv.grpc_url, m, args.size) for m in ready}
             for m in ready:
                 why = _probe(srv.grpc_url, m, ios[m])
                 if why:
