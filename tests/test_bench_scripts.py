@@ -72,3 +72,42 @@ def test_tune_plan_lists_candidates(tmp_path):
 def test_warm_cache_partition_covers_every_step(tmp_path):
     out = _run(["bench/warm_cache.py", "--cpu-check"], tmp_path)
     assert "2 parts each, 31 of 31 steps on Triton" in out, out
+
+
+@pytest.mark.slow
+def test_serve_bench_counted(tmp_path):
+    """serve_bench.py on the CPU: tritonserver with the native backend, launches counted by the
+    stand-in; every point measured, the server's split read, the plot drawn."""
+    pytest.importorskip("tritonclient.grpc")
+    pytest.importorskip("tritonclient.http")
+    import _builds
+    from nextvit_kernels import serve
+    try:
+        serve.find_server()
+    except FileNotFoundError as err:
+        pytest.skip(f"no tritonserver: {err}")
+    if _builds.find_c_compiler() is None:
+        pytest.skip("the backend and the stand-in need a C compiler")
+    d = _builds.c_library()
+    backend = d / "csrc" / "triton" / "libtriton_nextvit.so"
+    if not backend.exists():
+        pytest.skip("the Triton backend was not built (pip install nlohmann-json)")
+    out = _run(["bench/serve_bench.py", "--cpu", "--depths", "1,1,5,1", "--size", "64", "--batch", "2",
+                "--concurrency", "1,2", "--duration", "1", "--warmup", "0.3", "--backend", str(backend),
+                "--library", str(d / "libnextvit_kernels.so"), "--out", str(tmp_path)], tmp_path, timeout=300)
+    assert "serving overhead alone" in out and "not model compute" in out, out
+    [path] = tmp_path.glob("serve-cpu-smoke-*.json")
+    data = json.loads(path.read_text())
+    assert data["meta"]["mode"] == "cpu" and data["meta"]["generator"] in ("builtin", "perf_analyzer")
+    points = data["points"]
+    assert [(p["model"], p["batch"], p["concurrency"]) for p in points] == [("nextvit_tiny", 2, 1), ("nextvit_tiny", 2, 2)]
+    for p in points:
+        assert p["images_per_s"] > 0 and p["requests_per_s"] > 0 and p["errors"] == 0, p
+        assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"], p
+        s = p["server"]
+        assert all(s[f"{k}_us"] is not None and s[f"{k}_us"] >= 0 for k in
+                   ("queue", "compute_input", "compute_infer", "compute_output")), s
+        assert 1 <= s["executions"] <= s["inferences"], s
+        # the snapshots bound the measured window: the server counted the requests the client timed
+        assert s["requests"] == p["requests"] and s["inferences"] == 2 * s["requests"], (s, p["requests"])
+    assert path.with_suffix(".png").stat().st_size > 0
