@@ -23,10 +23,8 @@ import csv
 import datetime
 import os
 import shutil
-import site
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -98,44 +96,6 @@ def _write_repo(args, cpu, folder):
     serve.write_repository(net, folder, name, args.dtype, args.size, args.max_batch, args.instances,
                            kind="model" if cpu else "gpu", compare=not cpu, log=lambda s: print(s, flush=True))
     return [name] if cpu else [name, f"{name}_python"]
-
-
-def _python_env(models, exe, lib_dirs, tmp):
-    """(environment, server executable) for Python-backend models: the stub process imports
-    nextvit_kernels and torch, and the server needs a Python backend with a stub in it."""
-    if not models:
-        return {}, None
-    paths = [str(REPO)] + site.getsitepackages() + [site.getusersitepackages()]
-    env = {"PYTHONPATH": os.pathsep.join(paths + [p for p in [os.environ.get("PYTHONPATH")] if p])}
-    libs = list(lib_dirs)
-    libdir = sysconfig.get_config_var("LIBDIR")  # the stub links libpython3.X.so
-    if libdir:
-        libs.append(libdir)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in [os.environ.get("LD_LIBRARY_PATH")] if p])
-    # The nvidia-pytriton wheel keeps one stub per Python version outside backends/python and copies
-    # the right one in when pytriton starts; without it the Python backend does not initialize. So,
-    # as pytriton does, a server tree of links with this Python's stub in its backends/python.
-    root = Path(exe).resolve().parents[1]
-    if (root / "backends" / "python" / "triton_python_backend_stub").exists():
-        return env, None
-    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    stub = root / "python_backend_stubs" / ver / "triton_python_backend_stub"
-    if not stub.exists():
-        print(f"serve_bench: no Python {ver} stub in {root}: the Python-backend models will not load", flush=True)
-        return env, None
-    tree = Path(tmp) / "tritonserver"
-    (tree / "bin").mkdir(parents=True)
-    os.symlink(Path(exe).resolve(), tree / "bin" / "tritonserver")
-    for b in (root / "backends").iterdir():
-        if b.name != "python":
-            os.symlink(b, tree / "backends" / b.name)
-    py = tree / "backends" / "python"
-    py.mkdir(parents=True)
-    for f in (root / "backends" / "python").iterdir():
-        os.symlink(f, py / f.name)
-    os.symlink(stub, py / "triton_python_backend_stub")
-    print(f"serve_bench: the Python backend with the Python {ver} stub of {root}", flush=True)
-    return env, str(tree / "bin" / "tritonserver")
 
 
 def _wait_ready(srv, models, timeout):
@@ -424,7 +384,7 @@ def main(argv=None):
         import tritonclient.http  # noqa: F401
 
         from nextvit_kernels import serve
-        exe, lib_dirs = serve.find_server(args.server)
+        exe = serve.find_server(args.server)[0]
     except (ImportError, FileNotFoundError) as err:
         print(f"serve_bench: cannot run: {err} (tritonclient[grpc,http] and a tritonserver are needed)")
         return 2
@@ -453,13 +413,11 @@ def main(argv=None):
             from nextvit_kernels import testing
             # TRITON_INTERPRET=0: counted, not computed (the computed mode takes seconds per forward)
             env.update({testing.DRIVER_ENV: testing.driver_library(), "TRITON_INTERPRET": "0"})
-        backends = serve._repository_models(repo)
+        backends = serve.repository_models(repo)
         python_models = [m for m in models if backends.get(m) == "python"]
-        py_env, py_server = _python_env(python_models, exe, lib_dirs, tmp)
-        env.update(py_env)
         log = os.path.join(tmp, "server.log")
         try:
-            srv = serve.Server(repo, server=py_server or args.server, backend=args.backend, library=args.library,
+            srv = serve.Server(repo, server=args.server, backend=args.backend, library=args.library,
                                models=models, env=env, log=log, exit_timeout=5)
         except (FileNotFoundError, ValueError) as err:  # no backend / C library built, a model not in --repo
             print(f"serve_bench: cannot run: {err}")

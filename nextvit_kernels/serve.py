@@ -226,7 +226,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _repository_models(repo: str):
+def repository_models(repo: str) -> Dict[str, Optional[str]]:
     """{name: backend} of the repository's models (read from each config.pbtxt)."""
     out = {}
     for name in sorted(os.listdir(repo)):
@@ -291,7 +291,7 @@ class Server:
     def _loadable(self, wanted):
         have = self._backend_dirs()
         models, skipped = [], {}
-        for name, backend in _repository_models(self.repo).items():
+        for name, backend in repository_models(self.repo).items():
             if wanted is not None and name not in wanted:
                 continue
             mdir = os.path.join(self.repo, name)
@@ -350,7 +350,9 @@ class Server:
         os.symlink(self.backend, os.path.join(ours, BACKEND_LIB))
         os.symlink(self.library, os.path.join(ours, CLIB))
         for name, path in self._backend_dirs().items():
-            if path is not None:
+            if name == "python":
+                self._python_backend(path)
+            elif path is not None:
                 os.symlink(path, os.path.join(self._dir, name))
         out = open(self.log_path, "ab") if self.log_path else None
         try:
@@ -368,6 +370,29 @@ class Server:
             time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"tritonserver did not come up in {timeout:.0f} s{self._tail()}")
+
+    def _python_backend(self, path: str) -> None:
+        """The Python backend, with a stub for this Python: the nvidia-pytriton wheel keeps one stub
+        per Python version outside backends/python (pytriton copies the right one in when it starts),
+        and without it the backend does not initialize."""
+        import sysconfig
+        py = os.path.join(self._dir, "python")
+        os.makedirs(py)
+        for f in os.listdir(path):
+            os.symlink(os.path.join(path, f), os.path.join(py, f))
+        stub = os.path.join(py, "triton_python_backend_stub")
+        if not os.path.exists(stub):
+            ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+            found = os.path.join(os.path.dirname(os.path.dirname(path)), "python_backend_stubs", ver,
+                                 "triton_python_backend_stub")
+            if os.path.exists(found):
+                os.symlink(found, stub)
+        # the stub runs this Python's packages (nextvit_kernels, torch) and links its libpython
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.env.setdefault("PYTHONPATH", os.pathsep.join([root] + [p for p in sys.path if p and p != root]))
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if libdir:
+            self.lib_dirs = self.lib_dirs + [libdir]
 
     def _tail(self) -> str:
         if not self.log_path or not os.path.exists(self.log_path):

@@ -628,3 +628,32 @@ def test_gpu_cupy_front(gpu_small, lib, tmp_path):
     assert np.array_equal(cp.asnumpy(out), ref.cpu().numpy())
     nhwc = rt(cp.ascontiguousarray(cp.asarray(x.numpy()).transpose(0, 2, 3, 1)))
     assert np.array_equal(cp.asnumpy(nhwc), ref.cpu().numpy())
+
+
+def test_no_device_load_checks_the_file_and_uploads_nothing(tiny16, lib):
+    """nvk_model_load(..., NVK_NO_DEVICE = -1): what a server does before placing a model."""
+    with testing.cpu_driver(execute=False, library=lib) as drv:
+        before = drv.counters()
+        m = runtime.Model(tiny16, device=-1, library=lib)
+        after = drv.counters()
+        assert (after["allocs"], after["copies"], after["live_bytes"]) == (before["allocs"], before["copies"],
+                                                                             before["live_bytes"])
+        assert m.weight_bytes == 0 and m.n_classes == 1000
+        on_device = runtime.Model(tiny16, library=lib)
+        size = lib.model_workspace_size(m._handle, 3, 64, 48, 0)
+        assert size > 0 and size == lib.model_workspace_size(on_device._handle, 3, 64, 48, 0)
+        x, out = torch.zeros(1, 3, 64, 64, dtype=torch.float16), torch.zeros(1, 1000, dtype=torch.float16)
+        ws = torch.zeros(size, dtype=torch.uint8)
+        with drv.registered(x, out, ws):
+            st = lib.model_forward(m._handle, x.data_ptr(), runtime.NCHW, out.data_ptr(), ws.data_ptr(), size, 1, 64,
+                                   64, None)
+        assert st == 1 and "NVK_NO_DEVICE" in lib.last_error(), lib.last_error()
+        # a damaged file is refused the same way as on a device
+        for data in (tiny16[:4096], _table_patch(tiny16, 3, 0)):
+            a = _load_error(data, lib)
+            with pytest.raises(runtime.ModelError) as e:
+                runtime.Model(data, device=-1, library=lib)
+            b = e.value
+            assert (a.status, str(a).split(": ", 1)[-1]) == (b.status, str(b).split(": ", 1)[-1])
+        on_device.close()
+        m.close()

@@ -57,13 +57,16 @@ import tempfile
 import threading
 from typing import Dict, List, Optional
 
-__all__ = ["cpu_driver", "CpuDriver", "driver_library", "hosted_environment", "DRIVER_ENV", "PYTHON_ENV",
+__all__ = ["cpu_driver", "CpuDriver", "driver_library", "hosted_environment", "DRIVER_ENV", "PYTHON_ENV", "REPORT_ENV",
            "PYTHONPATH_ENV"]
 
 DRIVER_ENV = "NEXTVIT_CUDA_DRIVER"  # read by the C library when it opens its CUDA driver
 # read by the stand-in's hosted execute mode (cpu_driver.c): the libpython to embed, and the
 # directories its bootstrap adds to sys.path
 PYTHON_ENV = "NEXTVIT_CPU_DRIVER_PYTHON"
+# a file the stand-in writes its counters to (JSON, COUNTERS' names) when its process exits: what a
+# server process allocated and freed, which nothing in it can be asked for
+REPORT_ENV = "NEXTVIT_CPU_DRIVER_REPORT"
 PYTHONPATH_ENV = "NEXTVIT_CPU_DRIVER_PYTHONPATH"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_driver.c")
 _CFLAGS = ["-O2", "-g", "-std=c11", "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", "-pthread"]
