@@ -30,19 +30,12 @@ import pytest
 import torch
 
 import _builds
+from _util import randomize_
 import nextvit_kernels as nk
-from nextvit_kernels import serve, testing
+from nextvit_kernels import model_file, serve, testing
 
 TINY = (1, 1, 5, 1)
 SIZE = 32
-
-try:
-    SERVER = serve.find_server()[0]
-except FileNotFoundError as err:
-    SERVER = None
-    pytest.skip(f"no tritonserver: {err}", allow_module_level=True)
-if _builds.find_c_compiler() is None:
-    pytest.skip("the backend and the stand-in need a C compiler", allow_module_level=True)
 
 th = pytest.importorskip("tritonclient.http")
 tg = pytest.importorskip("tritonclient.grpc")
@@ -50,6 +43,13 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
 def _backend(sanitized=False):
+    """The backend and C library the server tests run (skips without a server or a compiler)."""
+    try:
+        serve.find_server()
+    except FileNotFoundError as err:
+        pytest.skip(f"no tritonserver: {err}")
+    if _builds.find_c_compiler() is None:
+        pytest.skip("the backend and the stand-in need a C compiler")
     d = _builds.c_library(sanitized=sanitized)
     backend = d / "csrc" / "triton" / "libtriton_nextvit.so"
     if not backend.exists():
@@ -60,38 +60,47 @@ def _backend(sanitized=False):
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    m = nk.NextViT(depths=TINY).eval()
-    with torch.no_grad():  # BatchNorm statistics that are not the identity, so folding is exercised
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 1.5)
-    return m
+    with torch.no_grad():  # weights of a sane scale, BatchNorms that are not identities
+        return randomize_(nk.NextViT(depths=TINY), gain=0.7).eval()
 
 
-def _reference(model, x: np.ndarray) -> np.ndarray:
+def _reference(model, x: np.ndarray, features: bool = False):
+    """float32 PyTorch: logits, or the four stage maps in NHWC (the backend's layout)."""
+    model.kernels = "reference"
     with torch.no_grad():
-        model.kernels = "reference"
+        if features:
+            return [f.permute(0, 2, 3, 1).numpy() for f in model.forward_features(torch.from_numpy(x))]
         return model(torch.from_numpy(x)).numpy()
+
+
+def _close(got, ref, what):
+    """Every element within 1e-4 of the reference's largest magnitude (float32 through another
+    summation order), the reference not near zero (a test that can fail)."""
+    assert got.shape == ref.shape, (what, got.shape, ref.shape)
+    scale = float(np.abs(ref).max())
+    assert scale > 0.05, (what, scale)
+    err = float(np.abs(got - ref).max())
+    assert err <= 1e-4 * scale, (what, err, scale)
 
 
 def _images(rng, b):
     return rng.standard_normal((b, 3, SIZE, SIZE)).astype(np.float32)
 
 
-def _http_infer(url, model, x, class_count=0):
+def _http_infer(url, model, x, class_count=0, outputs=("logits",)):
     with th.InferenceServerClient(url) as c:
         i = th.InferInput("images", list(x.shape), "FP32")
         i.set_data_from_numpy(x)
-        out = [th.InferRequestedOutput("logits", class_count=class_count)]
-        return c.infer(model, [i], outputs=out).as_numpy("logits")
+        out = [th.InferRequestedOutput(o, class_count=class_count) for o in outputs]
+        r = c.infer(model, [i], outputs=out)
+        return [r.as_numpy(o) for o in outputs] if len(outputs) > 1 else r.as_numpy(outputs[0])
 
 
 def _grpc_infer(url, model, x):
     with tg.InferenceServerClient(url) as c:
         i = tg.InferInput("images", list(x.shape), "FP32")
         i.set_data_from_numpy(x)
-        return c.infer(model, [i]).as_numpy("logits")
+        return c.infer(model, [i], outputs=[tg.InferRequestedOutput("logits")]).as_numpy("logits")
 
 
 def _wait_ready(url, name, timeout=120):
@@ -125,9 +134,11 @@ def _lines(proc, n, timeout, log):
 def test_serve_run_computes_each_requests_own_logits(tiny, tmp_path):
     backend, library = _backend()
     repo = tmp_path / "repo"
-    # a long queue delay: the concurrent requests below meet in one or two executions
-    serve.write_repository(tiny, str(repo), "tiny", dtype="fp32", size=SIZE, max_batch=8, instances=1, kind="model",
-                           compare=False, queue_delay_us=3_000_000, log=lambda s: None)
+    # a long queue delay: the concurrent requests below meet in few executions
+    common = dict(dtype="fp32", size=SIZE, max_batch=8, instances=1, kind="model", compare=False,
+                  queue_delay_us=3_000_000, log=lambda s: None)
+    serve.write_repository(tiny, str(repo), "tiny", features=True, **common)
+    serve.write_repository(tiny, str(repo), "tiny_nhwc", layout="nhwc", **common)
     http, grpc, metrics = serve.free_port(), serve.free_port(), serve.free_port()
     env = dict(os.environ, NEXTVIT_CUDA_DRIVER=testing.driver_library(), TRITON_INTERPRET="1",
                NEXTVIT_TRITON_BACKEND=str(backend), NEXTVIT_CLIB=str(library))
@@ -138,33 +149,48 @@ def test_serve_run_computes_each_requests_own_logits(tiny, tmp_path):
     try:
         banner = _lines(proc, 5, timeout=180, log=tmp_path / "serve.log")  # printed once the server is live
         assert f"http://127.0.0.1:{http}" in banner[1] and f"127.0.0.1:{grpc}" in banner[2], banner
-        assert banner[4].split() == ["models", "tiny"], banner
+        assert banner[4].split() == ["models", "tiny,", "tiny_nhwc"], banner
         url, gurl = f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
         _wait_ready(url, "tiny")
+        _wait_ready(url, "tiny_nhwc")
         rng = np.random.default_rng(7)
+        features = ("logits", "features_0", "features_1", "features_2", "features_3")
         cases = [("http", _images(rng, 1)), ("grpc", _images(rng, 2)), ("http", _images(rng, 3)),
-                 ("grpc", _images(rng, 1)), ("classify", _images(rng, 1))]
+                 ("grpc", _images(rng, 1)), ("classify", _images(rng, 1)), ("features", _images(rng, 1)),
+                 ("nhwc", _images(rng, 2)), ("nhwc", _images(rng, 1))]
+
+        def send(kind, x):
+            if kind == "grpc":
+                return _grpc_infer(gurl, "tiny", x)
+            if kind == "nhwc":
+                return _http_infer(url, "tiny_nhwc", np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+            return _http_infer(url, "tiny", x, class_count=3 if kind == "classify" else 0,
+                               outputs=features if kind == "features" else ("logits",))
+
         with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-            futures = [pool.submit(_grpc_infer, gurl, "tiny", x) if kind == "grpc"
-                       else pool.submit(_http_infer, url, "tiny", x, 3 if kind == "classify" else 0)
-                       for kind, x in cases]
+            futures = [pool.submit(send, kind, x) for kind, x in cases]
             results = [f.result(timeout=600) for f in futures]
         labels = serve.imagenet_labels()
-        for (kind, x), got in zip(cases, results):
+        for i, ((kind, x), got) in enumerate(zip(cases, results)):
             ref = _reference(tiny, x)
             if kind == "classify":  # "value:index:label" strings, best first
                 entries = [e.decode().split(":", 2) for e in got.reshape(-1)]
                 top = np.argsort(-ref[0])[:3]
                 assert [int(e[1]) for e in entries] == list(top)
-                assert [e[2] for e in entries] == [labels[i] for i in top]
-                np.testing.assert_allclose([float(e[0]) for e in entries], ref[0][top], rtol=1e-4, atol=1e-4)
-                continue
-            assert got.shape == ref.shape, (kind, got.shape)
-            np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3)  # every row its own request's
+                assert [e[2] for e in entries] == [labels[j] for j in top]
+                _close(np.array([float(e[0]) for e in entries]), ref[0][top], "classification")
+            elif kind == "features":
+                _close(got[0], ref, "logits beside the features")
+                for s, (g, r) in enumerate(zip(got[1:], _reference(tiny, x, features=True))):
+                    _close(g, r, f"features_{s}")
+            else:
+                _close(got, ref, f"request {i} ({kind}, batch {len(x)})")  # every row its own request's
         with th.InferenceServerClient(url) as c:
-            stats = c.get_inference_statistics("tiny")["model_stats"][0]
-        assert stats["inference_count"] == sum(len(x) for _, x in cases)
-        assert 1 <= stats["execution_count"] < len(cases), stats  # batched
+            stats = {m: c.get_inference_statistics(m)["model_stats"][0] for m in ("tiny", "tiny_nhwc")}
+        sent = {"tiny": [x for k, x in cases if k != "nhwc"], "tiny_nhwc": [x for k, x in cases if k == "nhwc"]}
+        for m, xs in sent.items():
+            assert stats[m]["inference_count"] == sum(len(x) for x in xs), stats[m]
+            assert 1 <= stats[m]["execution_count"] < len(xs), stats[m]  # batched
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -284,3 +310,49 @@ def test_backend_under_asan_and_ubsan(tiny, tmp_path):
     # Not the exit status: with the ASan runtime preloaded, the wheel's libp11-kit can deadlock in its
     # own destructor (freelocale) after every model is unloaded, and the server is then killed.
     assert json.loads(report.read_text())["live_allocs"] == 0
+
+
+# ------------------------------------------------------------------ the repository, no server
+def test_repository_command_writes_a_loadable_model(tmp_path):
+    """`serve repo` from the command line: NextViT-S, fp16, the config the backend reads."""
+    r = subprocess.run([sys.executable, "-m", "nextvit_kernels.serve", "repo", "--variant", "s", "--dtype", "fp16",
+                        "--out", str(tmp_path / "r"), "--size", "224", "--max-batch", "16", "--instances", "2",
+                        "--no-compare"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "random weights" in r.stderr and "serve run --repo" in r.stderr
+    mdir = tmp_path / "r" / "nextvit_s"
+    cfg = (mdir / "config.pbtxt").read_text()
+    for line in ('backend: "nextvit"', "max_batch_size: 16", "data_type: TYPE_FP16", "dims: [ 3, 224, 224 ]",
+                 "dims: [ 1000 ]", 'label_filename: "labels.txt"', "count: 2", "kind: KIND_GPU", "dynamic_batching",
+                 'string_value: "NCHW"', 'string_value: "model.nvk"'):
+        assert line in cfg, line
+    labels = (mdir / "labels.txt").read_text().splitlines()
+    assert labels == serve.imagenet_labels() and len(labels) == 1000 and labels[0].startswith("tench")
+    plan, meta = model_file.load_plan(str(mdir / "1" / "model.nvk"))
+    assert plan.dtype == torch.float16 and plan.head[0].shape == (1000, 1024)
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["nextvit_s"]
+
+
+def test_repository_comparisons_hold_the_same_model(tiny, tmp_path):
+    """The ONNX Runtime twin computes the same logits; the TensorRT twin is the plugin graph with its
+    build line; the Python twin is a valid model.py over the same model file."""
+    import onnx
+    import onnxruntime as ort
+    serve.write_repository(tiny, str(tmp_path), "tiny", dtype="fp32", size=64, max_batch=8, log=lambda s: None)
+    x = np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    sess = ort.InferenceSession(str(tmp_path / "tiny_onnx" / "1" / "model.onnx"))
+    _close(sess.run(["logits"], {"input": x})[0], _reference(tiny, x), "onnxruntime twin")
+    graph = onnx.load(str(tmp_path / "tiny_trt" / "plugins.onnx"))
+    from collections import Counter
+    from nextvit_kernels.onnx_export import PLUGIN_DOMAIN, plugin_node_counts
+    plugins = Counter(n.op_type for n in graph.graph.node if n.domain == PLUGIN_DOMAIN)
+    assert plugins == plugin_node_counts(model_file.fold_for_runtime(tiny, torch.float32))
+    build = (tmp_path / "tiny_trt" / "BUILD.md").read_text()
+    assert "--staticPlugins=" in build and "--saveEngine=" + str(tmp_path / "tiny_trt" / "1" / "model.plan") in build
+    assert 'backend: "tensorrt"' in (tmp_path / "tiny_trt" / "config.pbtxt").read_text()
+    compile((tmp_path / "tiny_python" / "1" / "model.py").read_text(), "model.py", "exec")
+    assert (tmp_path / "tiny_python" / "1" / "model.nvk").read_bytes() == \
+        (tmp_path / "tiny" / "1" / "model.nvk").read_bytes()
+    # what serve run would load here: the TensorRT twin waits for its plan, the Python twin for --models
+    models = serve.repository_models(str(tmp_path))
+    assert models == {"tiny": "nextvit", "tiny_onnx": "onnxruntime", "tiny_python": "python", "tiny_trt": "tensorrt"}

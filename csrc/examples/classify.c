@@ -9,8 +9,8 @@
  * nvk_model_forward --iters times and prints the top-5 classes of the first image and the time per
  * forward. The device buffers come from the CUDA driver API (libcuda.so.1, opened at run time like
  * the library does; $NEXTVIT_CUDA_DRIVER names another, e.g. the CPU stand-in of
- * nextvit_kernels.testing, under which the launches are only counted and the classes are
- * meaningless). */
+ * nextvit_kernels.testing: launches counted, the classes meaningless; with the variables of
+ * testing.hosted_environment() every launch computed under Triton's interpreter). */
 #define _POSIX_C_SOURCE 200809L
 #include <dlfcn.h>
 #include <math.h>
