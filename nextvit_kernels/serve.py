@@ -63,7 +63,8 @@ def config_text(name: str, dtype: str, size: Optional[int], max_batch: int, inst
     outs = []
     if n_classes:
         label = '\n    label_filename: "labels.txt"' if labels else ""
-        outs.append(f'  {{\n    name: "logits"\n    data_type: {t}\n    dims: [ {n_classes} ]{label}\n  }}')
+        # FP32 whatever the model's dtype: Triton's classification extension takes no FP16 output
+        outs.append(f'  {{\n    name: "logits"\n    data_type: TYPE_FP32\n    dims: [ {n_classes} ]{label}\n  }}')
     if features:
         outs += [f'  {{\n    name: "features_{s}"\n    data_type: {t}\n    dims: [ -1, -1, -1 ]\n  }}' for s in range(4)]
     params = [("layout", layout.upper()), ("model_file", "model.nvk")]

@@ -640,14 +640,15 @@ def test_no_device_load_checks_the_file_and_uploads_nothing(tiny16, lib):
                                                                              before["live_bytes"])
         assert m.weight_bytes == 0 and m.n_classes == 1000
         on_device = runtime.Model(tiny16, library=lib)
-        size = lib.model_workspace_size(m._handle, 3, 64, 48, 0)
-        assert size > 0 and size == lib.model_workspace_size(on_device._handle, 3, 64, 48, 0)
+        c = m._lib
+        size = c.model_workspace_size(m._handle, 3, 64, 48, 0)
+        assert size > 0 and size == c.model_workspace_size(on_device._handle, 3, 64, 48, 0)
         x, out = torch.zeros(1, 3, 64, 64, dtype=torch.float16), torch.zeros(1, 1000, dtype=torch.float16)
         ws = torch.zeros(size, dtype=torch.uint8)
         with drv.registered(x, out, ws):
-            st = lib.model_forward(m._handle, x.data_ptr(), runtime.NCHW, out.data_ptr(), ws.data_ptr(), size, 1, 64,
-                                   64, None)
-        assert st == 1 and "NVK_NO_DEVICE" in lib.last_error(), lib.last_error()
+            st = c.model_forward(m._handle, x.data_ptr(), runtime.NCHW, out.data_ptr(), ws.data_ptr(), size, 1, 64, 64,
+                                 None)
+        assert st == 1 and "NVK_NO_DEVICE" in c.last_error(), c.last_error()
         # a damaged file is refused the same way as on a device
         for data in (tiny16[:4096], _table_patch(tiny16, 3, 0)):
             a = _load_error(data, lib)

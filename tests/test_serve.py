@@ -16,6 +16,7 @@ fp32, at 32 x 32: one interpreted forward takes seconds, so the computed test ba
 sends into a few executions.
 """
 import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -40,6 +41,21 @@ SIZE = 32
 th = pytest.importorskip("tritonclient.http")
 tg = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _driver() -> str:
+    """The plain stand-in, for the server's process: built by a child, since a worker of a split run
+    builds it only where it is loaded into the worker (tests/_workers.py)."""
+    r = subprocess.run([sys.executable, "-c", "from nextvit_kernels import testing; print(testing.driver_library())"],
+                       capture_output=True, text=True, timeout=300, env=_child_env())
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+def _child_env():
+    """This worker's environment for a child, which is no pytest worker (a plain build)."""
+    return {k: v for k, v in os.environ.items() if k not in ("PYTEST_XDIST_WORKER", "LD_PRELOAD")}
 
 
 def _backend(sanitized=False):
@@ -140,7 +156,7 @@ def test_serve_run_computes_each_requests_own_logits(tiny, tmp_path):
     serve.write_repository(tiny, str(repo), "tiny", features=True, **common)
     serve.write_repository(tiny, str(repo), "tiny_nhwc", layout="nhwc", **common)
     http, grpc, metrics = serve.free_port(), serve.free_port(), serve.free_port()
-    env = dict(os.environ, NEXTVIT_CUDA_DRIVER=testing.driver_library(), TRITON_INTERPRET="1",
+    env = dict(os.environ, NEXTVIT_CUDA_DRIVER=_driver(), TRITON_INTERPRET="1",
                NEXTVIT_TRITON_BACKEND=str(backend), NEXTVIT_CLIB=str(library))
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "nextvit_kernels.serve", "run", "--repo", str(repo),
@@ -207,6 +223,7 @@ def _counted_repo(tiny, root: Path) -> Path:
     quiet = {"compare": False, "log": lambda s: None}
     serve.write_repository(tiny, str(repo), "tiny", dtype="fp32", size=SIZE, max_batch=4, instances=2,
                            kind="model", **quiet)
+    serve.write_repository(tiny, str(repo), "tiny16", dtype="fp16", size=SIZE, max_batch=4, kind="model", **quiet)
     # a config that names only the backend: the rest is completed from the model file
     (repo / "auto" / "1").mkdir(parents=True)
     shutil.copy(repo / "tiny" / "1" / "model.nvk", repo / "auto" / "1" / "model.nvk")
@@ -246,6 +263,15 @@ def _lifecycle(url, rng):
         cfg = c.get_model_config("auto")
         assert cfg["input"][0]["dims"] == [3, -1, -1] and cfg["input"][0]["data_type"] == "TYPE_FP32"
         assert cfg["output"][0]["dims"] == [1000] and cfg["max_batch_size"] == 64 and "dynamic_batching" in cfg
+        # FP16 model, FP32 logits (the classification extension takes no FP16): counted, the logits are
+        # the stand-in's fresh-memory bytes (0xA5A5 as FP16) widened on the host
+        x16 = th.InferInput("images", [1, 3, SIZE, SIZE], "FP16")
+        x16.set_data_from_numpy(np.zeros((1, 3, SIZE, SIZE), np.float16))
+        r = c.infer("tiny16", [x16], outputs=[th.InferRequestedOutput("logits")]).as_numpy("logits")
+        fresh = np.frombuffer(b"\xa5\xa5", np.float16).astype(np.float32)[0]
+        assert r.dtype == np.float32 and r.shape == (1, 1000) and (r == fresh).all(), (r.dtype, r[0, :4])
+        r = c.infer("tiny16", [x16], outputs=[th.InferRequestedOutput("logits", class_count=3)]).as_numpy("logits")
+        assert r.shape == (1, 3) and all(e.decode().split(":")[0] == f"{fresh:f}" for e in r.reshape(-1)), r
         assert not c.is_model_ready("broken")
         with pytest.raises(InferenceServerException) as e:
             c.load_model("broken")
@@ -263,7 +289,7 @@ def _lifecycle(url, rng):
 
 def _counted_server(repo, tmp_path, backend, library, extra_env=None):
     report = tmp_path / "driver-report.json"
-    env = {"NEXTVIT_CUDA_DRIVER": testing.driver_library(), testing.REPORT_ENV: str(report), "TRITON_INTERPRET": "0"}
+    env = {"NEXTVIT_CUDA_DRIVER": _driver(), testing.REPORT_ENV: str(report), "TRITON_INTERPRET": "0"}
     env.update(extra_env or {})
     return serve.Server(str(repo), backend=str(backend), library=str(library), env=env,
                         log=str(tmp_path / "server.log"), exit_timeout=5), report
@@ -274,7 +300,7 @@ def test_bad_requests_corrupt_model_and_reload_counted(tiny, tmp_path):
     repo = _counted_repo(tiny, tmp_path)
     srv, report = _counted_server(repo, tmp_path, backend, library)
     with srv:
-        assert srv.models == ["auto", "broken", "tiny"]
+        assert srv.models == ["auto", "broken", "tiny", "tiny16"]
         _wait_ready(srv.http_url, "tiny")
         _lifecycle(srv.http_url, np.random.default_rng(1))
     assert srv.proc.returncode == 0, srv._tail()
@@ -298,15 +324,16 @@ def test_backend_under_asan_and_ubsan(tiny, tmp_path):
         _wait_ready(srv.http_url, "tiny")
         _lifecycle(srv.http_url, np.random.default_rng(2))
         with th.InferenceServerClient(srv.http_url) as c:  # every instance finalized under the sanitizers
-            for name in ("tiny", "auto"):
+            names = ("tiny", "tiny16", "auto")
+            for name in names:
                 c.unload_model(name)
             deadline = time.time() + 30
-            while (c.is_model_ready("tiny") or c.is_model_ready("auto")) and time.time() < deadline:
+            while any(c.is_model_ready(n) for n in names) and time.time() < deadline:
                 time.sleep(0.1)
         srv.stop(timeout=10)
     log = (tmp_path / "server.log").read_text(errors="replace")
     assert "AddressSanitizer" not in log and "runtime error:" not in log, log[-4000:]
-    assert "successfully unloaded 'tiny'" in log and "successfully unloaded 'auto'" in log
+    assert all(f"successfully unloaded '{n}'" in log for n in ("tiny", "tiny16", "auto")), log[-4000:]
     # Not the exit status: with the ASan runtime preloaded, the wheel's libp11-kit can deadlock in its
     # own destructor (freelocale) after every model is unloaded, and the server is then killed.
     assert json.loads(report.read_text())["live_allocs"] == 0

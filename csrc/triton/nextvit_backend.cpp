@@ -63,6 +63,23 @@ uint64_t Now() {
       .count();
 }
 
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  uint32_t bits;
+  if (e == 0x1f) {
+    bits = sign | 0x7f800000 | (m << 13);  // inf, nan
+  } else if (e) {
+    bits = sign | ((e + 112) << 23) | (m << 13);
+  } else {  // zero or subnormal: m * 2^-24
+    const float f = float(m) * (1.0f / 16777216.0f);
+    memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
 /* ------------------------------------------------------------------ the CUDA driver calls */
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -160,6 +177,9 @@ struct ModelState {
   std::string input = "images";
   TRITONSERVER_DataType dtype = TRITONSERVER_TYPE_FP32;
   bool output[5] = {false, false, false, false, false};  // logits, features_0..3 in the config
+  /* Logits in FP32 from an FP16 model (converted on the host, n_classes values an image): Triton's
+   * classification extension (class_count) takes no FP16. */
+  bool logits_fp32 = false;
   int device_param = 0;  // KIND_MODEL's device (parameters.device)
 };
 
@@ -196,8 +216,7 @@ void AutoComplete(const ModelState& s, json* config) {
                                {"data_type", s.info.dtype == NVK_F16 ? "TYPE_FP16" : "TYPE_FP32"},
                                {"dims", nhwc ? json::array({-1, -1, 3}) : json::array({3, -1, -1})}}});
   if ((!c.contains("output") || c["output"].empty()) && s.info.n_classes)
-    c["output"] = json::array({{{"name", "logits"},
-                                {"data_type", s.info.dtype == NVK_F16 ? "TYPE_FP16" : "TYPE_FP32"},
+    c["output"] = json::array({{{"name", "logits"}, {"data_type", "TYPE_FP32"},
                                 {"dims", json::array({s.info.n_classes})}}});
   if (!c.contains("dynamic_batching") && !c.contains("sequence_batching")) c["dynamic_batching"] = json::object();
 }
@@ -244,7 +263,12 @@ TRITONSERVER_Error* CheckConfig(ModelState* s, const json& c) {
       if (on == kOutputs[i]) which = i;
     if (which < 0) return INVALID("%s: unknown output %s (logits, features_0 .. features_3)", n, on.c_str());
     if (which == 0 && !s->info.n_classes) return INVALID("%s: the model file has no head: no logits", n);
-    if (o.value("data_type", "") != type) return INVALID("%s: output %s must be %s", n, on.c_str(), type);
+    const std::string ot = o.value("data_type", "");
+    if (which == 0 && ot == "TYPE_FP32") {
+      s->logits_fp32 = s->dtype == TRITONSERVER_TYPE_FP16;
+    } else if (ot != type) {
+      return INVALID("%s: output %s must be %s%s", n, on.c_str(), type, which == 0 ? " or TYPE_FP32" : "");
+    }
     s->output[which] = true;
   }
   s->device_param = std::stoi(Param(c, "device", "0"));
@@ -292,12 +316,13 @@ TRITONSERVER_Error* InitModel(TRITONBACKEND_Model* model, ModelState* s) {
 struct Instance {
   ModelState* model = nullptr;
   TRITONBACKEND_ModelInstance* handle = nullptr;
-  int device = 0;
+  int device = 0, cudev = 0;  // the ordinal, and the driver's handle of it
   void* ctx = nullptr;
   void* stream = nullptr;
   nvk_model* nvk = nullptr;
   Buffer input, workspace, out[5];
-  std::vector<char> host;  // the outputs on their way to the responses
+  std::vector<char> host;       // the outputs on their way to the responses
+  std::vector<float> widened;   // FP16 logits of one request as FP32
 
   ~Instance() {
     if (ctx && !cu.push(ctx)) {
@@ -309,7 +334,7 @@ struct Instance {
       cu.pop(&popped);
     }
     nvk_model_free(nvk);
-    if (ctx) cu.release(device);
+    if (ctx) cu.release(cudev);
   }
 
   bool Features() const { return model->output[1] || model->output[2] || model->output[3] || model->output[4]; }
@@ -477,18 +502,31 @@ TRITONSERVER_Error* Run(Instance& in, std::vector<Job>& jobs, std::vector<TRITON
       std::vector<int64_t> shape;
       const size_t bytes = in.OutputBytes(o, j.batch, h, w, &shape);
       const size_t row_bytes = bytes / size_t(j.batch);
+      const char* src = in.host.data() + out_off[o] + size_t(row) * row_bytes;
+      const bool widen = o == 0 && in.model->logits_fp32;
+      if (widen) {
+        in.widened.resize(bytes / 2);
+        for (size_t i = 0; i < in.widened.size(); ++i) {
+          uint16_t hv;
+          memcpy(&hv, src + 2 * i, 2);
+          in.widened[i] = HalfToFloat(hv);
+        }
+        src = reinterpret_cast<const char*>(in.widened.data());
+      }
+      const size_t out_bytes = widen ? bytes * 2 : bytes;
       TRITONBACKEND_Output* output;
-      TRY(TRITONBACKEND_ResponseOutput(responses[k], &output, kOutputs[o], in.model->dtype, shape.data(),
-                                       uint32_t(shape.size())));
+      TRY(TRITONBACKEND_ResponseOutput(responses[k], &output, kOutputs[o], widen ? TRITONSERVER_TYPE_FP32
+                                       : in.model->dtype, shape.data(), uint32_t(shape.size())));
       void* dst;
       TRITONSERVER_MemoryType type = TRITONSERVER_MEMORY_CPU;
       int64_t type_id = 0;
-      TRY(TRITONBACKEND_OutputBuffer(output, &dst, bytes, &type, &type_id));
-      const char* src = in.host.data() + out_off[o] + size_t(row) * row_bytes;
-      if (type == TRITONSERVER_MEMORY_GPU)
-        TRY(Cu(cu.htod(CUdeviceptr(uintptr_t(dst)), src, bytes, in.stream), "copying an output"));
-      else
-        memcpy(dst, src, bytes);
+      TRY(TRITONBACKEND_OutputBuffer(output, &dst, out_bytes, &type, &type_id));
+      if (type == TRITONSERVER_MEMORY_GPU) {
+        TRY(Cu(cu.htod(CUdeviceptr(uintptr_t(dst)), src, out_bytes, in.stream), "copying an output"));
+        TRY(Cu(cu.stream_sync(in.stream), "cuStreamSynchronize"));  // src is reused by the next output
+      } else {
+        memcpy(dst, src, out_bytes);
+      }
     }
     row += j.batch;
   }
@@ -551,9 +589,8 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceInitialize(TRITONBACKEND_M
     return INVALID("%s: Next-ViT runs on a GPU: instance_group kind KIND_GPU (or KIND_MODEL with "
                    "parameters.device)", in->model->name.c_str());
   }
-  int dev;
-  TRY(Cu(cu.device_get(&dev, in->device), "cuDeviceGet"));
-  TRY(Cu(cu.retain(&in->ctx, dev), "cuDevicePrimaryCtxRetain"));
+  TRY(Cu(cu.device_get(&in->cudev, in->device), "cuDeviceGet"));
+  TRY(Cu(cu.retain(&in->ctx, in->cudev), "cuDevicePrimaryCtxRetain"));
   TRY(Cu(cu.push(in->ctx), "cuCtxPushCurrent"));
   TRITONSERVER_Error* err = Cu(cu.stream_create(&in->stream, 1 /* non-blocking */), "cuStreamCreate");
   if (!err) err = Nvk(nvk_model_load(in->model->file.c_str(), in->device, &in->nvk));
