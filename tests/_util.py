@@ -267,3 +267,20 @@ def header_prototypes() -> dict:
         header = re.sub(r"/\*.*?\*/", "", f.read(), flags=re.S)
     return {m.group(2): (m.group(1).strip(), [p.strip() for p in m.group(3).split(",") if p.strip() not in ("", "void")])
             for m in re.finditer(r"NVK_API\s+([\w\s\*]+?)\s*(nvk_\w+)\(([^)]*)\);", header)}
+
+
+def triton_backend(sanitized: bool = False):
+    """(libtriton_nextvit.so, libnextvit_kernels.so) of the test build, for the serving tests;
+    skips where no tritonserver, C compiler or nlohmann/json (the backend's build) is found."""
+    from nextvit_kernels import serve
+    try:
+        serve.find_server()
+    except FileNotFoundError as err:
+        pytest.skip(f"no tritonserver: {err}")
+    if _builds.find_c_compiler() is None:
+        pytest.skip("the backend and the stand-in need a C compiler")
+    d = _builds.c_library(sanitized=sanitized)
+    backend = d / "csrc" / "triton" / "libtriton_nextvit.so"
+    if not backend.exists():
+        pytest.skip("the Triton backend was not built (pip install nlohmann-json)")
+    return backend, d / "libnextvit_kernels.so"

@@ -80,21 +80,11 @@ def test_serve_bench_counted(tmp_path):
     stand-in; every point measured, the server's split read, the plot drawn."""
     pytest.importorskip("tritonclient.grpc")
     pytest.importorskip("tritonclient.http")
-    import _builds
-    from nextvit_kernels import serve
-    try:
-        serve.find_server()
-    except FileNotFoundError as err:
-        pytest.skip(f"no tritonserver: {err}")
-    if _builds.find_c_compiler() is None:
-        pytest.skip("the backend and the stand-in need a C compiler")
-    d = _builds.c_library()
-    backend = d / "csrc" / "triton" / "libtriton_nextvit.so"
-    if not backend.exists():
-        pytest.skip("the Triton backend was not built (pip install nlohmann-json)")
+    from _util import triton_backend
+    backend, library = triton_backend()
     out = _run(["bench/serve_bench.py", "--cpu", "--depths", "1,1,5,1", "--size", "64", "--batch", "2",
                 "--concurrency", "1,2", "--duration", "1", "--warmup", "0.3", "--backend", str(backend),
-                "--library", str(d / "libnextvit_kernels.so"), "--out", str(tmp_path)], tmp_path, timeout=300)
+                "--library", str(library), "--out", str(tmp_path)], tmp_path, timeout=300)
     assert "serving overhead alone" in out and "not model compute" in out, out
     [path] = tmp_path.glob("serve-cpu-smoke-*.json")
     data = json.loads(path.read_text())

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import _builds
-from _util import randomize_
+from _util import randomize_, triton_backend
 import nextvit_kernels as nk
 from nextvit_kernels import model_file, serve, testing
 
@@ -59,18 +59,7 @@ def _child_env():
 
 
 def _backend(sanitized=False):
-    """The backend and C library the server tests run (skips without a server or a compiler)."""
-    try:
-        serve.find_server()
-    except FileNotFoundError as err:
-        pytest.skip(f"no tritonserver: {err}")
-    if _builds.find_c_compiler() is None:
-        pytest.skip("the backend and the stand-in need a C compiler")
-    d = _builds.c_library(sanitized=sanitized)
-    backend = d / "csrc" / "triton" / "libtriton_nextvit.so"
-    if not backend.exists():
-        pytest.skip("the Triton backend was not built (pip install nlohmann-json)")
-    return backend, d / "libnextvit_kernels.so"
+    return triton_backend(sanitized)
 
 
 @pytest.fixture(scope="module")
