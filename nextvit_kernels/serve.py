@@ -269,7 +269,7 @@ class Server:
         self.library = os.path.abspath(library)
         for what, path in (("backend", self.backend), ("C library", self.library)):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"no {what} at {path}: build the C library (README, 'The C library') "
+                raise FileNotFoundError(f"no {what} at {path}: build the C library (README, 'What the install does') "
                                         f"with nlohmann-json installed, or set NEXTVIT_TRITON_BACKEND")
         self.http_port, self.grpc_port, self.metrics_port = (p or free_port() for p in (http_port, grpc_port,
                                                                                         metrics_port))
@@ -454,7 +454,11 @@ def _repo_main(a) -> int:
 
 
 def _run_main(a) -> int:
-    srv = Server(a.repo, a.http_port, a.grpc_port, a.metrics_port, a.server, models=a.models)
+    try:
+        srv = Server(a.repo, a.http_port, a.grpc_port, a.metrics_port, a.server, models=a.models)
+    except (FileNotFoundError, ValueError) as err:  # no server, backend or repository; an unknown model
+        print(f"serve: {err}", file=sys.stderr)
+        return 2
     for name, why in srv.skipped.items():
         print(f"serve: not loading {name}: {why}", file=sys.stderr)
     with contextlib.ExitStack() as stack:
