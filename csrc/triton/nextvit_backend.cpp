@@ -152,9 +152,7 @@ struct Buffer {
   size_t size = 0;
   TRITONSERVER_Error* Reserve(size_t bytes, const char* what) {
     if (bytes <= size) return nullptr;
-    if (p) cu.free(p);
-    p = 0;
-    size = 0;
+    Free();
     TRY(Cu(cu.alloc(&p, bytes), what));
     size = bytes;
     return nullptr;
@@ -170,6 +168,9 @@ struct Buffer {
 /* ------------------------------------------------------------------ the model (config + file) */
 struct ModelState {
   std::string name, file;
+  /* The file, parsed and checked once when the model loads (NVK_NO_DEVICE: nothing uploaded); the
+   * config's checks ask it, the instances load their own device copies. */
+  nvk_model* checked = nullptr;
   nvk_model_info info{};
   nvk_layout layout = NVK_NCHW;
   int max_batch = 0;
@@ -181,6 +182,8 @@ struct ModelState {
    * classification extension (class_count) takes no FP16. */
   bool logits_fp32 = false;
   int device_param = 0;  // KIND_MODEL's device (parameters.device)
+
+  ~ModelState() { nvk_model_free(checked); }
 };
 
 int64_t Int(const json& v) {  // the config's int64 fields arrive as numbers or as strings
@@ -247,15 +250,9 @@ TRITONSERVER_Error* CheckConfig(ModelState* s, const json& c) {
   s->w = d[s->layout == NVK_NHWC ? 1 : 2];
   if ((s->h == -1) != (s->w == -1) || s->h == 0 || s->w == 0 || s->h < -1 || s->w < -1)
     return INVALID("%s: input H and W must both be positive or both -1", n);
-  if (s->h > 0) {
-    nvk_model* probe = nullptr;
-    TRY(Nvk(nvk_model_load(s->file.c_str(), NVK_NO_DEVICE, &probe)));
-    size_t ws = nvk_model_workspace_size(probe, 1, static_cast<int>(s->h), static_cast<int>(s->w), 0);
-    std::string why = nvk_last_error();
-    nvk_model_free(probe);
-    if (!ws && s->info.n_classes) return INVALID("%s: the model cannot run %lld x %lld: %s", n, (long long)s->h,
-                                                 (long long)s->w, why.c_str());
-  }
+  if (s->h > 0 && s->info.n_classes &&
+      !nvk_model_workspace_size(s->checked, 1, static_cast<int>(s->h), static_cast<int>(s->w), 0))
+    return INVALID("%s: the model cannot run %lld x %lld: %s", n, (long long)s->h, (long long)s->w, nvk_last_error());
   for (const auto& o : c.value("output", json::array())) {
     const std::string on = o.value("name", "");
     int which = -1;
@@ -289,10 +286,8 @@ TRITONSERVER_Error* InitModel(TRITONBACKEND_Model* model, ModelState* s) {
   TRY(ReadConfig(model, &config));
   const std::string file = Param(config, "model_file", "model.nvk");
   s->file = file[0] == '/' ? file : std::string(dir) + "/" + std::to_string(version) + "/" + file;
-  nvk_model* probe = nullptr;  // every byte of the file is checked here, before any instance
-  TRY(Nvk(nvk_model_load(s->file.c_str(), NVK_NO_DEVICE, &probe)));
-  nvk_model_get_info(probe, &s->info);
-  nvk_model_free(probe);
+  TRY(Nvk(nvk_model_load(s->file.c_str(), NVK_NO_DEVICE, &s->checked)));  // every byte, before any instance
+  nvk_model_get_info(s->checked, &s->info);
   bool auto_complete = false;
   TRY(TRITONBACKEND_ModelAutoCompleteConfig(model, &auto_complete));
   if (auto_complete) {
@@ -315,7 +310,6 @@ TRITONSERVER_Error* InitModel(TRITONBACKEND_Model* model, ModelState* s) {
 /* ------------------------------------------------------------------ an instance */
 struct Instance {
   ModelState* model = nullptr;
-  TRITONBACKEND_ModelInstance* handle = nullptr;
   int device = 0, cudev = 0;  // the ordinal, and the driver's handle of it
   void* ctx = nullptr;
   void* stream = nullptr;
@@ -340,8 +334,10 @@ struct Instance {
   bool Features() const { return model->output[1] || model->output[2] || model->output[3] || model->output[4]; }
   size_t Elem() const { return model->dtype == TRITONSERVER_TYPE_FP16 ? 2 : 4; }
 
-  /* Buffers for `batch` images of h x w (the instance's current context). */
+  /* Buffers for `batch` images of h x w (the instance's current context). Every size grows with the
+   * batch, so buffers that hold more images of the same size hold these: no plan walk per batch. */
   TRITONSERVER_Error* Reserve(int batch, int h, int w) {
+    if (h == fits_h && w == fits_w && batch <= fits_batch) return nullptr;
     size_t ws = 0;
     for (int f = 0; f < 2; ++f) {
       if (f == 0 && !model->output[0]) continue;
@@ -354,8 +350,12 @@ struct Instance {
     TRY(workspace.Reserve(ws, "workspace"));
     for (int o = 0; o < 5; ++o)  // the runtime writes all four stage maps when one is asked for
       if (o == 0 ? model->output[0] : Features()) TRY(out[o].Reserve(OutputBytes(o, batch, h, w), kOutputs[o]));
+    fits_batch = h == fits_h && w == fits_w ? std::max(fits_batch, batch) : batch;
+    fits_h = h;
+    fits_w = w;
     return nullptr;
   }
+  int fits_batch = 0, fits_h = 0, fits_w = 0;  // what the buffers were last sized for
 
   size_t OutputBytes(int o, int batch, int h, int w, std::vector<int64_t>* shape = nullptr) const {
     int dims[4], nd = 0;
@@ -481,17 +481,20 @@ TRITONSERVER_Error* Run(Instance& in, std::vector<Job>& jobs, std::vector<TRITON
     TRY(Nvk(nvk_model_forward_features(in.nvk, x, in.model->layout, feats, in.workspace.at(0), in.workspace.size,
                                        total, h, w, in.stream)));
   }
-  size_t host_bytes = 0, out_off[5] = {0, 0, 0, 0, 0};
+  /* Each output's shape and bytes for the whole batch, once; a request's are its rows of them. */
+  std::vector<int64_t> shape[5];
+  size_t host_bytes = 0, out_off[5] = {0, 0, 0, 0, 0}, out_bytes[5] = {0, 0, 0, 0, 0};
   for (int o = 0; o < 5; ++o)
     if (any[o]) {
       out_off[o] = host_bytes;
-      host_bytes += in.OutputBytes(o, total, h, w);
+      out_bytes[o] = in.OutputBytes(o, total, h, w, &shape[o]);
+      if (!out_bytes[o]) return Error(TRITONSERVER_ERROR_INTERNAL, "%s: %s", kOutputs[o], nvk_last_error());
+      host_bytes += out_bytes[o];
     }
   in.host.resize(host_bytes);
   for (int o = 0; o < 5; ++o)
     if (any[o])
-      TRY(Cu(cu.dtoh(in.host.data() + out_off[o], in.out[o].p, in.OutputBytes(o, total, h, w), in.stream),
-             "copying the outputs"));
+      TRY(Cu(cu.dtoh(in.host.data() + out_off[o], in.out[o].p, out_bytes[o], in.stream), "copying the outputs"));
   TRY(Cu(cu.stream_sync(in.stream), "cuStreamSynchronize"));
   int row = 0;
   for (size_t k = 0; k < jobs.size(); ++k) {
@@ -499,9 +502,8 @@ TRITONSERVER_Error* Run(Instance& in, std::vector<Job>& jobs, std::vector<TRITON
     TRY(TRITONBACKEND_ResponseNew(&responses[k], j.request));
     for (int o = 0; o < 5; ++o) {
       if (!j.wants[o]) continue;
-      std::vector<int64_t> shape;
-      const size_t bytes = in.OutputBytes(o, j.batch, h, w, &shape);
-      const size_t row_bytes = bytes / size_t(j.batch);
+      const size_t row_bytes = out_bytes[o] / size_t(total), bytes = row_bytes * size_t(j.batch);
+      shape[o][0] = j.batch;
       const char* src = in.host.data() + out_off[o] + size_t(row) * row_bytes;
       const bool widen = o == 0 && in.model->logits_fp32;
       if (widen) {
@@ -513,19 +515,19 @@ TRITONSERVER_Error* Run(Instance& in, std::vector<Job>& jobs, std::vector<TRITON
         }
         src = reinterpret_cast<const char*>(in.widened.data());
       }
-      const size_t out_bytes = widen ? bytes * 2 : bytes;
+      const size_t size = widen ? bytes * 2 : bytes;
       TRITONBACKEND_Output* output;
       TRY(TRITONBACKEND_ResponseOutput(responses[k], &output, kOutputs[o], widen ? TRITONSERVER_TYPE_FP32
-                                       : in.model->dtype, shape.data(), uint32_t(shape.size())));
+                                       : in.model->dtype, shape[o].data(), uint32_t(shape[o].size())));
       void* dst;
       TRITONSERVER_MemoryType type = TRITONSERVER_MEMORY_CPU;
       int64_t type_id = 0;
-      TRY(TRITONBACKEND_OutputBuffer(output, &dst, out_bytes, &type, &type_id));
+      TRY(TRITONBACKEND_OutputBuffer(output, &dst, size, &type, &type_id));
       if (type == TRITONSERVER_MEMORY_GPU) {
-        TRY(Cu(cu.htod(CUdeviceptr(uintptr_t(dst)), src, out_bytes, in.stream), "copying an output"));
+        TRY(Cu(cu.htod(CUdeviceptr(uintptr_t(dst)), src, size, in.stream), "copying an output"));
         TRY(Cu(cu.stream_sync(in.stream), "cuStreamSynchronize"));  // src is reused by the next output
       } else {
-        memcpy(dst, src, out_bytes);
+        memcpy(dst, src, size);
       }
     }
     row += j.batch;
@@ -576,7 +578,6 @@ EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceInitialize(TRITONBACKEND_M
   TRY(TRITONBACKEND_ModelState(model, &ms));
   auto in = std::make_unique<Instance>();
   in->model = static_cast<ModelState*>(ms);
-  in->handle = instance;
   TRITONSERVER_InstanceGroupKind kind;
   TRY(TRITONBACKEND_ModelInstanceKind(instance, &kind));
   if (kind == TRITONSERVER_INSTANCEGROUPKIND_GPU) {
