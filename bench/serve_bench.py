@@ -98,28 +98,6 @@ def _write_repo(args, cpu, folder):
     return [name] if cpu else [name, f"{name}_python"]
 
 
-def _wait_ready(srv, models, timeout):
-    """{model: why it is not ready}, waiting up to ``timeout`` s; a failed load answers at once."""
-    import tritonclient.http as httpclient
-    deadline, missing = time.time() + timeout, {}
-    with httpclient.InferenceServerClient(srv.http_url) as c:
-        for m in models:
-            why = f"not ready after {timeout:.0f} s"
-            while time.time() < deadline and srv.proc.poll() is None:
-                if srv.model_ready(m):
-                    why = None
-                    break
-                failed = [e for e in c.get_model_repository_index() if e.get("name") == m
-                          and e.get("state") == "UNAVAILABLE" and e.get("reason")]
-                if failed:
-                    why = failed[0]["reason"]
-                    break
-                time.sleep(0.2)
-            if why:
-                missing[m] = why
-    return missing
-
-
 def _model_io(url, model, size):
     """(input name, datatype, per-request dims without the batch, output name) from the metadata;
     a variable H or W (-1) is ``size``."""
@@ -427,12 +405,12 @@ def main(argv=None):
         skipped = dict(srv.skipped)
         points, base = [], None
         with srv:
-            skipped.update(_wait_ready(srv, srv.models, timeout=300))
+            skipped.update(srv.wait_ready(timeout=300))
             for m, why in skipped.items():
                 print(f"serve_bench: not measuring {m}: {why}", flush=True)
             ready = [m for m in srv.models if m not in skipped]
             if not ready:
-                print(f"serve_bench: no model ready; the server's log:\n{_tail(log)}")
+                print(f"serve_bench: no model ready; the server's log:\n{srv.log_tail()}")
                 return 1
             card = "cpu-smoke" if cpu else harness.slug(torch.cuda.get_device_name())
             base = args.out / f"serve-{card}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -451,7 +429,7 @@ def main(argv=None):
                     print(f"serve_bench: not measuring {m}: {why}", flush=True)
             ready = [m for m in ready if m not in skipped]
             if not ready:
-                print(f"serve_bench: no model answers; the server's log:\n{_tail(log)}")
+                print(f"serve_bench: no model answers; the server's log:\n{srv.log_tail()}")
                 return 1
             plan = [(m, b, c) for m in ready for b in args.batch for c in args.concurrency]
             for i, (m, b, c) in enumerate(plan, 1):
@@ -472,14 +450,6 @@ def main(argv=None):
     if rc not in (0, None):
         print(f"serve_bench: the server exited with {rc}")
     return 0
-
-
-def _tail(path, n=40):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
 
 
 if __name__ == "__main__":

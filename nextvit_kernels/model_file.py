@@ -119,10 +119,14 @@ def save_runtime(model, path: str, dtype=torch.float16) -> str:
     """Writes ``model`` (a NextViT; BatchNorms merged or not) as a model file for the C runtime
     (``nvk_model_load``, ``nextvit_kernels.runtime.Model``): folded weights in ``dtype`` and the
     plan. Returns ``path``."""
-    data = plan_bytes(fold_for_runtime(model, dtype), config.variant_of(model.depths))
+    return save_plan(fold_for_runtime(model, dtype), path, config.variant_of(model.depths))
+
+
+def save_plan(plan: Plan, path: str, variant: str = "custom") -> str:
+    """Writes a folded ``plan`` (``fold_for_runtime``) as a model file, atomically. Returns ``path``."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.write(plan_bytes(plan, variant))
     os.replace(tmp, path)
     return path
 

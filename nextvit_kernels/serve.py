@@ -21,6 +21,7 @@ launches are computed on the CPU (``testing.hosted_environment``): the whole ser
 a GPU.
 """
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -50,6 +51,19 @@ def imagenet_labels() -> List[str]:
     return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
+def _pbtxt(name: str, backend: str, max_batch: int, inp, outputs, instances: int, kind: str, queue_delay_us: int,
+           params=()) -> str:
+    """A config.pbtxt: one input and the outputs, each (name, data_type, dims[, label file])."""
+    def tensor(t):
+        label = f'\n    label_filename: "{t[3]}"' if len(t) > 3 and t[3] else ""
+        return f'  {{\n    name: "{t[0]}"\n    data_type: {t[1]}\n    dims: [ {", ".join(map(str, t[2]))} ]{label}\n  }}'
+    return (f'name: "{name}"\nbackend: "{backend}"\nmax_batch_size: {max_batch}\n'
+            f'input [\n{tensor(inp)}\n]\noutput [\n{("," + chr(10)).join(map(tensor, outputs))}\n]\n'
+            f'instance_group [\n  {{\n    count: {instances}\n    kind: {KINDS[kind]}\n  }}\n]\n'
+            f'dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n'
+            + "".join(f'parameters: {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in params))
+
+
 def config_text(name: str, dtype: str, size: Optional[int], max_batch: int, instances: int, kind: str = "gpu",
                 layout: str = "nchw", n_classes: int = 1000, features: bool = False, labels: bool = True,
                 queue_delay_us: int = 100) -> str:
@@ -58,22 +72,14 @@ def config_text(name: str, dtype: str, size: Optional[int], max_batch: int, inst
         raise ValueError(f"dtype {dtype!r} ({'/'.join(TYPES)}), kind {kind!r} ({'/'.join(KINDS)}), "
                          f"layout {layout!r} ({'/'.join(LAYOUTS)})")
     h = w = size if size else -1
-    dims = [3, h, w] if layout == "nchw" else [h, w, 3]
     t = TYPES[dtype]
     outs = []
-    if n_classes:
-        label = '\n    label_filename: "labels.txt"' if labels else ""
-        # FP32 whatever the model's dtype: Triton's classification extension takes no FP16 output
-        outs.append(f'  {{\n    name: "logits"\n    data_type: TYPE_FP32\n    dims: [ {n_classes} ]{label}\n  }}')
+    if n_classes:  # FP32 whatever the model's dtype: Triton's classification extension takes no FP16 output
+        outs.append(("logits", "TYPE_FP32", [n_classes], "labels.txt" if labels else None))
     if features:
-        outs += [f'  {{\n    name: "features_{s}"\n    data_type: {t}\n    dims: [ -1, -1, -1 ]\n  }}' for s in range(4)]
-    params = [("layout", layout.upper()), ("model_file", "model.nvk")]
-    param_text = "".join(f'parameters: {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in params)
-    return (f'name: "{name}"\nbackend: "{BACKEND}"\nmax_batch_size: {max_batch}\n'
-            f'input [\n  {{\n    name: "images"\n    data_type: {t}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}\n]\n'
-            f'output [\n{("," + chr(10)).join(outs)}\n]\n'
-            f'instance_group [\n  {{\n    count: {instances}\n    kind: {KINDS[kind]}\n  }}\n]\n'
-            f'dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}\n' + param_text)
+        outs += [(f"features_{s}", t, [-1, -1, -1]) for s in range(4)]
+    return _pbtxt(name, BACKEND, max_batch, ("images", t, [3, h, w] if layout == "nchw" else [h, w, 3]), outs,
+                  instances, kind, queue_delay_us, [("layout", layout.upper()), ("model_file", "model.nvk")])
 
 
 def write_repository(model, out: str, name: str, dtype: str = "fp16", size: Optional[int] = 224, max_batch: int = 64,
@@ -81,7 +87,7 @@ def write_repository(model, out: str, name: str, dtype: str = "fp16", size: Opti
                      compare: bool = True, queue_delay_us: int = 100, log=print) -> str:
     """Writes ``model`` (a NextViT) into the Triton model repository ``out`` as ``name``; returns the
     model's folder. ``compare`` adds the TensorRT, ONNX Runtime and Python-backend versions beside it."""
-    from . import model_file
+    from . import config, model_file
     from .plan import DTYPES
     if dtype not in TYPES:
         raise ValueError(f"dtype {dtype!r}: the server takes {' or '.join(TYPES)}")
@@ -90,9 +96,9 @@ def write_repository(model, out: str, name: str, dtype: str = "fp16", size: Opti
     model = model.eval()
     mdir = os.path.join(out, name)
     os.makedirs(os.path.join(mdir, "1"), exist_ok=True)
-    path = model_file.save_runtime(model, os.path.join(mdir, "1", "model.nvk"), dtype=DTYPES[dtype])
-    head = model_file.load_plan(path)[0].head  # what the file holds: a backbone has no head
-    n_classes = head[0].shape[0] if head is not None else 0
+    plan = model_file.fold_for_runtime(model, DTYPES[dtype])
+    model_file.save_plan(plan, os.path.join(mdir, "1", "model.nvk"), config.variant_of(model.depths))
+    n_classes = plan.head[0].shape[0] if plan.head is not None else 0  # a backbone has no head
     labels = n_classes == 1000
     if labels:
         with open(os.path.join(mdir, "labels.txt"), "w") as f:
@@ -107,13 +113,11 @@ def write_repository(model, out: str, name: str, dtype: str = "fp16", size: Opti
     return mdir
 
 
-def _plain_config(name, backend, dtype, size, max_batch, instances, n_classes, extra=""):
+def _plain_config(name, backend, dtype, size, max_batch, instances, n_classes):
+    """config.pbtxt of a comparison model (input ``input``, NCHW, fixed size; logits in the model's dtype)."""
     t = TYPES[dtype]
-    return (f'name: "{name}"\nbackend: "{backend}"\nmax_batch_size: {max_batch}\n'
-            f'input [\n  {{\n    name: "input"\n    data_type: {t}\n    dims: [ 3, {size}, {size} ]\n  }}\n]\n'
-            f'output [\n  {{\n    name: "logits"\n    data_type: {t}\n    dims: [ {n_classes} ]\n  }}\n]\n'
-            f'instance_group [\n  {{\n    count: {instances}\n    kind: KIND_GPU\n  }}\n]\n'
-            f'dynamic_batching {{\n  max_queue_delay_microseconds: 100\n}}\n{extra}')
+    return _pbtxt(name, backend, max_batch, ("input", t, [3, size, size]), [("logits", t, [n_classes])], instances,
+                  "gpu", 100)
 
 
 def trtexec_command(onnx_path: str, plan_path: str, size: int, max_batch: int) -> str:
@@ -225,6 +229,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _http(url: str, path: str, body: Optional[bytes] = None):
+    """(status, body) of a GET (or, with ``body``, a POST) to the server's HTTP endpoint; (0, b"") when
+    it does not answer."""
+    try:
+        req = urllib.request.Request(f"http://{url}{path}", data=body, method="POST" if body is not None else "GET")
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.status, r.read()
+    except OSError:
+        return 0, b""
+
+
+def wait_ready(url: str, models: Sequence[str], timeout: float = 120.0, alive=lambda: True) -> Dict[str, str]:
+    """Waits up to ``timeout`` seconds for each of ``models`` on the server at ``url`` (host:port,
+    HTTP) to be ready; returns {model: why not} for those that are not: a failed load answers at
+    once, with the server's reason. ``alive()`` false stops the wait (the server exited)."""
+    deadline, missing = time.time() + timeout, {}
+    for m in models:
+        why = f"not ready after {timeout:.0f} s"
+        while time.time() < deadline and alive():
+            if _http(url, f"/v2/models/{m}/ready")[0] == 200:
+                why = None
+                break
+            status, index = _http(url, "/v2/repository/index", b"{}")
+            failed = [e for e in (json.loads(index) if status == 200 else [])
+                      if e.get("name") == m and e.get("state") == "UNAVAILABLE" and e.get("reason")]
+            if failed:
+                why = failed[0]["reason"]
+                break
+            time.sleep(0.2)
+        if why:
+            missing[m] = why
+    return missing
 
 
 def repository_models(repo: str) -> Dict[str, Optional[str]]:
@@ -365,12 +403,13 @@ class Server:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.proc.returncode} while starting{self._tail()}")
-            if self._get("/v2/health/live") == 200:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode} while starting:\n"
+                                   f"{self.log_tail()}")
+            if _http(self.http_url, "/v2/health/live")[0] == 200:
                 return self
             time.sleep(0.2)
         self.stop()
-        raise TimeoutError(f"tritonserver did not come up in {timeout:.0f} s{self._tail()}")
+        raise TimeoutError(f"tritonserver did not come up in {timeout:.0f} s:\n{self.log_tail()}")
 
     def _python_backend(self, path: str) -> None:
         """The Python backend, with a stub for this Python: the nvidia-pytriton wheel keeps one stub
@@ -395,21 +434,20 @@ class Server:
         if libdir:
             self.lib_dirs = self.lib_dirs + [libdir]
 
-    def _tail(self) -> str:
+    def log_tail(self, n: int = 40) -> str:
+        """The last ``n`` lines of the server's log ("" without one)."""
         if not self.log_path or not os.path.exists(self.log_path):
             return ""
         with open(self.log_path, errors="replace") as f:
-            return ":\n" + "".join(f.readlines()[-40:])
-
-    def _get(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
-                return r.status
-        except OSError:
-            return 0
+            return "".join(f.readlines()[-n:])
 
     def model_ready(self, name: str) -> bool:
-        return self._get(f"/v2/models/{name}/ready") == 200
+        return _http(self.http_url, f"/v2/models/{name}/ready")[0] == 200
+
+    def wait_ready(self, models: Optional[Sequence[str]] = None, timeout: float = 120.0) -> Dict[str, str]:
+        """``wait_ready`` for this server's models (default: those it loads at start)."""
+        return wait_ready(self.http_url, self.models if models is None else models, timeout,
+                          alive=lambda: self.proc is not None and self.proc.poll() is None)
 
     def stop(self, timeout: Optional[float] = None) -> Optional[int]:
         """Stops the server (SIGINT: a graceful exit that unloads every model, then SIGKILL)."""

@@ -108,19 +108,6 @@ def _grpc_infer(url, model, x):
         return c.infer(model, [i], outputs=[tg.InferRequestedOutput("logits")]).as_numpy("logits")
 
 
-def _wait_ready(url, name, timeout=120):
-    with th.InferenceServerClient(url) as c:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                if c.is_model_ready(name):
-                    return
-            except InferenceServerException:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"model {name} not ready in {timeout} s")
-
-
 def _lines(proc, n, timeout, log):
     """The first ``n`` lines ``proc`` prints, within ``timeout`` seconds."""
     import select
@@ -156,8 +143,7 @@ def test_serve_run_computes_each_requests_own_logits(tiny, tmp_path):
         assert f"http://127.0.0.1:{http}" in banner[1] and f"127.0.0.1:{grpc}" in banner[2], banner
         assert banner[4].split() == ["models", "tiny,", "tiny_nhwc"], banner
         url, gurl = f"127.0.0.1:{http}", f"127.0.0.1:{grpc}"
-        _wait_ready(url, "tiny")
-        _wait_ready(url, "tiny_nhwc")
+        assert serve.wait_ready(url, ["tiny", "tiny_nhwc"]) == {}
         rng = np.random.default_rng(7)
         features = ("logits", "features_0", "features_1", "features_2", "features_3")
         cases = [("http", _images(rng, 1)), ("grpc", _images(rng, 2)), ("http", _images(rng, 3)),
@@ -290,9 +276,9 @@ def test_bad_requests_corrupt_model_and_reload_counted(tiny, tmp_path):
     srv, report = _counted_server(repo, tmp_path, backend, library)
     with srv:
         assert srv.models == ["auto", "broken", "tiny", "tiny16"]
-        _wait_ready(srv.http_url, "tiny")
+        assert srv.wait_ready(["tiny"]) == {}
         _lifecycle(srv.http_url, np.random.default_rng(1))
-    assert srv.proc.returncode == 0, srv._tail()
+    assert srv.proc.returncode == 0, srv.log_tail()
     counters = json.loads(report.read_text())
     assert counters["live_allocs"] == 0 and counters["live_bytes"] == 0, counters  # unload freed everything
     assert counters["launches"] > 0
@@ -310,7 +296,7 @@ def test_backend_under_asan_and_ubsan(tiny, tmp_path):
         "LD_PRELOAD": ":".join(runtimes), "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
     with srv:
-        _wait_ready(srv.http_url, "tiny")
+        assert srv.wait_ready(["tiny"]) == {}
         _lifecycle(srv.http_url, np.random.default_rng(2))
         with th.InferenceServerClient(srv.http_url) as c:  # every instance finalized under the sanitizers
             names = ("tiny", "tiny16", "auto")
