@@ -15,10 +15,14 @@ if [ -n "${OUT:-}" ]; then PACK="$OUT/gpu_check.tar.gz"; OUT=$(mktemp -d); else 
 mkdir -p "$OUT"
 pack() { [ -z "$PACK" ] || tar czf "$PACK" -C "$OUT" .; }
 export PYTHONUNBUFFERED=1
+# The device machine has no install of this package: the bench scripts import it from the checkout,
+# and the C library travels beside it (device run carry: nextvit_kernels/libnextvit_kernels.so).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}  # the GPU machines' python with torch is python3
 PHASES=${PHASES:-"warm e2e clib profile host serve ops tests"}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv | tee "$OUT/gpu.txt"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+$PY -c "import sys, torch, triton, numpy, timm; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'numpy', numpy.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
+nvidia-smi >> "$OUT/gpu.txt" 2>&1
 for phase in $PHASES; do
   start=$SECONDS
   case $phase in
