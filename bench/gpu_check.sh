@@ -44,8 +44,13 @@ for phase in $PHASES; do
     # The op suite (pytest-benchmark) at fp16, batch 256; JSON + table via ops_bench; compiles stop at 35 s, all at 50 s.
     ops)   timeout 60 $PY bench/ops_bench.py --out "$OUT" -- --bench-dtype fp16 --bench-batch 256 --bench-budget-s 50 --bench-compile-budget-s 35 2>&1 | tee "$OUT/ops.log" ;;
     # -n 8 / --timeout where pytest-xdist and pytest-timeout are installed (the GPU machines have both).
+    # -v: each result is printed as it comes, so a run cut at its limit still names its failures.
     tests) par=$($PY -c "import xdist, pytest_timeout" 2>/dev/null && echo "-n 8 --timeout 70")
-           timeout 75 $PY -m pytest tests -m gpu -q -p no:cacheprovider $par -k "not 10000" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+           timeout "${TESTS_LIMIT:-75}" $PY -m pytest tests -m gpu -v -rfE --tb=short -p no:cacheprovider $par \
+             -k "not 10000" 2>&1 | grep -v "PytestBenchmarkWarning\|warner(" | tee "$OUT/gpu_tests.log" ;;
+    # Not in the default list: the launch-configuration sweep (bench/tune.py), for a call of its own.
+    tune)  timeout "${TUNE_LIMIT:-300}" $PY bench/tune.py --ops "${TUNE_OPS:-mhca,mlp,e_mhsa,patch_embed,conv_bn_relu,head}" \
+             --batch "${TUNE_BATCH:-1,256}" --budget-s "$(( ${TUNE_LIMIT:-300} - 15 ))" --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
   esac
   echo "phase $phase: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/phases.txt"
   pack
