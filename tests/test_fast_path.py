@@ -241,8 +241,11 @@ def test_auto_graph_matches_and_owns_output():
         b.fill_(0)                     # the caller owns it: the next call is unaffected
         c = m(x)
         assert torch.equal(c, ref) and c.data_ptr() != b.data_ptr()
+        # New data through the captured graph. Compared with the same kernels ungraphed, not with
+        # fused.run's JIT kernels: under kernels="auto" the C runtime runs when it is built, and its
+        # kernels may come from another Triton version (last-bit differences, seen on the H200 run).
         y = _inputs(2, 224, 224, torch.half, "cuda") * 0.5
-        assert torch.equal(m(y), fused.run(m.fused_plan(y.device, y.dtype), y, impl="triton"))
+        assert torch.equal(m(y), _without_graphs(m, y))
 
 
 @gpu
@@ -302,12 +305,16 @@ def test_autograd_on_gpu_runs_reference_path_with_one_warning():
     ref.load_state_dict(m.state_dict())
     x = _inputs(2, 64, 64, device="cuda").requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
-    with pytest.warns(UserWarning, match="autograd needs this forward"):
-        m(x).square().sum().backward()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        m(x.detach())                          # still needed for the parameters: no second warning
-    ref(x_ref).square().sum().backward()
+    # cuDNN's convolutions default to TF32 (10-bit mantissa) and may pick non-deterministic
+    # backward algorithms: two runs of the same graph then differ by far more than rtol=1e-4
+    # (the stem conv's weight gradient failed so on the H200 run). Plain fp32, deterministic.
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+        with pytest.warns(UserWarning, match="autograd needs this forward"):
+            m(x).square().sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            m(x.detach())                          # still needed for the parameters: no second warning
+        ref(x_ref).square().sum().backward()
     assert torch.allclose(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
     for p, q in zip(m.parameters(), ref.parameters()):
         assert (p.grad is None) == (q.grad is None)
