@@ -87,8 +87,8 @@ class Plan:
     def launches(self, batch: int = 1, height: int = 224, width: int = 224) -> int:
         """Kernel launches of one forward at this input size: one per op, two for E-MHSA
         (K/V pooling, attention; three when wider than 256 outputs), for an MLP wider than
-        256 outputs and for an MHCA on few pixels (their split modes, see the op modules),
-        one for the head."""
+        128 outputs and for an MHCA on few pixels or of a width other than a power of two up
+        to 256 (their split modes, see the op modules), one for the head."""
         sizes, _ = spatial_sizes(self, height, width)
         return sum(_kernels(s, self.dtype, batch * h * w) for s, (h, w) in zip(self.steps, sizes)) + 1
 

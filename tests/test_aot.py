@@ -199,18 +199,21 @@ def _ctypes_checks(build_dir, no_driver: bool):
     ws.restype, ws.argtypes = ctypes.c_size_t, [ctypes.c_int] * 9
     assert ws(2, 14, 14, 384, 0, 1152, 384, 1, 1) == 2 * 14 * 14 * 1152 * 2   # split, fp16
     assert ws(3, 7, 7, 768, 256, 2048, 1024, 1, 2) == -(-3 * 49 * 2048 * 2 // 256) * 256  # split, bf16
-    assert ws(2, 28, 28, 192, 0, 576, 192, 1, 1) == 0                       # one kernel
+    assert ws(2, 28, 28, 192, 0, 576, 192, 1, 1) == 2 * 28 * 28 * 576 * 2     # split (> 128 outputs)
+    assert ws(2, 56, 56, 96, 0, 288, 96, 1, 1) == 0                         # one kernel
     assert ws(2, 28, 28, 5, 0, 576, 5, 1, 1) == 0                           # not compiled
     lib.nvk_mlp.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 9 + [ctypes.c_void_p]
     mlp_args = [p, None] + [p] * 5 + [None, 2, 14, 14, 384, 0, 1152, 384, 1, 1, None]  # x2 NULL, ws NULL
     assert lib.nvk_mlp(*mlp_args) == 1                                       # split needs a workspace
     assert b"workspace is NULL" in lib.nvk_last_error()
-    # MHCA: split (two kernels through the workspace) below 4096 pixels; the size covers every
-    # call with at most that many pixels
+    # MHCA: split (two kernels through the workspace) below 4096 pixels, and at any size for
+    # widths other than a power of two up to 256; a power of two's size covers every call with at
+    # most that many pixels
     mws = lib.nvk_mhca_workspace_size
     mws.restype, mws.argtypes = ctypes.c_size_t, [ctypes.c_int] * 7
     assert mws(1, 14, 14, 384, 384, 1, 1) == -(-196 * 384 * 2 // 256) * 256
-    assert mws(256, 14, 14, 384, 384, 1, 1) == 4095 * 384 * 2                # capped at the split range
+    assert mws(256, 14, 14, 384, 384, 1, 1) == 256 * 196 * 384 * 2            # split at every size
+    assert mws(256, 14, 14, 128, 128, 1, 1) == 4095 * 128 * 2                # capped at the split range
     assert mws(1, 7, 7, 5 * 32, 5 * 32, 1, 1) == 0                           # not compiled
     lib.nvk_mhca.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     assert lib.nvk_mhca(p, p, p, p, p, None, 1, 14, 14, 384, 384, 1, 1, None) == 1

@@ -135,11 +135,14 @@ def test_config_rules():
         assert cfg["BLOCK_N"] >= c and cfg["BLOCK_N"] <= 256
     for c in (384, 512, 768, 1024):
         assert mod._config(c, c, 2, 1 << 20)["fused"]["BLOCK_N"] == 256
-    # Split below SPLIT_BELOW_PIXELS pixels (Next-ViT-S at batch 1: every stage), fused above.
-    for m in (49, 196, 784, 3136, mod.SPLIT_BELOW_PIXELS - 1):
-        assert mod._config(384, 384, 2, m)["split"]
-    for m in (mod.SPLIT_BELOW_PIXELS, 256 * 196):
-        assert not mod._config(384, 384, 2, m)["split"]
+    # Split below SPLIT_BELOW_PIXELS pixels (Next-ViT-S at batch 1: every stage); above, fused
+    # only where one N block holds C_out exactly (a power of two <= 256: no conv recomputed,
+    # nothing padded), split for the other Next-ViT widths.
+    for c in (64, 96, 128, 192, 256, 384, 768):
+        for m in (49, 196, 784, 3136, mod.SPLIT_BELOW_PIXELS - 1):
+            assert mod._config(c, c, 2, m)["split"], (c, m)
+        for m in (mod.SPLIT_BELOW_PIXELS, 256 * 196):
+            assert mod._config(c, c, 2, m)["split"] == (c not in (64, 128, 256)), (c, m)
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -115,9 +115,9 @@ CASES = [
     _mhca((2, 5, 7, 64), launches=2),                                # few pixels: conv -> workspace -> GEMM
     _mhca((2, 5, 7, 64), launches=2, profile_max=(2, 50, 50)),      # fused at the max, split at the run
     _mhca((1, 63, 67, 64), launches=1),                              # 4221 pixels: one fused kernel
-    _mlp((2, 3, 5, 96), 0, 288, launches=1),                         # <= 256 outputs: one kernel
+    _mlp((2, 3, 5, 96), 0, 288, launches=1),                         # <= 128 outputs: one kernel
     _mlp((2, 3, 5, 384), 0, 1152, launches=2),                       # > 256 outputs: fc1 -> workspace -> fc2
-    _mlp((2, 3, 5, 192), 64, 512, launches=1),                       # x2, 256 outputs
+    _mlp((2, 3, 5, 192), 64, 512, launches=2),                       # x2, 256 outputs (> 128): split
     _mlp((1, 3, 5, 384), 128, 1024, launches=2, profile_max=(2, 5, 7)),  # x2, > 256 outputs
     _e_mhsa((1, 5, 7, 192), 4, launches=2),                          # 35 tokens pooled to 2 keys
     _e_mhsa((2, 3, 5, 384), 2, launches=3, profile_max=(3, 6, 8)),   # > 256 outputs: per-head, then GEMM

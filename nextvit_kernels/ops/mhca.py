@@ -157,8 +157,10 @@ def _mhca_conv_kernel(
 # programs (Next-ViT-S stage 2: 196 pixels -> 4 pixel tiles x 2 N blocks = 8 programs on 132
 # SMs), each walking every head in sequence (12 x 10 dependent dots at C=384), so latency is a
 # serial chain. Split spreads the conv over (pixel tile, head) programs (48 there) and leaves
-# a K=C GEMM. From a latency model, not measured (bench/tune.py --batch 1 times both modes);
-# above it the fused kernel saves writing and reading the [M, C] hidden activation.
+# a K=C GEMM. From a latency model, not measured: bench/tune.py's batch-1 times on the H200
+# include each launch's host time (0.08-0.25 ms per call against 10-15 us of kernel in the
+# profile), so they cannot decide it. Above it the fused kernel saves writing and reading the
+# [M, C] hidden activation where it pays (see _config).
 # A power of two minus one so that the AOT tool's probe classes split exactly here.
 SPLIT_BELOW_PIXELS = 4096
 
@@ -173,7 +175,14 @@ def _config(c: int, c_out: int, elem_size: int, m: int) -> dict:
     computed once per pixel. Above 256 the accumulator would not fit in registers, so N is
     split into 256-wide blocks and every N block recomputes the conv for its pixels: conv
     FLOPs grow by cdiv(C_OUT, 256) (~576·C per pixel each time, vs 2·C·C_OUT for the
-    projection); 256 beats 128 for every Next-ViT width (fewer recomputes, little masked waste).
+    projection).
+
+    Split (the conv into a scratch, then the projection GEMM) below SPLIT_BELOW_PIXELS, and
+    wherever the fused kernel would recompute the conv or pad its N block: C_OUT above 256 or
+    not a power of two. Measured on an H200 (Triton 3.6, fp16, batch 256, bench/tune.py), split
+    against fused: C96 @56 0.585 / 0.791 ms, C192 @28 0.387 / 0.653, C384 @14 0.280 / 0.607,
+    C768 @7 0.190 / 0.507; the powers of two stay fused: C128 @14 0.175 / 0.128, C256 @7
+    0.177 / 0.137, C64 @28 0.196 / 0.222 (within that shape's run-to-run spread).
     """
     if c_out <= 256:
         block_n = max(16, triton.next_power_of_2(c_out))
@@ -189,13 +198,15 @@ def _config(c: int, c_out: int, elem_size: int, m: int) -> dict:
     fused = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     prec = "ieee" if elem_size == 4 else "tf32"
     small = m < SPLIT_BELOW_PIXELS
-    # Split mode: small GEMM tiles (many programs) where it is picked, on few pixels; the usual
-    # 128 x 128 GEMM tile on many (what bench/tune.py's "split" candidate runs at batch 256).
-    conv = dict(BLOCK_M=64, DOT_PRECISION=prec, num_warps=4, num_stages=1)
+    split = small or block_n != c_out
+    # Small tiles (many programs) on few pixels; on many, 128-pixel conv tiles with 8 warps
+    # (H200, batch 256: C96 0.585 vs 0.661 ms with 64 x 4, C192 0.387 vs 0.425, C768 0.190 vs
+    # 0.265) and the usual 128 x 128 GEMM tile.
     tile, warps = (64, 4) if small else (128, 8)
+    conv = dict(BLOCK_M=tile, DOT_PRECISION=prec, num_warps=warps, num_stages=1)
     proj = dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_H=32 if elem_size == 4 else 64, BLOCK_K=32,
                 DOT_PRECISION=prec, num_warps=warps, num_stages=3)
-    return dict(split=small, fused=fused, conv=conv, proj=proj)
+    return dict(split=split, fused=fused, conv=conv, proj=proj)
 
 
 # --------------------------------------------------------------------------- launcher

@@ -160,16 +160,15 @@ def _mlp_kernel(
 #   whose M is 64 a warpgroup). Offline ptxas (Triton 3.8, sm_90a, fp16): 64x256 tiles
 #   use 175-204 registers with no spills; 64x512 and 128x256 hit 255 and spill.
 #   So an output wider than 256 would need several N blocks, each recomputing fc1 for its
-#   rows: fc1 FLOPs x ceil(Cout / 256), which for Next-ViT-S at batch 256 adds about
-#   1.0 TFLOP to the MLPs' 1.84 (stage 2 and 3), ~1.3 ms of tensor-core time at 753 TFLOP/s.
-# - split (Cout > 256): _fc1_kernel writes h to an [M, HID] scratch, then _mlp_kernel
-#   with H_IN_MEMORY reads it back: no FLOP is recomputed; the price is writing and
-#   reading h once (2.6 GB for S at batch 256, ~0.9 ms at 2.98 TB/s if nothing
-#   overlapped, but each half is a GEMM whose FLOP time exceeds its byte time, so the
-#   traffic hides under the math). By that roofline arithmetic split wins for every
-#   Cout > 256 shape of Next-ViT; bench/tune.py measures both modes ("split" move).
-#   Not yet timed on a GPU.
-_MAX_BLOCK_N = 256
+#   rows, and a 256-wide block already costs the 128-row tile.
+# - split: _fc1_kernel writes h to an [M, HID] scratch, then _mlp_kernel with H_IN_MEMORY
+#   reads it back: no FLOP is recomputed; the price is writing and reading h once, and each
+#   half is a GEMM with full 128 x 128 tiles.
+# Measured on an H200 (Triton 3.6, fp16, batch 256, bench/tune.py), split against fused:
+# 192-576-192 @28 0.562 / 0.671 ms, 192+64-512-256 @28 0.656 / 0.806 (the fused kernel at
+# BLOCK_N 256 runs 64-row tiles), while 96-288-96 @56 stays fused, 0.743 against 0.771 split.
+# So the fused kernel runs only where one N block of at most 128 holds every output channel.
+_MAX_FUSED_N = 128
 
 
 def _config(c1: int, c2: int, hidden: int, c_out: int, dtype: torch.dtype) -> dict:
@@ -181,17 +180,19 @@ def _config(c1: int, c2: int, hidden: int, c_out: int, dtype: torch.dtype) -> di
     # 64-wide K chunks when both inputs split evenly into them (192, 256, 384, ...),
     # 32 otherwise (96): less masked work than padding 96 to 128.
     block_k = 64 if c1 % 64 == 0 and c2 % 64 == 0 and not fp32 else 32
-    split = c_out > _MAX_BLOCK_N
+    split = c_out > _MAX_FUSED_N
     # fp32 (checks only) runs on FMA units: keep its register tiles small.
     fc1 = dict(BLOCK_M=64 if fp32 else 128, BLOCK_H=64 if fp32 else 128, BLOCK_K=block_k,
                DOT_PRECISION=prec, num_warps=4 if fp32 else 8, num_stages=3)
-    if split:
+    if c_out > 2 * _MAX_FUSED_N:
         # fc2 alone: a plain GEMM over K = HID, 128 x 128 tiles (384, 512, 768, 1024 all
         # divide by 128: no padded N).
         mlp = dict(BLOCK_M=64 if fp32 else 128, BLOCK_N=64 if fp32 else 128, BLOCK_H=32 if fp32 else 64,
                    BLOCK_K=block_k, DOT_PRECISION=prec, num_warps=4 if fp32 else 8, num_stages=3)
     else:
-        block_n = max(16, min(triton.next_power_of_2(c_out), 128 if fp32 else _MAX_BLOCK_N))
+        # One N block holds every output channel (fp32: at most 128): the fused kernel, or fc2
+        # after the scratch for 129..256 outputs, with the 64 x 256 tile that was measured so.
+        block_n = max(16, min(triton.next_power_of_2(c_out), 128 if fp32 else 2 * _MAX_FUSED_N))
         block_m = 128 if block_n <= 128 and not fp32 else 64
         mlp = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=32 if fp32 else 64, BLOCK_K=block_k,
                    DOT_PRECISION=prec, num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=2)
