@@ -158,8 +158,8 @@ def _mhca_conv_kernel(
 # SMs), each walking every head in sequence (12 x 10 dependent dots at C=384), so latency is a
 # serial chain. Split spreads the conv over (pixel tile, head) programs (48 there) and leaves
 # a K=C GEMM. From a latency model, not measured: bench/tune.py's batch-1 times on the H200
-# include each launch's host time (0.08-0.25 ms per call against 10-15 us of kernel in the
-# profile), so they cannot decide it. Above it the fused kernel saves writing and reading the
+# (0.08-0.25 ms per call against 10-15 us of kernel in the profile) carry each call's host
+# work, so they cannot decide it. Above it the fused kernel saves writing and reading the
 # [M, C] hidden activation where it pays (see _config).
 # A power of two minus one so that the AOT tool's probe classes split exactly here.
 SPLIT_BELOW_PIXELS = 4096
