@@ -17,8 +17,7 @@ if [ -n "${OUT:-}" ]; then PACK="$OUT/gpu_check.tar.gz"; OUT=$(mktemp -d); else 
 mkdir -p "$OUT"
 pack() { [ -z "$PACK" ] || tar czf "$PACK" -C "$OUT" .; }
 export PYTHONUNBUFFERED=1
-# The device machine has no install of this package: the bench scripts import it from the checkout,
-# and the C library travels beside it (device run carry: nextvit_kernels/libnextvit_kernels.so).
+# The device machine has no install of this package: the bench scripts import it from the checkout.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # The C library built by bench/gpu_library.sh with the GPU machine's Triton, where it was carried.
 if [ -z "${NEXTVIT_CLIB:-}" ] && [ -f build/gpu-lib/libnextvit_kernels.so ]; then
@@ -55,7 +54,7 @@ for phase in $PHASES; do
            timeout "${TESTS_LIMIT:-120}" $PY -m pytest tests -m gpu -v -rfE --tb=short -p no:cacheprovider $par \
              -k "not 10000" 2>&1 | grep -v "PytestBenchmarkWarning\|warner(" | tee "$OUT/gpu_tests.log" ;;
     # Not in the default list: the launch-configuration sweep (bench/tune.py), for a call of its own.
-    tune)  timeout "${TUNE_LIMIT:-300}" $PY bench/tune.py --ops "${TUNE_OPS:-mhca,mlp,e_mhsa,patch_embed,conv_bn_relu,head}" \
+    tune)  timeout "${TUNE_LIMIT:-300}" $PY bench/tune.py ${TUNE_OPS:+--ops "$TUNE_OPS"} \
              --batch "${TUNE_BATCH:-1,256}" --budget-s "$(( ${TUNE_LIMIT:-300} - 15 ))" --out "$OUT" 2>&1 | tee "$OUT/tune.log" ;;
   esac
   echo "phase $phase: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/phases.txt"

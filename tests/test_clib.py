@@ -52,12 +52,13 @@ def net():
     return _small_model()
 
 
-def _same_compiler(lib) -> bool:
+@pytest.fixture(scope="session")
+def same_compiler(lib) -> bool:
     """Whether the library's kernels were compiled by the Triton the JIT path runs."""
     return json.loads(lib.manifest())["triton_version"] == triton.__version__
 
 
-def _close_ulp(c, j, dtype, what, same_compiler=True):
+def _close_ulp(c, j, dtype, what, same_compiler):
     assert c.shape == j.shape, what
     assert c.dtype == j.dtype, what
     c64, j64 = c.double(), j.double()
@@ -129,13 +130,13 @@ class _CompareBackend:
 
 @pytest.mark.parametrize("res", [224, 384])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_entry_point_matches_triton_jit(lib, net, dtype, res):
+def test_every_entry_point_matches_triton_jit(lib, same_compiler, net, dtype, res):
     """Every step of the fused NextViT-S plan (real shapes, batch 2): C library vs JIT."""
     if res == 384 and dtype != torch.float16:
         pytest.skip("384 adds the many-key E-MHSA class; fp16 covers it")
     plan = fused.fold(net, "cuda", dtype)
     x = torch.randn(2, 3, res, res, device="cuda").to(dtype)
-    be = _CompareBackend(dtype, _same_compiler(lib))
+    be = _CompareBackend(dtype, same_compiler)
     fused.run(plan, x, backend=be)
     torch.cuda.synchronize()
     assert set(be.seen) == {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"}
@@ -219,13 +220,13 @@ def _need_two_gpus():
 
 
 @pytest.mark.parametrize("side_stream", [False, True], ids=["default_stream", "side_stream"])
-def test_runs_on_the_tensors_device(lib, net, side_stream):
+def test_runs_on_the_tensors_device(lib, same_compiler, net, side_stream):
     """Every step of the NextViT-S plan through the C library on cuda:1 with cuda:0 current: on
     cuda:1's default stream (the NULL handle: clib makes cuda:1 current for the call) or on a
     cuda:1 side stream (the library pushes the stream's context), against the JIT on cuda:0."""
     _need_two_gpus()
     dtype = torch.float16
-    be = _CompareBackend(dtype, _same_compiler(lib), clib_device="cuda:1")
+    be = _CompareBackend(dtype, same_compiler, clib_device="cuda:1")
     with torch.cuda.device(0):
         plan = fused.fold(net, "cuda:0", dtype)
         x = torch.randn(2, 3, 224, 224, device="cuda:0", dtype=dtype)
@@ -242,7 +243,7 @@ def test_runs_on_the_tensors_device(lib, net, side_stream):
     assert set(be.seen) == {"conv_bn_relu", "patch_embed", "mhca", "mlp", "e_mhsa", "head"}
 
 
-def test_mismatched_devices_are_refused(lib, net):
+def test_mismatched_devices_are_refused(lib, same_compiler, net):
     _need_two_gpus()
     dtype = torch.float16
     w0, b0 = fused.fold(net, "cuda:0", dtype).head  # [1000, 1024], [1000]: compiled for NextViT-S
@@ -270,4 +271,4 @@ def test_mismatched_devices_are_refused(lib, net):
         assert _ctx_device() == 0 and torch.cuda.current_device() == 0
     s1.synchronize()
     ref = ops.head(x1.to("cuda:0"), w0, b0, impl="triton")
-    _close_ulp(out1.to("cuda:0"), ref, dtype, "head on cuda:1 through a cuda:1 stream", _same_compiler(lib))
+    _close_ulp(out1.to("cuda:0"), ref, dtype, "head on cuda:1 through a cuda:1 stream", same_compiler)

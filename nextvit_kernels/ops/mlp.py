@@ -169,6 +169,7 @@ def _mlp_kernel(
 # BLOCK_N 256 runs 64-row tiles), while 96-288-96 @56 stays fused, 0.743 against 0.771 split.
 # So the fused kernel runs only where one N block of at most 128 holds every output channel.
 _MAX_FUSED_N = 128
+_MAX_BLOCK_N = 256  # the widest fp32 accumulator that fits in registers (above)
 
 
 def _config(c1: int, c2: int, hidden: int, c_out: int, dtype: torch.dtype) -> dict:
@@ -184,7 +185,7 @@ def _config(c1: int, c2: int, hidden: int, c_out: int, dtype: torch.dtype) -> di
     # fp32 (checks only) runs on FMA units: keep its register tiles small.
     fc1 = dict(BLOCK_M=64 if fp32 else 128, BLOCK_H=64 if fp32 else 128, BLOCK_K=block_k,
                DOT_PRECISION=prec, num_warps=4 if fp32 else 8, num_stages=3)
-    if c_out > 2 * _MAX_FUSED_N:
+    if c_out > _MAX_BLOCK_N:
         # fc2 alone: a plain GEMM over K = HID, 128 x 128 tiles (384, 512, 768, 1024 all
         # divide by 128: no padded N).
         mlp = dict(BLOCK_M=64 if fp32 else 128, BLOCK_N=64 if fp32 else 128, BLOCK_H=32 if fp32 else 64,
@@ -192,7 +193,7 @@ def _config(c1: int, c2: int, hidden: int, c_out: int, dtype: torch.dtype) -> di
     else:
         # One N block holds every output channel (fp32: at most 128): the fused kernel, or fc2
         # after the scratch for 129..256 outputs, with the 64 x 256 tile that was measured so.
-        block_n = max(16, min(triton.next_power_of_2(c_out), 128 if fp32 else 2 * _MAX_FUSED_N))
+        block_n = max(16, min(triton.next_power_of_2(c_out), 128 if fp32 else _MAX_BLOCK_N))
         block_m = 128 if block_n <= 128 and not fp32 else 64
         mlp = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=32 if fp32 else 64, BLOCK_K=block_k,
                    DOT_PRECISION=prec, num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=2)
