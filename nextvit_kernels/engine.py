@@ -19,12 +19,13 @@ a model file in memory and uploaded by the runtime, which then owns the only fol
 device; the Triton plan is folded onto the device only if some input falls back to it.
 
 The engine takes the module as an argument: it holds no reference to the model, whose attributes
-it reads only through ``fused.fold``.
+it reads only through its ``fold`` function (``fused.fold``; ``timm_patch`` gives one that folds a
+timm Next-ViT), its parameters and buffers (for the weights version) and ``training``.
 """
 import contextlib
 import threading
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -118,7 +119,8 @@ class Engine:
     ``attention_stages`` describe the model's stages for input checks (``config.check_input``)."""
 
     def __init__(self, sr_ratios: Sequence[int], attention_stages: Sequence[bool], kernels: str = "auto",
-                 cuda_graphs: str = "auto", max_cuda_graphs: int = graphs.DEFAULT_MAX_GRAPHS):
+                 cuda_graphs: str = "auto", max_cuda_graphs: int = graphs.DEFAULT_MAX_GRAPHS,
+                 fold: Callable[..., Plan] = fused.fold):
         # Held while the folding is rebuilt and while the model rewrites its weights (the model's
         # ``weights_lock``): a fused forward in another thread then folds all of a write or none of it.
         self.lock = threading.RLock()
@@ -127,6 +129,7 @@ class Engine:
         self.cuda_graphs = cuda_graphs
         check_settings(self.kernels, self.cuda_graphs)
         self.max_cuda_graphs = max_cuda_graphs
+        self.fold = fold  # fold(module, device, dtype) -> Plan
         self.state: Optional[Folded] = None
         self._grad_warned = False
 
@@ -261,7 +264,7 @@ class Engine:
             with self._plan_lock():
                 plan = st.plan
                 if plan is None:
-                    plan = st.plan = fused.fold(module, st.device, st.dtype)
+                    plan = st.plan = self.fold(module, st.device, st.dtype)
         return plan
 
     def plan(self, module, device, dtype) -> Plan:
@@ -318,7 +321,7 @@ class Engine:
             if _library.host_lib is None:
                 _library.open_default()  # a library that is not there is found before any folding
             # From the device plan when the Triton path already folded one, else folded on the host.
-            plan = st.plan if st.plan is not None else fused.fold(module, "cpu", st.dtype)
+            plan = st.plan if st.plan is not None else self.fold(module, "cpu", st.dtype)
             return runtime.Model(model_file.plan_bytes(plan), device=x.device.index or 0)
         except RuntimeError as err:
             if self.kernels == "runtime":

@@ -1,6 +1,7 @@
 """Folding and walking the fused inference graph of docs/design.md §4 (folding: §3).
 
-``fold(model, device, dtype)`` turns a NextViT module (BatchNorms merged or not) into a
+``fold(model, device, dtype)`` turns a NextViT module (BatchNorms merged or not; or a view of a
+timm Next-ViT with the same layout, ``timm_patch``) into a
 ``plan.Plan``: a flat list of steps whose parameters have every BatchNorm folded in (in
 float64, then cast once). ``run(plan, x, impl)`` executes a plan with the ops of
 ``nextvit_kernels.ops`` (or any backend with their signatures) in channels_last, and
@@ -17,7 +18,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from .blocks import NCB, NTB, affine_then_linear, bn_scale_shift, compose_affine
+from .blocks import affine_then_linear, bn_scale_shift, compose_affine
 from .plan import Plan, Step, model_tensors, weights_key
 
 Tensor = torch.Tensor
@@ -73,7 +74,9 @@ def _e_mhsa_step(a, pre_norm) -> Step:
 @torch.no_grad()
 def fold(model: nn.Module, device=None, dtype=None) -> Plan:
     """The plan of ``model`` (a NextViT, in eval mode) on ``device`` in ``dtype`` (default: the
-    model's own)."""
+    model's own). Only the published layout is read (``stem``, ``features``, ``stage_out_idx``,
+    ``norm``, ``proj_head``, ``extra_norm_list`` and the blocks' parts), so a module that has it
+    folds too; ``proj_head`` None folds a plan without a head (it runs features only)."""
     if model.training:
         raise ValueError("the fused graph uses BatchNorm running statistics: call model.eval() first")
     p = next(model.parameters())
@@ -92,10 +95,7 @@ def fold(model: nn.Module, device=None, dtype=None) -> Plan:
     for idx, blk in enumerate(model.features):
         stride = blk.patch_embed.stride
         steps += _patch_embed_steps(blk.patch_embed, stride)
-        if isinstance(blk, NCB):
-            steps.append(_mhca_step(blk.mhca))
-            steps.append(_mlp_step(blk.mlp, blk.norm))
-        elif isinstance(blk, NTB):
+        if hasattr(blk, "e_mhsa"):  # an NTB (by its parts: a view of another layout has no NTB class)
             steps.append(_e_mhsa_step(blk.e_mhsa, blk.norm1))
             proj = _patch_embed_steps(blk.projection, 1)[0]
             proj.to_branch = True
@@ -104,10 +104,15 @@ def fold(model: nn.Module, device=None, dtype=None) -> Plan:
             mlp = _mlp_step(blk.mlp, blk.norm2)
             mlp.x2_branch = True
             steps += [proj, mhca, mlp]
+        elif hasattr(blk, "mhca"):  # an NCB
+            steps.append(_mhca_step(blk.mhca))
+            steps.append(_mlp_step(blk.mlp, blk.norm))
         else:
             raise ValueError(f"unknown block type {type(blk).__name__}")
         steps[-1].stage_end = stage_of_end.get(idx, -1)
-    hw, hb = affine_then_linear(model.proj_head[0].weight, model.proj_head[0].bias, bn_scale_shift(model.norm))
+    head = None
+    if model.proj_head is not None:
+        head = affine_then_linear(model.proj_head[0].weight, model.proj_head[0].bias, bn_scale_shift(model.norm))
     extra = None
     if model.extra_norm_list is not None:
         extra = [bn_scale_shift(bn) for bn in model.extra_norm_list]
@@ -118,7 +123,7 @@ def fold(model: nn.Module, device=None, dtype=None) -> Plan:
 
     for s in steps:
         s.tensors = [cast(t) for t in s.tensors]
-    return Plan(device, dtype, steps, (cast(hw), cast(hb)), extra, source, key)
+    return Plan(device, dtype, steps, None if head is None else tuple(map(cast, head)), extra, source, key)
 
 
 # ------------------------------------------------------------------ running
@@ -181,7 +186,8 @@ class Program:
                 branch = out
             else:
                 main = out
-        self.head, _ = _ops().module("head").bind(main, *plan.head)
+        # A features forward ends at the stage outputs: a backbone's plan has no head to bind.
+        self.head = None if features else _ops().module("head").bind(main, *plan.head)[0]
         self.compiled = False
 
     def __call__(self, x: Tensor):
