@@ -2,7 +2,8 @@
 
 ``NextViT`` is a drop-in for the published model (same module and parameter
 names); ``load_checkpoint`` reads the published, timm and backbone formats;
-``save_runtime`` writes a model file for the C runtime (``nextvit_kernels.runtime``).
+``save_runtime`` writes a model file for the C runtime (``nextvit_kernels.runtime``);
+``accelerate`` makes a timm Next-ViT run the fused engine in place, ``restore`` undoes it.
 """
 import importlib
 
@@ -14,6 +15,7 @@ _LAZY = {
     "NextViT": "model", "nextvit_small": "model", "nextvit_base": "model", "nextvit_large": "model",
     "load_checkpoint": "checkpoint", "LoadResult": "checkpoint",
     "export_onnx": "onnx_export", "save_runtime": "model_file",
+    "accelerate": "timm_patch", "restore": "timm_patch",
 }
 
 
@@ -29,4 +31,4 @@ def __dir__():
 
 
 __all__ = ["NextViT", "nextvit_small", "nextvit_base", "nextvit_large", "load_checkpoint", "LoadResult", "export_onnx",
-           "save_runtime"]
+           "save_runtime", "accelerate", "restore"]

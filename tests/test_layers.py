@@ -23,7 +23,7 @@ LAYERS = [
     {"fused", "runtime", "clib"},
     {"model_file"},
     {"engine"},
-    {"model"},
+    {"model", "timm_patch"},
     {"checkpoint"},
     {"cli", "harness", "onnx_export", "testing"},
     {"__init__"},  # the package facade: imports lazily whatever a user asks for

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import nextvit_kernels as nk
-from nextvit_kernels import model_file, runtime, testing
+from nextvit_kernels import fused, model_file, runtime, testing
 from _util import SANITIZE, c_compiler, c_library_with, child_env, randomize_, sanitized, sanitizing_c_compiler
 
 timm = pytest.importorskip("timm")
@@ -289,6 +289,34 @@ def test_kernels_runtime_holds_the_folded_weights_once(tiny, lib):
         del st
         assert drv.counters()["live_bytes"] == live
     assert _rel(out, ref) < 1e-4, _rel(out, ref)
+
+
+@pytest.mark.slow
+def test_accelerated_timm_models_run_the_c_runtime(lib):
+    """nextvit_kernels.accelerate(timm model, kernels="runtime"): a classifier's logits and a
+    backbone's feature maps equal the same objects' own forward before it, each forward one C call
+    with exactly the plan's launches through the stand-in, and no folded copy in torch tensors."""
+    from timm.models.nextvit import NextViT as TimmNextViT
+
+    x = _images(1, 32, 32)
+    for model in (TimmNextViT(in_chans=3, depths=TINY),  # 1000 classes: the head shape the library holds
+                  timm.create_model("nextvit_small", depths=TINY, features_only=True, out_indices=(1, 3))):
+        model = randomize_(model, gain=GAIN).eval()
+        with torch.no_grad():
+            want = model(x)
+        nk.accelerate(model, kernels="runtime")
+        with testing.cpu_driver(library=lib) as drv, torch.no_grad():
+            drv.reset_counters()
+            got = model(x)
+            launches = drv.counters()["launches"]
+            st = model._nvk.engine.state
+            assert isinstance(st.runtime, runtime.Model) and st.plan is None and not st.programs
+            plan = fused.fold(model._nvk.layout, "cpu", torch.float32)
+            nk.restore(model)  # frees the runtime while the stand-in is there
+        features = isinstance(want, list)
+        assert launches == plan.launches(1, 32, 32) - features  # a backbone has no head
+        for g, w in zip(got, want) if features else [(got, want)]:
+            assert g.shape == w.shape and _rel(g, w) < 1e-4, _rel(g, w)
 
 
 def test_kernels_runtime_never_imports_triton(lib):
