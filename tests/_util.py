@@ -52,6 +52,20 @@ def rand_like_dtype(*shape, dtype, device="cpu", scale=1.0):
     return x, x.to(torch.float64).cpu()
 
 
+def images(b, h, w, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """``b`` random images, each of its own scale and offset: random-weight logits of same-statistics
+    noise images are nearly equal, which would hide errors."""
+    x = torch.randn(b, 3, h, w)
+    x = x * torch.linspace(1, 3, b).view(b, 1, 1, 1) + torch.linspace(0, 1, b).view(b, 1, 1, 1)
+    return x.to(device=device, dtype=dtype)
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|, in float64."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, gain: float = 0.5, generator=None):
     """Random weights with a sane scale and random BatchNorm statistics, so a

@@ -16,18 +16,12 @@ import torch
 import nextvit_kernels as nk
 from nextvit_kernels import engine, fused, graphs
 from nextvit_kernels.plan import weights_key
-from _util import randomize_
+from _util import images, randomize_
 
 REPO = Path(__file__).resolve().parents[1]
 interpreter = pytest.mark.skipif(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="CPU interpreter check")
 TINY = dict(depths=(1, 1, 5, 1), num_classes=10)
-
-
-def _inputs(b, h, w, dtype=torch.float32, device="cpu"):
-    # Different statistics per image: random-weight logits of same-statistics noise are nearly equal.
-    x = torch.randn(b, 3, h, w) * torch.linspace(1, 3, b).view(b, 1, 1, 1) + torch.linspace(0, 1, b).view(b, 1, 1, 1)
-    return x.to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------- lean path, interpreter
@@ -38,7 +32,7 @@ def test_lean_path_bit_identical_nextvit_small(batch, h, w):
     """model(x) runs the bound program; fused.run runs the registered ops, which is what the
     eager path was before the programs and what torch.compile traces."""
     m = randomize_(nk.nextvit_small(kernels="triton"), gain=0.7).eval()
-    x = _inputs(batch, h, w)
+    x = images(batch, h, w)
     with torch.no_grad():
         lean = m(x)
         st = m.engine.state
@@ -52,7 +46,7 @@ def test_lean_path_bit_identical_nextvit_small(batch, h, w):
 @interpreter
 def test_lean_path_after_weight_change_and_features():
     m = randomize_(nk.NextViT(**TINY, kernels="triton", with_extra_norm=True), gain=0.7).eval()
-    x = _inputs(2, 32, 32)
+    x = images(2, 32, 32)
     with torch.no_grad():
         before = m(x)
         st = m.engine.state
@@ -179,14 +173,14 @@ def test_cuda_graphs_argument():
     assert m.cuda_graphs == "auto"
     m.cuda_graphs = "on"
     with pytest.raises(ValueError, match="cuda_graphs must be one of"):
-        m(_inputs(1, 32, 32))
+        m(images(1, 32, 32))
 
 
 @pytest.mark.slow
 @interpreter
 def test_autograd_needed_never_runs_kernels_without_backward():
     m = randomize_(nk.NextViT(**TINY, kernels="triton"), gain=0.7).eval()
-    x = _inputs(1, 32, 32)
+    x = images(1, 32, 32)
     with pytest.raises(ValueError, match="no backward"):
         m(x)                                   # parameters require grad, grad mode on
     m.requires_grad_(False)
@@ -231,7 +225,7 @@ def _without_graphs(m, x):
 @gpu
 def test_auto_graph_matches_and_owns_output():
     m = _gpu_model()
-    x = _inputs(2, 224, 224, torch.half, "cuda")
+    x = images(2, 224, 224, torch.half, "cuda")
     with torch.inference_mode():
         ref = _without_graphs(m, x)
         a = m(x)                       # first sight: no graph
@@ -244,7 +238,7 @@ def test_auto_graph_matches_and_owns_output():
         # New data through the captured graph. Compared with the same kernels ungraphed, not with
         # fused.run's JIT kernels: under kernels="auto" the C runtime runs when it is built, and its
         # kernels may come from another Triton version (last-bit differences, seen on the H200 run).
-        y = _inputs(2, 224, 224, torch.half, "cuda") * 0.5
+        y = images(2, 224, 224, torch.half, "cuda") * 0.5
         assert torch.equal(m(y), _without_graphs(m, y))
 
 
@@ -252,8 +246,8 @@ def test_auto_graph_matches_and_owns_output():
 def test_auto_graph_lru_frees_memory_and_weight_change_invalidates():
     m = _gpu_model(max_cuda_graphs=1)
     with torch.inference_mode():
-        x1 = _inputs(64, 224, 224, torch.half, "cuda")
-        x2 = _inputs(1, 224, 224, torch.half, "cuda")
+        x1 = images(64, 224, 224, torch.half, "cuda")
+        x2 = images(1, 224, 224, torch.half, "cuda")
         for _ in range(2):
             m(x1)                      # the second call captures the batch-64 graph
         torch.cuda.synchronize()
@@ -275,7 +269,7 @@ def test_auto_graph_lru_frees_memory_and_weight_change_invalidates():
 @gpu
 def test_auto_graph_side_stream_outer_capture_and_compile():
     m = _gpu_model()
-    x = _inputs(1, 224, 224, torch.half, "cuda")
+    x = images(1, 224, 224, torch.half, "cuda")
     with torch.inference_mode():
         ref = _without_graphs(m, x)
         s = torch.cuda.Stream()
@@ -303,7 +297,7 @@ def test_autograd_on_gpu_runs_reference_path_with_one_warning():
     m = randomize_(nk.NextViT(**TINY), gain=0.7).eval().cuda()
     ref = nk.NextViT(**TINY, kernels="reference").eval().cuda()
     ref.load_state_dict(m.state_dict())
-    x = _inputs(2, 64, 64, device="cuda").requires_grad_(True)
+    x = images(2, 64, 64, device="cuda").requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     # cuDNN's convolutions default to TF32 (10-bit mantissa) and may pick non-deterministic
     # backward algorithms: two runs of the same graph then differ by far more than rtol=1e-4
@@ -351,7 +345,7 @@ def test_model_with_a_plan_pickles_and_deep_copies():
     buf.seek(0)
     m2 = torch.load(buf, weights_only=False)
     m3 = copy.deepcopy(m)
-    x = _inputs(1, 32, 32)
+    x = images(1, 32, 32)
     with torch.no_grad():
         for other in (m2, m3):
             assert other.engine.state is None and torch.equal(other(x), m(x))
@@ -370,7 +364,7 @@ def test_a_model_pickled_before_the_engine_loads():
     assert (old.kernels, old.cuda_graphs, old.max_cuda_graphs) == ("triton", "off", 3)
     assert "_fused_plan" not in old.__dict__ and old.engine.attention_stages == m.engine.attention_stages
     old.kernels = "reference"
-    x = _inputs(1, 32, 32)
+    x = images(1, 32, 32)
     with torch.no_grad():
         assert torch.equal(old(x), m(x))
 
@@ -381,7 +375,7 @@ def test_compiled_model_traces_the_registered_ops_and_matches_eager():
     """Under torch.compile model(x) takes the registered-op path in one graph (fullgraph)
     and builds no bound program for the traced call; the result equals the eager lean path."""
     m = randomize_(nk.NextViT(**TINY, kernels="triton"), gain=0.7).eval().requires_grad_(False)
-    x = _inputs(1, 32, 32)
+    x = images(1, 32, 32)
     torch._dynamo.reset()
     with torch.no_grad():
         eager = m(x)

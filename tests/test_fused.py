@@ -7,21 +7,12 @@ import torch
 import nextvit_kernels as nk
 from nextvit_kernels import fused
 from nextvit_kernels.plan import spatial_sizes
-from _util import randomize_
+from _util import images, randomize_, rel_err
 
 GAIN = 0.7
 # Every block kind (NCB with and without a stride-2 PatchEmbed, NTB at sr 4, 2, 1),
 # small enough for the interpreter.
 TINY = dict(depths=(1, 1, 5, 1), num_classes=10)
-
-
-def _inputs(b, h, w, dtype=torch.float32, device="cpu"):
-    x = torch.randn(b, 3, h, w) * torch.linspace(1, 3, b).view(b, 1, 1, 1) + torch.linspace(0, 1, b).view(b, 1, 1, 1)
-    return x.to(device=device, dtype=dtype)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _model(name="nextvit_small", **kw):
@@ -33,7 +24,7 @@ def _model(name="nextvit_small", **kw):
 @pytest.mark.parametrize("name", ["nextvit_small", "nextvit_base", "nextvit_large"])
 def test_folded_plan_matches_module_graph(name):
     m = _model(name)
-    x = _inputs(2, 224, 224)
+    x = images(2, 224, 224)
     plan = fused.fold(m, "cpu", torch.float32)
     with torch.no_grad():
         ref = m(x)
@@ -43,7 +34,7 @@ def test_folded_plan_matches_module_graph(name):
 
 def test_folded_plan_merged_model_features_and_extra_norm():
     m = _model("nextvit_small", with_extra_norm=True)
-    x = _inputs(2, 97, 131)
+    x = images(2, 97, 131)
     with torch.no_grad():
         ref_feats = m.forward_features(x)
         m.merge_bn()
@@ -114,17 +105,17 @@ def test_kernels_argument():
     m = _model("tiny")
     m.kernels = "fast"
     with pytest.raises(ValueError, match="kernels must be one of"):
-        m(_inputs(1, 32, 32))
+        m(images(1, 32, 32))
     m.kernels = "triton"
     m.train()
     with pytest.raises(ValueError, match="inference-only"):
-        m(_inputs(1, 32, 32))
+        m(images(1, 32, 32))
     m.eval()
     m.kernels = "auto"
-    assert m.fused_path(_inputs(1, 32, 32)) is None  # CPU under auto: the module graph
+    assert m.fused_path(images(1, 32, 32)) is None  # CPU under auto: the module graph
     with pytest.raises(ValueError, match="model is torch.float32"):
         m.kernels = "triton"
-        m(_inputs(1, 32, 32, dtype=torch.float16))
+        m(images(1, 32, 32, dtype=torch.float16))
 
 
 # ----------------------------------------------------- Triton kernels under the interpreter
@@ -137,7 +128,7 @@ needs_interpreter = pytest.mark.skipif(
 @needs_interpreter
 def test_fused_triton_interpreter_fp32():
     m = _model("tiny")
-    x = _inputs(2, 32, 40)
+    x = images(2, 32, 40)
     with torch.no_grad():
         ref = m(x)
         ref_feats = m.forward_features(x)
@@ -155,7 +146,7 @@ def test_fused_triton_interpreter_fp32():
 @needs_interpreter
 def test_fused_triton_interpreter_fp16_error_vs_eager():
     m = _model("tiny")
-    x = _inputs(1, 32, 32)
+    x = images(1, 32, 32)
     with torch.no_grad():
         ref = m(x)
         half = _model("tiny")
@@ -185,7 +176,7 @@ def no_tf32():
 @pytest.mark.parametrize("res", [224, 384])
 def test_gpu_fused_matches_reference_fp32(name, res, no_tf32):
     m = _model(name).cuda()
-    x = _inputs(2, res, res, device="cuda")
+    x = images(2, res, res, device="cuda")
     with torch.no_grad():
         m.kernels = "reference"
         ref = m(x)
@@ -205,7 +196,7 @@ def test_gpu_fused_matches_reference_fp32(name, res, no_tf32):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_fused_low_precision_within_twice_eager_error(name, res, dtype, no_tf32):
     m = _model(name).cuda()
-    x = _inputs(2, res, res, device="cuda")
+    x = images(2, res, res, device="cuda")
     with torch.no_grad():
         m.kernels = "reference"
         ref = m(x)
@@ -222,11 +213,11 @@ def test_gpu_fused_low_precision_within_twice_eager_error(name, res, dtype, no_t
 @pytest.mark.gpu
 def test_gpu_cuda_graph_and_compile():
     m = _model("nextvit_small").cuda().half()
-    x = _inputs(4, 224, 224, dtype=torch.float16, device="cuda")
+    x = images(4, 224, 224, dtype=torch.float16, device="cuda")
     with torch.no_grad():
         eager = m(x).clone()
         graphed = m.cuda_graph(x)
-        x2 = _inputs(4, 224, 224, dtype=torch.float16, device="cuda")
+        x2 = images(4, 224, 224, dtype=torch.float16, device="cuda")
         assert torch.equal(graphed(x2), m(x2))
         assert torch.equal(graphed(x), eager)
         with pytest.raises(ValueError, match="captured for"):
@@ -238,7 +229,7 @@ def test_gpu_cuda_graph_and_compile():
 @pytest.mark.gpu
 def test_gpu_memory_flat_over_10000_forwards():
     m = _model("nextvit_small").cuda().half()
-    x = _inputs(1, 64, 64, dtype=torch.float16, device="cuda")
+    x = images(1, 64, 64, dtype=torch.float16, device="cuda")
     with torch.no_grad():
         for _ in range(5):
             m(x)
@@ -253,7 +244,7 @@ def test_gpu_memory_flat_over_10000_forwards():
 @pytest.mark.gpu
 def test_gpu_two_streams():
     m = _model("nextvit_small").cuda().half()
-    xs = [_inputs(8, 224, 224, dtype=torch.float16, device="cuda") for _ in range(2)]
+    xs = [images(8, 224, 224, dtype=torch.float16, device="cuda") for _ in range(2)]
     with torch.no_grad():
         expect = [m(x).clone() for x in xs]
         streams = [torch.cuda.Stream() for _ in xs]
@@ -271,7 +262,7 @@ def test_gpu_two_streams():
 @pytest.mark.gpu
 def test_gpu_peak_memory_not_above_eager():
     m = _model("nextvit_small").cuda().half()
-    x = _inputs(256, 224, 224, dtype=torch.float16, device="cuda")
+    x = images(256, 224, 224, dtype=torch.float16, device="cuda")
     peaks = {}
     with torch.no_grad():
         for k in ("reference", "auto"):
@@ -292,7 +283,7 @@ def test_fold_and_run_trace_in_one_graph():
     """Dynamo traces the plan lookup/fold and the executor without graph breaks, with or
     without a cached plan (the GPU test compiles the real kernels)."""
     m = _model("tiny")
-    x = _inputs(1, 32, 32)
+    x = images(1, 32, 32)
 
     def f(inp):
         return fused.run(m.fused_plan(inp.device, inp.dtype), inp, impl="reference")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nextvit_kernels as nk
-from _util import randomize_
+from _util import images, randomize_, rel_err
 
 timm = pytest.importorskip("timm")
 
@@ -21,14 +21,7 @@ def _timm(name):
 
 
 def _inputs(h, w, b=2):
-    # Two images of different scale and offset: random-weight logits of two
-    # same-statistics noise images are nearly equal, which would hide errors.
-    x = torch.randn(b, 3, h, w)
-    return x * torch.linspace(1, 3, b).view(b, 1, 1, 1) + torch.linspace(0, 1, b).view(b, 1, 1, 1)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+    return images(b, h, w)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import nextvit_kernels as nk
 from nextvit_kernels import fused
 from nextvit_kernels.onnx_export import (PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, PLUGINS,
                                          plugin_node_counts)
-from _util import randomize_
+from _util import images, randomize_, rel_err
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -21,17 +21,6 @@ from onnx import TensorProto, numpy_helper  # noqa: E402
 GAIN = 0.7  # see test_model.py
 ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
               torch.bfloat16: TensorProto.BFLOAT16}
-
-
-def _inputs(b, h, w):
-    # images of different scale and offset: random-weight logits of same-statistics noise
-    # images are nearly equal, which would hide errors (see test_model.py)
-    x = torch.randn(b, 3, h, w)
-    return x * torch.linspace(1, 3, b).view(b, 1, 1, 1) + torch.linspace(0, 1, b).view(b, 1, 1, 1)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +66,7 @@ def test_standard_matches_model(small, size, tmp_path):
         if n.op_type == "AveragePool":
             a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
             assert a["ceil_mode"] == 1 and a["count_include_pad"] == 0
-    _check(small, loaded, _inputs(2, *size))
+    _check(small, loaded, images(2, *size))
 
 
 def test_dynamic_batch(small):
@@ -86,13 +75,13 @@ def test_dynamic_batch(small):
     assert mp.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     assert mp.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     for b in (1, 3):
-        _check(small, mp, _inputs(b, 160, 192))
+        _check(small, mp, images(b, 160, 192))
 
 
 def test_merged_and_unmerged_export_the_same_graph(small):
     merged = copy.deepcopy(small).merge_bn()
     assert merged.is_bn_merged and not small.is_bn_merged
-    x = _inputs(2, 224, 224)
+    x = images(2, 224, 224)
     a = nk.export_onnx(small, None, input_shape=(2, 3, 224, 224), dtype=torch.float32, plugins=False)
     b = nk.export_onnx(merged, None, input_shape=(2, 3, 224, 224), dtype=torch.float32, plugins=False)
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
@@ -105,7 +94,7 @@ def test_standard_fp16_builds(small):
     assert all(t.data_type == TensorProto.FLOAT16 for t in mp.graph.initializer if t.data_type != TensorProto.INT64
                and not t.name.endswith(".scale"))
     assert mp.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
-    x = _inputs(1, 224, 224)
+    x = images(1, 224, 224)
     try:
         sess = _session(mp)
     except Exception as e:  # pragma: no cover - depends on the onnxruntime build

@@ -20,7 +20,7 @@ import torch
 
 import nextvit_kernels as nk
 from nextvit_kernels import fused, model_file, runtime, testing
-from _util import SANITIZE, c_compiler, c_library_with, child_env, randomize_, sanitized, sanitizing_c_compiler
+from _util import c_compiler, c_library_with, child_env, images, randomize_, rel_err, SANITIZE, sanitized, sanitizing_c_compiler
 
 timm = pytest.importorskip("timm")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,17 +47,6 @@ def _pair(depths, **kw):
 @pytest.fixture(scope="module")
 def tiny():
     return _pair(TINY)
-
-
-def _images(b, h, w):
-    # different scale and offset per image: random-weight logits of same-statistics noise barely differ
-    x = torch.randn(b, 3, h, w)
-    return x * torch.linspace(1, 3, b).view(b, 1, 1, 1) + torch.linspace(0, 1, b).view(b, 1, 1, 1)
-
-
-def _rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 class HostArray:
@@ -106,7 +95,7 @@ def test_model_file_round_trip_and_safetensors(tiny, tmp_path):
 def tiny32(tiny, lib):
     """The tiny model's fp32 logits on 2 x 3 x 33 x 40 images, through each front, and timm's."""
     m, t = tiny
-    x = _images(2, 33, 40)
+    x = images(2, 33, 40)
     with torch.no_grad():
         ref = t(x)
     data = model_file.plan_bytes(model_file.fold_for_runtime(m, torch.float32))
@@ -156,14 +145,14 @@ def test_tiny_fp32_every_front_matches_timm(tiny32):
     assert (ref[0] - ref[1]).abs().max() > 1e-2 * ref.abs().max(), "logits do not depend on the input: test is void"
     first = out["runtime, torch CPU tensor"]
     assert first.shape == ref.shape and torch.isfinite(first).all()
-    assert _rel(first, ref) < 1e-4, _rel(first, ref)
+    assert rel_err(first, ref) < 1e-4, rel_err(first, ref)
     for name in ("runtime, __cuda_array_interface__", "C through ctypes"):
         assert torch.equal(out[name], first), name  # the same kernels on the same bytes
 
 
 def _low_precision_case(pair, b, h, w, dtype, channels_last, lib):
     m, t = pair
-    x = _images(b, h, w)
+    x = images(b, h, w)
     with torch.no_grad():
         ref = t(x)
         eager = copy.deepcopy(m).to(dtype)(x.to(dtype)).float()  # the module graph in that dtype: the error to expect
@@ -174,7 +163,7 @@ def _low_precision_case(pair, b, h, w, dtype, channels_last, lib):
     with testing.cpu_driver(library=lib):
         out = runtime.Model(data)(xin)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    assert _rel(out.float(), ref) <= 2 * _rel(eager, ref) + 1e-3, (_rel(out.float(), ref), _rel(eager, ref))
+    assert rel_err(out.float(), ref) <= 2 * rel_err(eager, ref) + 1e-3, (rel_err(out.float(), ref), rel_err(eager, ref))
 
 
 def test_tiny_fp16_nhwc_64x64_within_twice_eager_error(tiny, lib):
@@ -193,7 +182,7 @@ def test_features_of_a_backbone_with_stage_norms(lib):
         for bn in m.extra_norm_list:  # the stage norms must do something
             bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.2)
             bn.running_mean.normal_(0, 0.2), bn.running_var.uniform_(0.5, 1.5)
-        x = _images(1, 37, 30)
+        x = images(1, 37, 30)
         ref = m.forward_features(x)
     data = model_file.plan_bytes(model_file.fold_for_runtime(m, torch.float32))
     with testing.cpu_driver(library=lib):
@@ -202,7 +191,7 @@ def test_features_of_a_backbone_with_stage_norms(lib):
         feats = rt.forward_features(x)
     for i, (a, r) in enumerate(zip(feats, ref)):
         assert a.shape == r.shape and a.is_contiguous(memory_format=torch.channels_last), i
-        assert _rel(a, r) < 1e-4, (i, _rel(a, r))
+        assert rel_err(a, r) < 1e-4, (i, rel_err(a, r))
 
 
 @pytest.mark.slow
@@ -211,7 +200,7 @@ def test_threads_with_separate_workspaces_get_their_own_result(tiny, lib):
     stream would), so a shared workspace would mix them; each result must be its own input's."""
     m, t = tiny
     data = model_file.plan_bytes(model_file.fold_for_runtime(m, torch.float32))
-    xs = [_images(1, 25, 27), _images(1, 25, 27) * -2]
+    xs = [images(1, 25, 27), images(1, 25, 27) * -2]
     with torch.no_grad():
         refs = [t(x) for x in xs]
     got, errors = [None] * len(xs), []
@@ -229,9 +218,9 @@ def test_threads_with_separate_workspaces_get_their_own_result(tiny, lib):
         for th in threads:
             th.join()
     assert not errors, errors
-    assert _rel(refs[0], refs[1]) > 100 * 1e-4, "the two inputs give nearly the same logits: a swap would pass"
+    assert rel_err(refs[0], refs[1]) > 100 * 1e-4, "the two inputs give nearly the same logits: a swap would pass"
     for g, r in zip(got, refs):
-        assert _rel(g, r) < 1e-4, _rel(g, r)
+        assert rel_err(g, r) < 1e-4, rel_err(g, r)
 
 
 # ------------------------------------------------------------------ counting mode: the plan's shape
@@ -269,7 +258,7 @@ def test_kernels_runtime_holds_the_folded_weights_once(tiny, lib):
     (the stand-in counts its bytes), none in torch tensors; the logits are the module graph's; the
     old spelling kernels="clib" still works, with a DeprecationWarning; invalidating frees it all."""
     m = copy.deepcopy(tiny[0])
-    x = _images(1, 32, 32)
+    x = images(1, 32, 32)
     with torch.no_grad():
         ref = m(x)  # CPU under "auto": the module graph
     with pytest.warns(DeprecationWarning, match="kernels='clib' is now spelled kernels='runtime'"):
@@ -288,7 +277,7 @@ def test_kernels_runtime_holds_the_folded_weights_once(tiny, lib):
         m.invalidate_fused()
         del st
         assert drv.counters()["live_bytes"] == live
-    assert _rel(out, ref) < 1e-4, _rel(out, ref)
+    assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
 
 
 @pytest.mark.slow
@@ -298,7 +287,7 @@ def test_accelerated_timm_models_run_the_c_runtime(lib):
     with exactly the plan's launches through the stand-in, and no folded copy in torch tensors."""
     from timm.models.nextvit import NextViT as TimmNextViT
 
-    x = _images(1, 32, 32)
+    x = images(1, 32, 32)
     for model in (TimmNextViT(in_chans=3, depths=TINY),  # 1000 classes: the head shape the library holds
                   timm.create_model("nextvit_small", depths=TINY, features_only=True, out_indices=(1, 3))):
         model = randomize_(model, gain=GAIN).eval()
@@ -316,7 +305,7 @@ def test_accelerated_timm_models_run_the_c_runtime(lib):
         features = isinstance(want, list)
         assert launches == plan.launches(1, 32, 32) - features  # a backbone has no head
         for g, w in zip(got, want) if features else [(got, want)]:
-            assert g.shape == w.shape and _rel(g, w) < 1e-4, _rel(g, w)
+            assert g.shape == w.shape and rel_err(g, w) < 1e-4, rel_err(g, w)
 
 
 def test_kernels_runtime_never_imports_triton(lib):
@@ -555,7 +544,7 @@ def _rel_to(out, ref):
 def test_gpu_runtime_matches_the_triton_path(gpu_small, lib, tmp_path):
     m = gpu_small
     path = nk.save_runtime(m, str(tmp_path / "s.nvk"), dtype=torch.float16)
-    x = _images(2, 224, 224).cuda().half()
+    x = images(2, 224, 224).cuda().half()
     with torch.inference_mode():
         m.kernels = "triton"
         ref = m(x)
@@ -574,7 +563,7 @@ def test_gpu_runtime_matches_the_triton_path(gpu_small, lib, tmp_path):
 def test_gpu_kernels_auto_runs_the_c_runtime_under_cuda_graphs(gpu_small, lib, monkeypatch):
     monkeypatch.setenv("NEXTVIT_CLIB", os.path.dirname(lib))
     m = gpu_small
-    x = _images(1, 224, 224).cuda().half()
+    x = images(1, 224, 224).cuda().half()
     with torch.inference_mode():
         m.kernels = "triton"
         ref = m(x)
@@ -595,7 +584,7 @@ def test_gpu_kernels_runtime_keeps_one_copy_of_the_weights(gpu_small, lib, monke
     monkeypatch.setenv("NEXTVIT_CLIB", os.path.dirname(lib))
     m = copy.deepcopy(gpu_small)
     m.kernels, m.cuda_graphs = "runtime", "off"
-    x = _images(1, 224, 224).cuda().half()
+    x = images(1, 224, 224).cuda().half()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with torch.inference_mode():
@@ -614,7 +603,7 @@ def test_gpu_kernels_runtime_keeps_one_copy_of_the_weights(gpu_small, lib, monke
 def test_gpu_runtime_in_a_cuda_graph_and_from_threads(gpu_small, lib, tmp_path):
     path = nk.save_runtime(gpu_small, str(tmp_path / "s.nvk"), dtype=torch.float16)
     rt = runtime.Model(path, library=lib)
-    xs = [_images(1, 224, 224).cuda().half() * (i + 1) for i in range(8)]
+    xs = [images(1, 224, 224).cuda().half() * (i + 1) for i in range(8)]
     with torch.inference_mode():
         refs = [rt(x) for x in xs]
         static_x = xs[0].clone()
@@ -647,7 +636,7 @@ def test_gpu_cupy_front(gpu_small, lib, tmp_path):
     cp = pytest.importorskip("cupy")
     path = nk.save_runtime(gpu_small, str(tmp_path / "s.nvk"), dtype=torch.float16)
     rt = runtime.Model(path, library=lib)
-    x = _images(2, 224, 224).half()
+    x = images(2, 224, 224).half()
     with torch.inference_mode():
         ref = rt(x.cuda())
     out = rt(cp.asarray(x.numpy()))

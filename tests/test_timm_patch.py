@@ -17,7 +17,7 @@ from torch import nn
 
 import nextvit_kernels as nk
 from nextvit_kernels import ops, timm_patch
-from _util import interpreted, randomize_
+from _util import images, interpreted, randomize_, rel_err
 
 timm = pytest.importorskip("timm")
 from timm.models.nextvit import NextViT as TimmNextViT  # noqa: E402
@@ -33,22 +33,11 @@ def _timm(depths=TINY, seed=0, **kw):
     return randomize_(timm.create_model("nextvit_small", depths=depths, **kw), gain=0.7).eval()
 
 
-def _images(b, h, w, dtype=torch.float32):
-    # different scale and offset per image: random-weight outputs of same-statistics noise barely differ
-    x = torch.randn(b, 3, h, w)
-    return (x * torch.linspace(1, 3, b).view(b, 1, 1, 1) + torch.linspace(0, 1, b).view(b, 1, 1, 1)).to(dtype)
-
-
-def _rel(a, b):
-    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def _close(got, want, tol=2e-5):
     """fp32: every element within tol of the output's scale (the fused graph sums in another order)."""
     assert got.shape == want.shape and got.dtype == want.dtype
     assert torch.isfinite(got).all()
-    assert _rel(got, want) <= tol, _rel(got, want)
+    assert rel_err(got, want) <= tol, rel_err(got, want)
 
 
 @pytest.fixture
@@ -94,11 +83,11 @@ def test_every_variant_matches_timms_own_forward(variant, reference_ops):
     forward before accelerate(); the engine ran one op call per plan step and the head, and no
     timm stage ran."""
     m = _timm(VARIANTS[variant], num_classes=10)
-    x = _images(2, 40, 33)
+    x = images(2, 40, 33)
     with torch.no_grad():
         want = [m(x), m.forward_features(x), *m.forward_intermediates(x, indices=[0, 3], norm=True),
                 m.forward_intermediates(x, indices=2, stop_early=True), m.forward_intermediates(x, intermediates_only=True)]
-    assert _rel(want[0][0], want[0][1]) > 1e-2, "logits do not depend on the input: test is void"
+    assert rel_err(want[0][0], want[0][1]) > 1e-2, "logits do not depend on the input: test is void"
     assert nk.accelerate(m, kernels="triton") is m
     assert isinstance(m, TimmNextViT) and nk.timm_patch.is_accelerated(m)
     stage_runs = []
@@ -128,21 +117,21 @@ def test_every_variant_fp16_within_twice_eager_fp16_error(variant, reference_ops
     """fp16: the folded plan (weights folded in float64, cast once) against timm's fp32 logits,
     within twice the error of timm's own forward in fp16."""
     m = _timm(VARIANTS[variant], num_classes=10)
-    x = _images(2, 32, 32)
+    x = images(2, 32, 32)
     with torch.no_grad():
         want = m(x)
         eager = copy.deepcopy(m).half()(x.half()).float()
         nk.accelerate(m.half(), kernels="triton")
         got = m(x.half())
     assert got.dtype == torch.float16 and len(reference_ops) == len(_plan(m).steps) + 1
-    assert _rel(got.float(), want) <= 2 * _rel(eager, want) + 1e-3, (_rel(got.float(), want), _rel(eager, want))
+    assert rel_err(got.float(), want) <= 2 * rel_err(eager, want) + 1e-3, (rel_err(got.float(), want), rel_err(eager, want))
 
 
 def test_reparameterized_and_headless_and_other_pooling(reference_ops):
     """A reparameterized model (timm's own BatchNorm merge), num_classes=0 (pooled features: the
     body fused, timm's norm and pooling after it) and global_pool='max' (timm's head after the
     fused body) each give what they gave before accelerate()."""
-    x = _images(2, 32, 32)
+    x = images(2, 32, 32)
     for kw, reparam in (({}, True), (dict(num_classes=0), False), (dict(global_pool="max"), False)):
         m = _timm(**kw)
         if reparam:
@@ -167,7 +156,7 @@ def test_reparameterized_and_headless_and_other_pooling(reference_ops):
 @pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (1, 3)])
 def test_features_only_returns_timms_feature_maps(out_indices, reference_ops):
     m = _timm(features_only=True, out_indices=out_indices)
-    x = _images(2, 48, 40)
+    x = images(2, 48, 40)
     with torch.no_grad():
         want = m(x)
         nk.accelerate(m, kernels="triton")
@@ -186,7 +175,7 @@ def test_weight_changes_and_timms_own_rewrites_are_seen(reference_ops):
     m = _timm(num_classes=10)
     twin = copy.deepcopy(m)
     nk.accelerate(m, kernels="triton")
-    x = _images(2, 32, 32)
+    x = images(2, 32, 32)
 
     def both(change):
         change(m), change(twin)
@@ -219,7 +208,7 @@ def _train_step(m, x, seed):
 @pytest.mark.parametrize("kernels", ["auto", "triton"])
 def test_training_is_timms_bit_for_bit_after_accelerate_and_after_restore(kernels, reference_ops):
     m = _timm(num_classes=10)
-    x = _images(2, 32, 32)
+    x = images(2, 32, 32)
     before_out, before_grads = _train_step(m, x, 5)
     sd = m.state_dict()
     nk.accelerate(m, kernels=kernels)
@@ -236,7 +225,7 @@ def test_training_is_timms_bit_for_bit_after_accelerate_and_after_restore(kernel
 
 def test_copies_pickles_settings_and_restore(reference_ops):
     m = _timm(num_classes=10)
-    x = _images(1, 32, 32)
+    x = images(1, 32, 32)
     with torch.no_grad():
         want = m(x)
     nk.accelerate(m, kernels="triton", cuda_graphs="off")
@@ -262,7 +251,7 @@ def test_inference_mode_and_threads(reference_ops):
     """Under inference_mode, and from 6 threads on one model (two input shapes), every result is
     its own input's."""
     m = nk.accelerate(_timm(num_classes=10), kernels="triton")
-    inputs = [_images(1 + i % 2, 32, 32 + 8 * (i % 2)) for i in range(6)]
+    inputs = [images(1 + i % 2, 32, 32 + 8 * (i % 2)) for i in range(6)]
     twin = copy.deepcopy(m)
     nk.restore(twin)
     with torch.no_grad():
@@ -362,7 +351,7 @@ def test_interpreted_kernels_classifier_and_backbone(monkeypatch):
     interpreted()
     launched = _count_launches(monkeypatch)
     m = _timm(num_classes=10)
-    x = _images(2, 32, 32)
+    x = images(2, 32, 32)
     with torch.no_grad():
         want = m(x)
         nk.accelerate(m, kernels="triton")
@@ -371,7 +360,7 @@ def test_interpreted_kernels_classifier_and_backbone(monkeypatch):
     _close(got, want)
     launched.clear()
     b = _timm(features_only=True, out_indices=(1, 2, 3))
-    x = _images(1, 36, 28)
+    x = images(1, 36, 28)
     with torch.no_grad():
         want = b(x)
         nk.accelerate(b, kernels="triton")
@@ -387,7 +376,7 @@ def test_interpreted_kernels_fp16_and_torch_compile():
     accelerated model traces the registered ops and equals the eager call."""
     interpreted()
     m = _timm(num_classes=10)
-    x = _images(1, 32, 32)
+    x = images(1, 32, 32)
     with torch.no_grad():
         want = m(x)
         eager = copy.deepcopy(m).half()(x.half()).float()
@@ -396,7 +385,7 @@ def test_interpreted_kernels_fp16_and_torch_compile():
         got = m(x.half())
         torch._dynamo.reset()
         compiled = torch.compile(m, fullgraph=True, backend="eager")(x.half())
-    assert _rel(got.float(), want) <= 2 * _rel(eager, want) + 1e-3, (_rel(got.float(), want), _rel(eager, want))
+    assert rel_err(got.float(), want) <= 2 * rel_err(eager, want) + 1e-3, (rel_err(got.float(), want), rel_err(eager, want))
     assert torch.equal(compiled, got)
 
 
@@ -407,7 +396,7 @@ def test_gpu_every_variant_fp16_and_backbone(variant):
     """fp16 logits within twice timm eager fp16's error (kernels="auto": the C runtime where built,
     automatic CUDA graphs from the second call), a backbone's maps likewise, torch.compile."""
     m = _timm(VARIANTS[variant], num_classes=1000).cuda()
-    x = _images(4, 224, 224).cuda()
+    x = images(4, 224, 224).cuda()
     with torch.no_grad():
         want = m(x)
         eager = copy.deepcopy(m).half()(x.half()).float()
@@ -416,7 +405,7 @@ def test_gpu_every_variant_fp16_and_backbone(variant):
         outs = [m(x.half()) for _ in range(3)]
         compiled = torch.compile(m, fullgraph=True)(x.half())
     for got in outs + [compiled]:
-        assert _rel(got.float(), want) <= 2 * _rel(eager, want) + 1e-3, (_rel(got.float(), want), _rel(eager, want))
+        assert rel_err(got.float(), want) <= 2 * rel_err(eager, want) + 1e-3, (rel_err(got.float(), want), rel_err(eager, want))
     b = _timm(VARIANTS[variant], features_only=True, out_indices=(1, 2, 3)).cuda()
     with torch.no_grad():
         want = b(x)
@@ -424,4 +413,4 @@ def test_gpu_every_variant_fp16_and_backbone(variant):
         nk.accelerate(b.half())
         got = b(x.half())
     for g, w, e in zip(got, want, eager):
-        assert _rel(g.float(), w) <= 2 * _rel(e.float(), w) + 1e-3
+        assert rel_err(g.float(), w) <= 2 * rel_err(e.float(), w) + 1e-3
